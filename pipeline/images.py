@@ -1,0 +1,81 @@
+"""Pixel conventions in one place: float32 [-1, 1] ↔ uint8/uint16, NCHW ↔ NHWC, PNG I/O, grids."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.errors import UserError
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) → (N, H, W, C)."""
+    return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) → (N, C, H, W)."""
+    return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+
+
+def to_unit(x: np.ndarray) -> np.ndarray:
+    """[0, 1]-scaled float32 from [-1, 1]."""
+    return np.clip((np.asarray(x, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0)
+
+
+def from_uint(img: np.ndarray) -> np.ndarray:
+    """uint8/uint16 pixels → float32 in [-1, 1]."""
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    return (img.astype(np.float32) / scale) * 2.0 - 1.0
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [-1, 1] → uint8, rounding to nearest."""
+    return np.round(to_unit(x) * 255.0).astype(np.uint8)
+
+
+def to_uint16(x: np.ndarray) -> np.ndarray:
+    """float [-1, 1] → uint16, rounding to nearest."""
+    return np.round(to_unit(x) * 65535.0).astype(np.uint16)
+
+
+def _to_cv(img_hwc: np.ndarray) -> np.ndarray:
+    """HWC grey/RGB → what cv2.imwrite expects (HW or BGR)."""
+    if img_hwc.ndim == 3 and img_hwc.shape[2] == 1:
+        return img_hwc[:, :, 0]
+    if img_hwc.ndim == 3 and img_hwc.shape[2] == 3:
+        return img_hwc[:, :, ::-1]
+    return img_hwc
+
+
+def write_png(path: str | Path, img_chw: np.ndarray, bits: int = 8) -> None:
+    """Write one (C, H, W) float [-1, 1] image as an 8- or 16-bit PNG, atomically."""
+    conv = to_uint16 if bits == 16 else to_uint8
+    write_png_uint(path, conv(np.transpose(img_chw, (1, 2, 0))))
+
+
+def write_png_uint(path: str | Path, img_hwc: np.ndarray) -> None:
+    """Write an HWC (or HW) uint8/uint16 image (RGB order) as PNG via temp + rename."""
+    path = Path(path)
+    ok, buf = cv2.imencode(".png", _to_cv(np.ascontiguousarray(img_hwc)))
+    if not ok:
+        raise UserError(f"could not encode PNG for {path}")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile (N, C, H, W) float [-1, 1] images into one (C, H', W') image with white padding."""
+    n, c, h, w = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    grid = np.ones((c, nrow * (h + pad) + pad, ncol * (w + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    return grid
