@@ -126,7 +126,7 @@ class GenerateConfig:
     batch_size: int = 16
     seed: int = 0
     clip_denoised: bool = True
-    use_ema: float = 0.0  # 0 → the slowest EMA rate saved with the checkpoint
+    use_ema: float = -1.0  # -1 → the slowest EMA rate saved with the checkpoint; 0 → raw weights
     temperature: float = 1.0  # VAE latent temperature
     png16: bool = False
 
@@ -189,9 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
