@@ -110,7 +110,8 @@ class VAEConfig:
     lr: float = 1e-3
     batch_size: int = 64
     epochs: int = 30
-    early_stop_patience: int = 10
+    early_stop_patience: int = 10  # epochs without improvement of the monitored ELBO; 0 → off
+    val_fraction: float = 0.05  # images held out for validation (monitor val_elbo); 0 → monitor training elbo
     seed: int = 0
 
 
@@ -133,16 +134,22 @@ class GenerateConfig:
 
 @dataclass
 class CircularityConfig:
-    """Pass/fail thresholds of the circularity check (rules applied in this order)."""
+    """Pass/fail thresholds of `circularity-check`: `min_<metric>` / `max_<metric>`, applied in
+    this order; an image's reason is the first that fails (see pipeline/circularity.py).
 
-    min_pupil_circularity: float = 0.90
-    min_pupil_axis_ratio: float = 0.85
-    max_pupil_radial_dev: float = 0.08
-    min_iris_circularity: float = 0.85
-    max_concentricity: float = 0.15
-    min_pupil_iris_ratio: float = 0.15
+    Bleed comes first (dark tongues also make a pupil look irregular: name the cause), then the
+    ellipse axis ratio before circularity and radial deviation (an oval also scores low on both:
+    name the specific shape), then the position and size rules.
+    """
+
+    max_bleed_fraction: float = 0.01  # pupil-dark pixels in the visible iris annulus, fraction
+    min_pupil_axis_ratio: float = 0.85  # fitted-ellipse minor/major axis
+    min_pupil_circularity: float = 0.90  # 4πA/P² of the sub-pixel pupil boundary
+    max_pupil_radial_dev: float = 0.06  # std/mean of the pupil boundary's distance from its centre
+    max_concentricity: float = 0.15  # pupil-iris centre offset / iris radius
+    min_iris_circularity: float = 0.90  # 1 − robust std/mean of the limbus radius (left/right sectors)
+    min_pupil_iris_ratio: float = 0.15  # pupil radius / iris radius
     max_pupil_iris_ratio: float = 0.75
-    max_bleed_fraction: float = 0.02
 
 
 @dataclass
@@ -189,8 +196,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str and isinstance(value, str):
-        return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):  # e.g. a folder named 2024
+            return str(value)
     raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
@@ -237,7 +247,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = _parse_override(item)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise UserError(f"--set {item}: '{part}' is not a section")
         node[path[-1]] = value

@@ -8,11 +8,21 @@ Layers, back to front: sclera → iris (polar texture: fibres, furrows, crypts, 
 limbus) → pupil (round, or a defect) → eyelids → lashes → specular glints; then blur, global
 gain/offset and sensor noise. The pupil is never covered by the lids.
 
+Good images: round pupil, centre within 0.06 iris radii of the iris centre, pupil/iris radius
+ratio 0.2–0.7, iris radius 0.28–0.42·size, iris centre within ±8% of the image centre.
 Defects (labelled in the record's `defect`):
   bleed      dark tongues and smears reaching from the pupil into the iris
   irregular  lobed pupil boundary (radial deviation std/mean ≥ 0.1)
   oval       elliptical pupil, minor/major axis ratio 0.5–0.72
   offcenter  pupil centre 0.22–0.4 iris radii from the iris centre
+
+Record keys: pupil_cx, pupil_cy, pupil_r (oval: mean of the semi-axes), pupil_axis_ratio
+(minor/major), pupil_angle (major axis, degrees from +x towards +y), iris_cx, iris_cy, iris_r,
+defect, pupil_iris_ratio, concentricity (centre offset / iris_r), pupil_value and iris_value (mean
+pupil and base iris grey in [-1, 1] before noise), upper_lid and lower_lid ({x, y, curvature}:
+the lid edge is y + curvature·(col − x)², the upper lid covering rows above it, the lower lid
+rows below y − curvature·(col − x)²), reflections ([x, y, r] each), lashes (count), noise_sigma;
+and per defect semi_axes, lobes + lobe_amplitude, or tongues ([angle°, length] each).
 """
 
 from __future__ import annotations
@@ -21,250 +31,347 @@ import argparse
 import functools
 import json
 import math
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from pipeline.errors import UserError
+from pipeline.cli import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.errors import UserError, cli_entry
+from pipeline.images import write_png
 
 DEFECTS = ("bleed", "irregular", "oval", "offcenter")
 _LUT = 1024  # angular resolution of pupil-boundary lookup tables
 _TAU = 2.0 * math.pi
+_SPAN = np.linspace(-1.0, 1.0, 33)  # sample offsets across a disk (lid clearance)
+_LASH_BASIS = np.linspace(0.0, 1.0, 7) ** np.arange(3)[:, None]  # 1, t, t² at the points along a lash
+
+
+class _Draws:
+    """Scalar random numbers served from one block drawn up front (many small rng calls are slow)."""
+
+    def __init__(self, rng: np.random.Generator, count: int = 128):
+        self._values = rng.random(count).tolist()
+        self._next = 0
+
+    def uniform(self, low: float, high: float) -> float:
+        value = self._values[self._next]
+        self._next += 1
+        return low + (high - low) * value
+
+    def integer(self, low: int, high: int) -> int:
+        """Uniform integer in [low, high)."""
+        return min(high - 1, low + int(self.uniform(0.0, high - low)))
+
+    def normal(self, sd: float) -> float:
+        """Zero-mean Gaussian with standard deviation `sd` (Box–Muller)."""
+        u1, u2 = self.uniform(1e-12, 1.0), self.uniform(0.0, _TAU)
+        return sd * math.sqrt(-2.0 * math.log(u1)) * math.cos(u2)
+
+    def chance(self, p: float) -> bool:
+        return self.uniform(0.0, 1.0) < p
 
 
 @functools.lru_cache(maxsize=8)
-def _grids(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates X, Y and a normalised squared distance from the image centre."""
-    ax = np.arange(size, dtype=np.float32)
-    x, y = np.meshgrid(ax, ax)
-    c = (size - 1) / 2.0
-    rr = ((x - c) ** 2 + (y - c) ** 2) / (2.0 * c * c)
-    for a in (x, y, rr):
+def _grids(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only float32 pixel-centre coordinates X, Y, the 1-D axis and the axis scaled to [-1, 1]."""
+    axis = np.arange(size, dtype=np.float32)
+    x, y = np.meshgrid(axis, axis)
+    unit = axis * np.float32(2.0 / (size - 1)) - np.float32(1.0)
+    for a in (x, y, axis, unit):
         a.flags.writeable = False
-    return x, y, rr.astype(np.float32)
+    return x, y, axis, unit
 
 
-def _wrap_blur(noise: np.ndarray, sigma_rows: float, sigma_cols: float) -> np.ndarray:
-    """Gaussian blur that wraps around the row (angle) axis and reflects along columns."""
-    pad = int(math.ceil(3 * sigma_rows)) + 1
-    padded = cv2.copyMakeBorder(noise, pad, pad, 0, 0, cv2.BORDER_WRAP)
-    out = cv2.GaussianBlur(padded, (0, 0), sigmaX=max(sigma_cols, 0.1), sigmaY=max(sigma_rows, 0.1),
-                           borderType=cv2.BORDER_REFLECT)
-    out = out[pad:-pad]
-    return out / (out.std() + 1e-6)
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int) -> np.ndarray:
+    """A fixed (2·size)² tile of unit Gaussian noise; each image takes random crops (fast sensor noise)."""
+    bank = np.random.default_rng(size).standard_normal((2 * size, 2 * size), dtype=np.float32)
+    bank.flags.writeable = False
+    return bank
 
 
-def _iris_texture(rng: np.random.Generator, size: int, base: float) -> np.ndarray:
-    """Iris in rubber-sheet coordinates: rows = angle 0..2π, columns = pupil edge → limbus."""
-    rows, cols = max(64, 2 * size), max(16, size // 4)
-    u = np.linspace(0.0, 1.0, cols, dtype=np.float32)[None, :]
-    fibres = _wrap_blur(rng.standard_normal((rows, cols), dtype=np.float32), 0.6 * rows / 256, cols * 0.3)
-    furrows = _wrap_blur(rng.standard_normal((rows, cols), dtype=np.float32), 2.5 * rows / 256, cols * 0.08)
-    crypt_seeds = np.zeros((rows, cols), np.float32)
-    k = int(rng.integers(4, 14))
-    crypt_seeds[rng.integers(0, rows, k), rng.integers(int(0.15 * cols), int(0.85 * cols), k)] = rng.uniform(0.5, 1.0, k)
-    crypts = cv2.GaussianBlur(crypt_seeds, (0, 0), sigmaX=0.05 * cols + 0.5, sigmaY=rows / 180)
-    crypts /= crypts.max() + 1e-6
-    # Collarette: a wavy ring a third of the way out; the pupillary zone inside it is lighter.
-    wave = _wrap_blur(rng.standard_normal((rows, 1), dtype=np.float32), rows / 40, 0.1)
-    uc = rng.uniform(0.25, 0.4) + 0.035 * wave
-    collarette = np.exp(-(((u - uc) / 0.05) ** 2))
-    limbus = np.clip((u - 0.75) / 0.25, 0.0, 1.0) ** 2
-    tex = (base
-           + rng.uniform(0.035, 0.06) * fibres
-           + rng.uniform(0.02, 0.04) * furrows
-           - rng.uniform(0.08, 0.16) * crypts
-           + rng.uniform(0.04, 0.08) * collarette
-           + rng.uniform(0.0, 0.04) * (u < uc)
-           - rng.uniform(0.06, 0.14) * limbus)
-    return np.maximum(tex, 0.24).astype(np.float32)
+@functools.lru_cache(maxsize=32)
+def _periodic_weights(k: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pos = np.arange(rows) * (k / rows)
+    i0 = np.floor(pos).astype(np.intp)
+    f = pos - i0
+    return i0, (i0 + 1) % k, (f * f * (3 - 2 * f)).astype(np.float32)[:, None]  # smoothstep weights
 
 
-def _smooth_field(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Low-frequency shading in about [-1, 1]."""
-    coarse = rng.standard_normal((4, 4)).astype(np.float32)
-    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+def _periodic_upsample(a: np.ndarray, rows: int) -> np.ndarray:
+    """Smooth interpolation of a (k, m) array to (rows, m), row k-1 wrapping back to row 0."""
+    i0, i1, f = _periodic_weights(len(a), rows)
+    lo = a[i0]
+    return lo + (a[i1] - lo) * f
 
 
-def _pupil_shape(rng: np.random.Generator, defect: str | None, pr: float, ir: float) -> dict:
-    """Boundary radius table over angle (None for a round pupil), smear table and shape facts."""
+@functools.lru_cache(maxsize=16)
+def _unit_range(n: int) -> np.ndarray:
+    u = np.linspace(0.0, 1.0, n, dtype=np.float32)
+    u.flags.writeable = False
+    return u
+
+
+def _shading(d: _Draws, unit: np.ndarray, amplitude: float) -> np.ndarray:
+    """A slow random quadratic over `unit` (coordinates in [-1, 1]), within about ±amplitude."""
+    a, b = d.uniform(-amplitude, amplitude), d.uniform(-amplitude, amplitude)
+    return unit * np.float32(a) + unit * unit * np.float32(b)
+
+
+def _iris_texture(rng: np.random.Generator, d: _Draws, size: int, base: float) -> np.ndarray:
+    """Iris in rubber-sheet coordinates: rows = angle 0..2π (plus a wrap row), columns = pupil edge → limbus."""
+    rows, cols = max(64, 2 * size), max(12, size // 6)
+    nf, nc = rows // 8, rows // 12
+    noise = rng.random((rows + nf + nc + 12, 5), dtype=np.float32) - np.float32(0.5)
+    # At 5 radial samples: fibres (one per row), coarser furrows, and crypts (dark blobs where a
+    # smooth field peaks, kept off the pupil edge and the limbus); then stretched along the radius.
+    fibres, furrows = noise[:rows], _periodic_upsample(noise[rows : rows + nf], rows)
+    crypts = _periodic_upsample(noise[rows + nf : rows + nf + nc], rows) - np.float32(d.uniform(0.12, 0.22))
+    np.maximum(crypts, 0.0, out=crypts)
+    crypts *= np.array([0.0, 0.8, 1.0, 0.8, 0.0], np.float32) * np.float32(-d.uniform(0.4, 0.8))
+    crypts += fibres * np.float32(d.uniform(0.14, 0.24))
+    crypts += furrows * np.float32(d.uniform(0.09, 0.17))
+    tex = cv2.resize(crypts, (cols, rows), interpolation=cv2.INTER_LINEAR)
+    # Collarette: a wavy ring 0.25–0.4 of the way out; the pupillary zone inside it differs.
+    u = _unit_range(cols)
+    uc = _periodic_upsample(noise[rows + nf + nc :, :1], rows) * np.float32(0.07) + np.float32(d.uniform(0.25, 0.4))
+    dist = np.abs(u - uc)
+    tex += np.clip(1.0 - dist * np.float32(12.5), 0.0, 1.0) * np.float32(d.uniform(0.04, 0.08))
+    tex += (u < uc) * np.float32(d.uniform(-0.02, 0.05))
+    # Radial profile: base level and a darker limbus ring at the outer edge.
+    tex += base - d.uniform(0.06, 0.14) * np.clip((u - 0.72) * (1 / 0.28), 0.0, 1.0) ** 2
+    np.maximum(tex, np.float32(0.25), out=tex)
+    return np.concatenate([tex, tex[:1]])
+
+
+def _pupil_shape(d: _Draws, defect: str | None, pr: float, ir: float) -> dict:
+    """Boundary radius over angle (a table, None for a round pupil), smear table and shape facts."""
+    shape: dict = {"radius": None, "smear": None, "axis_ratio": 1.0, "angle": 0.0, "extent": pr}
+    if defect is None or defect == "offcenter":
+        return shape
     angles = np.arange(_LUT, dtype=np.float64) * (_TAU / _LUT)
-    shape: dict = {"radius": None, "smear": None, "axis_ratio": 1.0, "angle": 0.0}
     if defect == "oval":
-        q = rng.uniform(0.5, 0.72)
+        q = d.uniform(0.5, 0.72)
         a = 2.0 * pr / (1.0 + q)
         b = q * a
-        alpha = rng.uniform(0.0, math.pi)
+        alpha = d.uniform(0.0, math.pi)
         c, s = np.cos(angles - alpha), np.sin(angles - alpha)
         shape.update(radius=a * b / np.sqrt((b * c) ** 2 + (a * s) ** 2), axis_ratio=q,
                      angle=math.degrees(alpha), semi_axes=[a, b])
     elif defect == "irregular":
-        k1, k2 = int(rng.integers(3, 8)), int(rng.integers(2, 6))
-        a1, a2 = rng.uniform(0.15, 0.24), rng.uniform(0.0, 0.06)
-        rad = pr * (1 + a1 * np.cos(k1 * angles + rng.uniform(0, _TAU))
-                    + a2 * np.cos(k2 * angles + rng.uniform(0, _TAU)))
+        k1, k2 = d.integer(3, 7), d.integer(2, 6)
+        a1, a2 = d.uniform(0.15, 0.24), d.uniform(0.0, 0.06)
+        rad = pr * (1 + a1 * np.cos(k1 * angles + d.uniform(0, _TAU))
+                    + a2 * np.cos(k2 * angles + d.uniform(0, _TAU)))
         shape.update(radius=rad, lobes=k1, lobe_amplitude=a1)
     elif defect == "bleed":
-        rad = np.full(_LUT, pr)
-        smear = np.full(_LUT, pr)
+        rad = np.full(_LUT, float(pr))
+        smear = np.full(_LUT, float(pr))
         tongues = []
-        for _ in range(int(rng.integers(1, 4))):
-            phi, width = rng.uniform(0, _TAU), rng.uniform(0.12, 0.35)
-            length = rng.uniform(0.4, 0.9) * (ir - pr)
-            d = np.angle(np.exp(1j * (angles - phi)))  # wrapped angular distance
-            bump = np.clip(1.0 - (d / width) ** 2, 0.0, None) ** 0.6
-            rad += length * bump * (1 + 0.15 * np.sin(angles * rng.integers(15, 30)))
-            smear += 1.3 * length * np.clip(1.0 - (d / (2.2 * width)) ** 2, 0.0, None)
-            tongues.append([math.degrees(phi), float(length)])
+        for _ in range(d.integer(1, 4)):
+            phi, width = d.uniform(0, _TAU), d.uniform(0.2, 0.5)
+            length = d.uniform(0.5, 0.95) * (ir - pr)
+            dist = np.angle(np.exp(1j * (angles - phi)))  # wrapped angular distance to the tongue
+            bump = np.clip(1.0 - (dist / width) ** 2, 0.0, None) ** 0.6
+            rad += length * bump * (1 + 0.15 * np.sin(angles * d.integer(15, 30)))
+            smear += 1.3 * length * np.clip(1.0 - (dist / (2.2 * width)) ** 2, 0.0, None)
+            tongues.append([math.degrees(phi), length])
         shape.update(radius=rad, smear=smear, tongues=tongues)
+    else:
+        raise ValueError(f"unknown defect {defect!r}")
+    outer = shape["smear"] if shape["smear"] is not None else shape["radius"]
+    shape["extent"] = float(np.max(outer))
+    for key in ("radius", "smear"):
+        if shape[key] is not None:
+            shape[key] = shape[key].astype(np.float32)
     return shape
 
 
-def _soft_inside(signed: np.ndarray, width: float) -> np.ndarray:
-    """Anti-aliased coverage from a signed distance (positive inside)."""
-    return np.clip(signed * (1.0 / width) + 0.5, 0.0, 1.0)
+def _box(cx: float, cy: float, r: float, size: int) -> tuple[slice, slice] | None:
+    """Row and column slices of the image covering the disk (cx, cy, r), or None if it is outside."""
+    x0, x1 = max(0, int(cx - r)), min(size, int(cx + r) + 2)
+    y0, y1 = max(0, int(cy - r)), min(size, int(cy + r) + 2)
+    return (slice(y0, y1), slice(x0, x1)) if x0 < x1 and y0 < y1 else None
 
 
-def _draw_lashes(rng: np.random.Generator, size: int, lid: dict, ir: float, keep_out: tuple) -> tuple[np.ndarray, int]:
-    """Dark curved lashes hanging from the upper lid; coverage in [0, 1] and their count."""
-    n = int(rng.integers(5, 16))
+def _coverage(signed: np.ndarray, width: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] from a signed distance (positive inside), in place."""
+    signed *= np.float32(1.0 / width)
+    signed += np.float32(0.5)
+    return np.clip(signed, 0.0, 1.0, out=signed)
+
+
+def _blend(img: np.ndarray, alpha: np.ndarray, value: np.ndarray | float) -> None:
+    """img ← img + alpha · (value − img), in place."""
+    diff = np.subtract(value, img, dtype=np.float32)
+    diff *= alpha
+    img += diff
+
+
+def _lid_apexes(pcx: float, pcy: float, radius: float, lid_x: float, up_c: float, lo_c: float) -> tuple[float, float]:
+    """Apex heights at which the upper/lower lid parabolas just clear the disk (pcx, pcy, radius)."""
+    dx = radius * _SPAN
+    half = np.sqrt(np.maximum(radius * radius - dx * dx, 0.0))
+    off2 = (pcx + dx - lid_x) ** 2
+    return float(np.min(pcy - half - up_c * off2)), float(np.max(pcy + half + lo_c * off2))
+
+
+def _draw_lashes(rng: np.random.Generator, d: _Draws, img: np.ndarray, lid: dict, ir: float,
+                 keep_out: tuple[float, float, float]) -> int:
+    """Dark curved lashes hanging from the upper lid, drawn in place; returns their count."""
+    size = img.shape[0]
+    n = d.integer(12, 30)
     x0, y0, curv = lid["x"], lid["y"], lid["curvature"]
-    rx = x0 + rng.uniform(-1.5, 1.5, n) * ir
-    ry = y0 + curv * (rx - x0) ** 2 - 0.5
-    side = np.sign(rx - x0 + 1e-6)
-    length = rng.uniform(0.12, 0.3, n) * ir
-    tilt = side * rng.uniform(0.1, 0.7, n)
-    t = np.linspace(0.0, 1.0, 6)[None, :]
-    px = rx[:, None] + length[:, None] * (tilt[:, None] * t + 0.35 * side[:, None] * t**2)
-    py = ry[:, None] + length[:, None] * (t - 0.6 * t**2)
-    # Keep lash tips off the pupil so the pupil stays fully visible.
+    u = rng.random((3, n))
+    dx = (3.2 * u[0] - 1.6) * ir  # root offset from the lid apex
+    root_y = (curv * dx) * dx + (y0 - 0.3)
+    side = np.sign(dx)
+    length = (0.15 + 0.3 * u[1]) * ir
+    tilt = side * (0.1 + 0.3 / ir * np.abs(dx)) + 0.3 * (u[2] - 0.5)
+    # A lash drops at most 0.75·length; near the pupil it may not reach below the keep-out line.
     pcx, pcy, reach = keep_out
-    near = np.abs(px - pcx) < reach
-    too_low = np.where(near, py - (pcy - reach), -np.inf).max(axis=1)
-    scale = np.where(too_low > 0, np.clip(1 - too_low / (length + 1e-6), 0.0, 1.0), 1.0)
-    px = rx[:, None] + (px - rx[:, None]) * scale[:, None]
-    py = ry[:, None] + (py - ry[:, None]) * scale[:, None]
-    pts = np.round(np.stack([px, py], axis=-1) * 16).astype(np.int32)
-    canvas = np.zeros((size, size), np.uint8)
-    thickness = max(1, round(size / 128))
-    cv2.polylines(canvas, list(pts), False, 255, thickness, cv2.LINE_AA, shift=4)
-    return canvas.astype(np.float32) * (1.0 / 255.0), n
+    near = np.abs(dx + (x0 - pcx)) < reach + length * (np.abs(tilt) + 0.3)
+    length[near] = np.clip((pcy - reach - root_y[near]) / 0.75, 0.0, length[near])
+    # Each lash is a quadratic in t ∈ [0, 1]: x = root + L·tilt·t + 0.15·L·side·t², y = root + L·(t − 0.25·t²).
+    coef = np.stack([dx + x0, length * tilt, 0.15 * length * side, root_y, length, -0.25 * length])
+    pts = (coef.reshape(2, 3, n).transpose(0, 2, 1) @ _LASH_BASIS).transpose(1, 2, 0)  # (n, points, xy)
+    bottom = min(size, int(pts[:, :, 1].max()) + 3)
+    if bottom <= 0:
+        return n
+    canvas = np.zeros((bottom, size), np.uint8)
+    cv2.polylines(canvas, list(np.round(pts * 16).astype(np.int32)), False, 255,
+                  max(1, round(size / 200)), cv2.LINE_AA, shift=4)
+    alpha = canvas.astype(np.float32)
+    alpha *= np.float32(1 / 255)
+    _blend(img[:bottom], alpha, np.float32(d.uniform(0.1, 0.2)))
+    return n
 
 
 def _draw_glints(img: np.ndarray, glints: list[list[float]], value: float) -> None:
-    """Paint small bright disks (x, y, r) in place, computing only inside each disk's window."""
-    size = img.shape[0]
+    """Paint small bright disks (x, y, r) in place, computing only inside each disk's box."""
+    X, Y, _, _ = _grids(img.shape[0])
     for gx, gy, gr in glints:
-        x0, x1 = max(0, int(gx - gr - 2)), min(size, int(gx + gr + 3))
-        y0, y1 = max(0, int(gy - gr - 2)), min(size, int(gy + gr + 3))
-        if x0 >= x1 or y0 >= y1:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        cover = _soft_inside(gr - np.hypot(xx - gx, yy - gy), 0.8)
-        win = img[y0:y1, x0:x1]
-        win += cover * (value - win)
+        box = _box(gx, gy, gr + 2, img.shape[0])
+        if box is not None:
+            dist = np.hypot(X[box] - np.float32(gx), Y[box] - np.float32(gy))
+            _blend(img[box], _coverage(np.float32(gr) - dist, 0.8), np.float32(value))
 
 
 def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
                 defect: str | None = None) -> tuple[np.ndarray, dict]:
     """Draw one eye; returns a (channels, size, size) float32 image in [-1, 1] and its record."""
-    X, Y, vignette_r2 = _grids(size)
+    X, Y, axis, unit = _grids(size)
+    d = _Draws(rng)
     s = size / 128.0
+    f32 = np.float32
     # Geometry.
-    ir = rng.uniform(0.28, 0.42) * size
-    icx, icy = (size - 1) / 2 + rng.uniform(-0.08, 0.08, 2) * size
+    ir = d.uniform(0.28, 0.42) * size
+    icx, icy = (size - 1) / 2 + d.uniform(-0.08, 0.08) * size, (size - 1) / 2 + d.uniform(-0.08, 0.08) * size
     if defect == "offcenter":
-        off = rng.uniform(0.22, 0.4) * ir
-        ratio = rng.uniform(0.2, min(0.7, 0.88 - off / ir))
+        off = d.uniform(0.22, 0.4) * ir
+        ratio = d.uniform(0.2, min(0.7, 0.88 - off / ir))
     else:
-        off = rng.uniform(0.0, 0.06) * ir
-        ratio = rng.uniform(0.2, 0.6 if defect == "irregular" else 0.7)
+        off = d.uniform(0.0, 0.06) * ir
+        ratio = d.uniform(0.35, 0.6) if defect == "irregular" else d.uniform(0.2, 0.7)  # lobes need room
     pr = ratio * ir
-    direction = rng.uniform(0, _TAU)
+    direction = d.uniform(0, _TAU)
     pcx, pcy = icx + off * math.cos(direction), icy + off * math.sin(direction)
-    shape = _pupil_shape(rng, defect, pr, ir)
-    pupil_extent = float(np.max(shape["radius"])) if shape["radius"] is not None else pr
+    shape = _pupil_shape(d, defect, pr, ir)
 
-    # Grey levels (before the global gain/offset), in [0, 1].
-    sclera = rng.uniform(0.6, 0.78)
-    skin = sclera - rng.uniform(0.0, 0.1)
-    iris_base = rng.uniform(0.36, 0.5)
-    pupil_val = rng.uniform(0.03, 0.08)
+    # Grey levels before the global gain/offset, in [0, 1].
+    sclera = d.uniform(0.6, 0.78)
+    skin = sclera - d.uniform(0.0, 0.1)
+    iris_base = d.uniform(0.36, 0.5)
+    pupil_val = d.uniform(0.03, 0.08)
 
-    # Background with soft shading and vignetting.
-    img = sclera + 0.04 * _smooth_field(rng, size) - rng.uniform(0.05, 0.2) * vignette_r2
+    # Background: separable soft shading and vignetting.
+    vignette = unit * unit * f32(d.uniform(0.025, 0.1))
+    img = np.add.outer(_shading(d, unit, 0.04) - vignette + f32(sclera), _shading(d, unit, 0.04) - vignette)
 
-    # Iris from its rubber-sheet texture.
-    dx, dy = X - np.float32(icx), Y - np.float32(icy)
-    r_i, th_i = cv2.cartToPolar(dx, dy)
-    tex = _iris_texture(rng, size, iris_base)
-    rows, cols = tex.shape
-    map_x = np.clip((r_i - np.float32(pr)) * np.float32((cols - 1) / (ir - pr)), 0, cols - 1)
-    map_y = th_i * np.float32(rows / _TAU)
-    iris = cv2.remap(tex, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_WRAP)
-    a_iris = _soft_inside(np.float32(ir) - r_i, 1.5 * s)
-    img += a_iris * (iris - img)
+    # Iris, mapped from its rubber-sheet texture (only inside its bounding box).
+    tex = _iris_texture(rng, d, size, iris_base)
+    rows, cols = tex.shape[0] - 1, tex.shape[1]
+    box = _box(icx, icy, ir + 3 * s, size)
+    r_i, th_i = cv2.cartToPolar(X[box] - f32(icx), Y[box] - f32(icy))
+    map_x = r_i - f32(pr)
+    map_x *= f32((cols - 1) / (ir - pr))
+    np.clip(map_x, 0, cols - 1, out=map_x)
+    th_i *= f32(rows / _TAU)
+    iris = cv2.remap(tex, map_x, th_i, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    _blend(img[box], _coverage(np.subtract(f32(ir), r_i), 1.5 * s), iris)
 
     # Pupil (and any pupil defect).
-    qx, qy = X - np.float32(pcx), Y - np.float32(pcy)
-    edge_w = max(0.8, 1.0 * s)
+    edge_w = max(0.8, s)
+    box = _box(pcx, pcy, shape["extent"] + 3 * edge_w, size)
+    qx, qy = X[box] - f32(pcx), Y[box] - f32(pcy)
     if shape["radius"] is None:
-        a_pupil = _soft_inside(np.float32(pr) - cv2.magnitude(qx, qy), edge_w)
+        a_pupil = _coverage(np.subtract(f32(pr), cv2.magnitude(qx, qy)), edge_w)
     else:
         r_p, th_p = cv2.cartToPolar(qx, qy)
-        idx = (th_p * np.float32(_LUT / _TAU)).astype(np.int32) & (_LUT - 1)
-        a_pupil = _soft_inside(shape["radius"].astype(np.float32)[idx] - r_p, edge_w)
+        th_p *= f32(_LUT / _TAU)
+        idx = th_p.astype(np.int32) & (_LUT - 1)
+        a_pupil = _coverage(shape["radius"][idx] - r_p, edge_w)
         if shape["smear"] is not None:
-            smear = _soft_inside(shape["smear"].astype(np.float32)[idx] - r_p, 3.0 * edge_w)
-            a_pupil = np.maximum(a_pupil, rng.uniform(0.5, 0.75) * smear)
-    img += a_pupil * (np.float32(pupil_val) - img)
+            smear = _coverage(shape["smear"][idx] - r_p, 3.0 * edge_w)
+            a_pupil = np.maximum(a_pupil, smear * f32(d.uniform(0.6, 0.85)))
+    _blend(img[box], a_pupil, f32(pupil_val))
 
     # Eyelids: parabolas that may hide the top/bottom of the iris but never the pupil.
     margin = max(0.08 * ir, 2.0)
-    lid_x = icx + rng.normal(0.0, 0.1) * ir
-    up_y = min(icy - rng.uniform(0.45, 1.25) * ir, pcy - pupil_extent - margin)
-    lo_y = max(icy + rng.uniform(0.6, 1.3) * ir, pcy + pupil_extent + margin)
-    up_c = rng.uniform(1.0, 1.6) * ir / (rng.uniform(2.0, 2.6) * ir) ** 2
-    lo_c = rng.uniform(0.6, 1.1) * ir / (rng.uniform(2.0, 2.6) * ir) ** 2
-    x_row = np.arange(size, dtype=np.float32)
-    above = (up_y + up_c * (x_row - lid_x) ** 2)[None, :] - Y  # > 0 inside the upper lid
-    below = Y - (lo_y - lo_c * (x_row - lid_x) ** 2)[None, :]  # > 0 inside the lower lid
+    lid_x = icx + d.normal(0.1) * ir
+    up_c = d.uniform(1.0, 1.6) / (d.uniform(2.0, 2.6) ** 2 * ir)
+    lo_c = d.uniform(0.6, 1.1) / (d.uniform(2.0, 2.6) ** 2 * ir)
+    clear_up, clear_lo = _lid_apexes(pcx, pcy, shape["extent"] + margin, lid_x, up_c, lo_c)
+    up_y = min(icy - d.uniform(0.45, 1.25) * ir, clear_up)
+    lo_y = max(icy + d.uniform(0.6, 1.3) * ir, clear_lo)
+    dxl2 = (axis - f32(lid_x)) ** 2
     lid_w = 1.5 * s
-    a_lid = np.maximum(_soft_inside(above, lid_w), _soft_inside(below, lid_w))
-    shadow = rng.uniform(0.1, 0.25) * np.clip(1.0 - above * np.float32(1.0 / (0.12 * ir)), 0.0, 1.0)
-    lid_val = skin + 0.05 * _smooth_field(rng, size) - shadow
-    img += a_lid * (lid_val - img)
+    upper = f32(up_y) + f32(up_c) * dxl2  # the upper lid covers y < upper[x]
+    bottom = min(size, int(upper.max() + lid_w) + 2)
+    if bottom > 0:
+        above = upper[None, :] - Y[:bottom]
+        depth, dark = 0.15 * ir, d.uniform(0.1, 0.25)
+        lid_val = np.clip(above, 0.0, depth)  # a darker band along the lid margin
+        lid_val *= f32(dark / depth)
+        lid_val += (_shading(d, unit, 0.04) + f32(skin - dark))[None, :]
+        _blend(img[:bottom], _coverage(above, lid_w), lid_val)
+    lower = f32(lo_y) - f32(lo_c) * dxl2  # the lower lid covers y > lower[x]
+    top = max(0, int(lower.min() - lid_w) - 1)
+    if top < size:
+        _blend(img[top:], _coverage(Y[top:] - lower[None, :], lid_w), (_shading(d, unit, 0.04) + f32(skin))[None, :])
     upper_lid = {"x": float(lid_x), "y": float(up_y), "curvature": float(up_c)}
     lower_lid = {"x": float(lid_x), "y": float(lo_y), "curvature": float(lo_c)}
 
     # Lashes from the upper lid.
-    lashes, n_lashes = _draw_lashes(rng, size, upper_lid, ir, (pcx, pcy, pupil_extent + margin))
-    img += lashes * (np.float32(rng.uniform(0.14, 0.24)) - img)
+    n_lashes = _draw_lashes(rng, d, img, upper_lid, ir, (pcx, pcy, shape["extent"] + margin))
 
     # Specular reflections of the illuminator, in the pupil or on its edge.
-    glints = []
-    for k in range(1 + int(rng.random() < 0.5)):
-        if k == 0:
-            on_edge = rng.random() < 0.3
-            d = pr * (rng.uniform(0.85, 1.05) if on_edge else rng.uniform(0.0, 0.6))
-            ang = rng.uniform(0, _TAU)
-            gx, gy = pcx + d * math.cos(ang), pcy + d * math.sin(ang)
-        else:
-            gx, gy = glints[0][0] + rng.choice([-1, 1]) * rng.uniform(0.03, 0.06) * size, glints[0][1] + rng.normal(0, 0.01) * size
-        glints.append([float(gx), float(gy), float(max(0.7, rng.uniform(0.012, 0.028) * size))])
-    _draw_glints(img, glints, float(rng.uniform(0.92, 1.0)))
+    ang = d.uniform(0, _TAU)
+    dist = pr * (d.uniform(0.85, 1.05) if d.chance(0.3) else d.uniform(0.0, 0.6))
+    glints = [[pcx + dist * math.cos(ang), pcy + dist * math.sin(ang)]]
+    if d.chance(0.5):
+        glints.append([glints[0][0] + d.uniform(0.03, 0.06) * size * (1 if d.chance(0.5) else -1),
+                       glints[0][1] + d.normal(0.01) * size])
+    glints = [[float(gx), float(gy), max(0.5, min(d.uniform(0.008, 0.02) * size, 0.3 * pr))] for gx, gy in glints]
+    _draw_glints(img, glints, d.uniform(0.92, 1.0))
 
-    # Optics and sensor: blur, global gain/offset, noise.
-    img = cv2.GaussianBlur(img, (0, 0), sigmaX=rng.uniform(0.5, 1.0) * s)
-    gain, offset = rng.uniform(0.85, 1.15), rng.uniform(-0.03, 0.05)
-    noise_sigma = rng.uniform(0.008, 0.025)
+    # Optics and sensor: blur, global gain/offset, noise; then [0, 1] → [-1, 1].
+    img = cv2.GaussianBlur(img, (0, 0), sigmaX=d.uniform(0.5, 1.0) * s)
+    gain, offset = d.uniform(0.85, 1.15), d.uniform(-0.03, 0.05)
+    noise_sigma = 2.0 * d.uniform(0.008, 0.025)
+    bank = _noise_bank(size)
     out = np.empty((channels, size, size), np.float32)
-    tint = 1.0 + (rng.uniform(-0.04, 0.04, channels) if channels > 1 else np.zeros(1))
-    for c in range(channels):
-        noisy = img * np.float32(gain * tint[c] * 2.0) + np.float32(2.0 * offset - 1.0)
-        noisy += rng.standard_normal((size, size), dtype=np.float32) * np.float32(2.0 * noise_sigma)
-        np.clip(noisy, -1.0, 1.0, out=out[c])
+    for ch in range(channels):
+        tint = 1.0 + (d.uniform(-0.04, 0.04) if channels > 1 else 0.0)
+        oy, ox = d.integer(0, size + 1), d.integer(0, size + 1)
+        layer = bank[oy : oy + size, ox : ox + size] * f32(noise_sigma)
+        layer += f32(2.0 * offset - 1.0)
+        layer += img * f32(2.0 * gain * tint)
+        np.clip(layer, -1.0, 1.0, out=out[ch])
 
     record = {
         "pupil_cx": float(pcx), "pupil_cy": float(pcy), "pupil_r": float(pr),
@@ -272,30 +379,24 @@ def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
         "iris_cx": float(icx), "iris_cy": float(icy), "iris_r": float(ir),
         "defect": defect,
         "pupil_iris_ratio": float(pr / ir), "concentricity": float(off / ir),
-        "pupil_value": float(2.0 * (pupil_val * gain + offset) - 1.0),
-        "iris_value": float(2.0 * (iris_base * gain + offset) - 1.0),
+        "pupil_value": 2.0 * (pupil_val * gain + offset) - 1.0,
+        "iris_value": 2.0 * (iris_base * gain + offset) - 1.0,
         "upper_lid": upper_lid, "lower_lid": lower_lid,
-        "reflections": glints, "lashes": n_lashes,
-        "blur_sigma_noise": float(noise_sigma),
+        "reflections": glints, "lashes": n_lashes, "noise_sigma": noise_sigma,
     }
     for key in ("semi_axes", "lobes", "lobe_amplitude", "tongues"):
         if key in shape:
-            record[key] = shape[key] if not isinstance(shape[key], float) else float(shape[key])
+            record[key] = shape[key]
     return out, record
 
 
-def _defect_list(n: int, seed: int, defects: float | Sequence[str | None]) -> list[str | None]:
-    """Per-image defect names from a fraction (drawn per image from (seed, i)) or a list."""
+def _check_defects(n: int, defects: float | Sequence[str | None]) -> float | list[str | None]:
+    """Validate `defects`: a fraction in [0, 1] or one valid name/None per image."""
     if isinstance(defects, (int, float)) and not isinstance(defects, bool):
-        frac = float(defects)
-        if not 0.0 <= frac <= 1.0:
-            raise UserError(f"defects fraction must be in [0, 1], got {frac}")
-        chosen = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, i, 1])
-            chosen.append(DEFECTS[int(rng.integers(len(DEFECTS)))] if rng.random() < frac else None)
-        return chosen
-    names = list(defects)
+        if not 0.0 <= float(defects) <= 1.0:
+            raise UserError(f"defects fraction must be in [0, 1], got {defects}")
+        return float(defects)
+    names = [None if d in (None, "none", "None", "") else d for d in defects]
     if len(names) != n:
         raise UserError(f"defects list has {len(names)} entries for {n} images")
     bad = sorted({str(d) for d in names if d is not None and d not in DEFECTS})
@@ -304,12 +405,11 @@ def _defect_list(n: int, seed: int, defects: float | Sequence[str | None]) -> li
     return names
 
 
-def generate_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
-                    defects: float | Sequence[str] = 0.0) -> tuple[np.ndarray, list[dict]]:
-    """Return images float32 (n, channels, size, size) in [-1, 1] and one ground-truth record per image.
+def iter_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
+                defects: float | Sequence[str] = 0.0) -> Iterator[tuple[np.ndarray, dict]]:
+    """Yield (image (channels, size, size), record) one at a time; see `generate_irises`.
 
-    `defects` is the fraction of images given a random defect, or one name/None per image.
-    Image i depends only on (seed, i).
+    The arguments are checked before the first image is drawn.
     """
     if n < 0:
         raise UserError(f"number of images must be >= 0, got {n}")
@@ -319,10 +419,70 @@ def generate_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
         raise UserError(f"channels must be 1 or 3, got {channels}")
     if seed < 0:
         raise UserError(f"seed must be >= 0, got {seed}")
-    kinds = _defect_list(n, seed, defects)
-    images = np.empty((n, channels, size, size), np.float32)
+    kinds = _check_defects(n, defects)
+
+    def draw() -> Iterator[tuple[np.ndarray, dict]]:
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            pick, kind = rng.random(), DEFECTS[int(rng.integers(len(DEFECTS)))]  # always drawn: stable streams
+            defect = (kind if pick < kinds else None) if isinstance(kinds, float) else kinds[i]
+            yield render_iris(rng, size, channels, defect)
+
+    return draw()
+
+
+def generate_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
+                    defects: float | Sequence[str] = 0.0) -> tuple[np.ndarray, list[dict]]:
+    """Return images float32 (n, channels, size, size) in [-1, 1] and one ground-truth record per image.
+
+    `defects` is the fraction of images given a random defect, or one name/None per image.
+    Image i depends only on (seed, i) (and its defect), so subsets of a draw are stable.
+    """
+    images = np.empty((max(n, 0), channels, size, size), np.float32)
     records = []
-    for i in range(n):
-        images[i], rec = render_iris(np.random.default_rng([seed, i]), size, channels, kinds[i])
+    for i, (img, rec) in enumerate(iter_irises(n, size, seed, channels, defects)):
+        images[i] = img
         records.append(rec)
     return images, records
+
+
+def write_dataset(out: str | Path, n: int, size: int = 128, seed: int = 0, channels: int = 1,
+                  defects: float | Sequence[str] = 0.0, overwrite: bool = False) -> Path:
+    """Write `OUT/000000.png …` and `OUT/labels.json` (records with a `file` key), atomically."""
+    final = prepare_out_dir(out, overwrite)
+    irises = iter_irises(n, size, seed, channels, defects)  # checks the arguments before touching disk
+    tmp = temp_dir_for(final)
+    try:
+        labels = []
+        for i, (img, rec) in enumerate(tqdm(irises, total=n, desc="drawing", unit="img", leave=False)):
+            labels.append({"file": f"{i:06d}.png", **rec})
+            write_png(tmp / labels[-1]["file"], img)
+        (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.synthetic OUT --n 1000 --size 128`: write synthetic irises as PNGs."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 = grey, 3 = RGB")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--defects", type=float, default=0.0, help="fraction of images with a defect")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    final = write_dataset(args.out, args.n, args.size, args.seed, args.channels, args.defects, args.overwrite)
+    print(f"wrote {args.n} images and labels.json to {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
