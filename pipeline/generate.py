@@ -102,9 +102,9 @@ def _vae_priors(vae_path: str, gen: GenerateConfig, interpolate: bool, vae_devic
 
 
 def _image_priors(folder: str, n: int, size: int, channels: int) -> tuple[np.ndarray, dict]:
-    from pipeline.data import list_images, read_image
+    from pipeline.data import list_image_files, read_image
 
-    files = list_images(folder)[:n]
+    files = list_image_files(folder)[:n]
     priors = np.stack([read_image(f, size, channels) for f in files])
     if len(files) < n:
         log.warning("only %d prior images in %s; generating %d images", len(files), folder, len(files))

@@ -10,6 +10,8 @@ import numpy as np
 
 from pipeline.errors import UserError
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what image folders are scanned for
+
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
     """(N, C, H, W) → (N, H, W, C)."""

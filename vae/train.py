@@ -1,17 +1,236 @@
-"""`train-vae`: Train the stage-1 Keras VAE on iris images. (not built yet)."""
+"""`train-vae`: train the stage-1 Keras VAE, or (`--sample N --from VAE.keras`) write priors as PNGs.
+
+A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the monitored ELBO),
+`last.keras` (latest, with optimizer state, for `--resume`), `log.csv`, `loss.png` and
+`samples/epoch_XXX.png` (fixed latents, one grid per epoch; epochs numbered from 0 as in log.csv).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
+import shutil
+from itertools import islice
+from pathlib import Path
 
-from pipeline.cli import add_config_args
+import numpy as np
+
+from pipeline.cli import (
+    add_config_args,
+    config_from_args,
+    prepare_out_dir,
+    replace_dir,
+    temp_dir_for,
+)
+from pipeline.config import Config, dump_config, load_config
 from pipeline.errors import UserError, cli_entry
+from pipeline.images import make_grid, nchw_to_nhwc, write_png
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "runs/vae"
+GRID_SAMPLES = 64
+
+
+def _check_training_config(cfg: Config) -> None:
+    v = cfg.vae
+    if v.epochs < 1 or v.batch_size < 1 or v.lr <= 0:
+        raise UserError(f"vae.epochs and vae.batch_size must be >= 1 and vae.lr > 0, got {v.epochs}, "
+                        f"{v.batch_size}, {v.lr}")
+    if not 0 <= v.val_fraction < 1 or v.kl_warmup_epochs < 0 or v.early_stop_patience < 0:
+        raise UserError("vae.val_fraction must be in [0, 1) and vae.kl_warmup_epochs, "
+                        "vae.early_stop_patience >= 0")
+
+
+def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (train, val) NCHW arrays; UserError when too few images for one batch."""
+    n = len(images)
+    if n == 0:
+        raise UserError("the dataset is empty")
+    n_val = int(round(n * val_fraction))
+    if n - n_val < batch_size:
+        raise UserError(f"only {n - n_val} training images (of {n}) but vae.batch_size is {batch_size}; "
+                        "use more images or a smaller batch")
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    return images[np.sort(order[n_val:])], images[np.sort(order[:n_val])]
+
+
+def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int):
+    """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.data.iterate_batches` order.
+
+    Global batch i is batch i % steps of epoch start_epoch + i // steps, so the order depends only
+    on (seed, epoch) and a resumed run sees the same epochs as an uninterrupted one.
+    """
+    import keras
+
+    from pipeline.data import iterate_batches
+
+    class EpochBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.steps_per_epoch = len(images) // batch_size
+            self._next, self._batches = None, iter(())
+
+        @property
+        def num_batches(self):
+            return None  # endless: fit's steps_per_epoch cuts it into epochs
+
+        def __getitem__(self, index: int):
+            epoch, k = divmod(index, self.steps_per_epoch)
+            if index != self._next or k == 0:  # a new epoch, or an out-of-order read
+                self._batches = islice(iterate_batches(images, batch_size, seed, shuffle=True, hflip=hflip,
+                                                       drop_last=True, start_epoch=start_epoch + epoch), k, None)
+            self._next = index + 1
+            return (nchw_to_nhwc(next(self._batches)),)
+
+    return EpochBatches()
+
+
+def _load_checkpoint(path: Path):
+    """The `last.keras` of a run, compiled with its optimizer state."""
+    import keras
+
+    from vae.model import IrisVAE
+
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} not found")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as exc:  # damaged or foreign file
+        raise UserError(f"cannot load checkpoint {path}: {str(exc).strip().splitlines()[0][:200]}") from None
+    if not isinstance(model, IrisVAE):
+        raise UserError(f"{path} is not a VAE checkpoint written by train-vae")
+    return model
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, overwrite: bool = False,
+          verbose: int | str | None = None) -> Path:
+    """Train (or resume) a VAE into the run folder `out`; returns the folder."""
+    import keras
+
+    from pipeline.data import load_image_array
+    from vae import callbacks as cb
+    from vae.model import build_vae, check_vae_matches
+    from vae.priors import prior_latents
+
+    _check_training_config(cfg)
+    v, out = cfg.vae, Path(out)
+    keras.utils.set_random_seed(v.seed)
+    images = load_image_array(cfg.data)
+    train_x, val_x = split_images(images, v.val_fraction, v.batch_size, v.seed)
+    monitor = "val_elbo" if len(val_x) else "elbo"
+    log_path = out / "log.csv"
+    if resume:
+        vae = _load_checkpoint(out / "last.keras")
+        check_vae_matches(vae, cfg, f"checkpoint {out / 'last.keras'}")
+        initial_epoch = int(keras.ops.convert_to_numpy(vae.trained_epochs))
+        if initial_epoch >= v.epochs:
+            raise UserError(f"{out} has already trained {initial_epoch} of vae.epochs={v.epochs} epochs; "
+                            "raise it with --set vae.epochs=N to train longer")
+        rows = [r for r in cb.read_log(log_path) if int(r["epoch"]) < initial_epoch]
+        cb.write_log(log_path, rows)  # forget epochs logged after the checkpoint was written
+        best, wait = cb.best_and_wait([float(r.get(monitor, math.nan)) for r in rows])
+        log.info("resuming %s at epoch %d", out, initial_epoch)
+    else:
+        prepare_out_dir(out, overwrite)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        vae = build_vae(cfg)
+        vae.compile(optimizer=keras.optimizers.Adam(v.lr))
+        initial_epoch, best, wait = 0, math.inf, 0
+    _write_text_atomic(out / "config.yaml", dump_config(cfg))
+
+    callbacks = [
+        cb.KLWarmup(v.beta, v.kl_warmup_epochs),
+        cb.Checkpoint(out, monitor, best),
+        cb.EarlyStop(monitor, v.early_stop_patience, best, wait),
+        cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
+        keras.callbacks.CSVLogger(str(log_path), append=resume),
+        cb.LossPlot(log_path, out / "loss.png"),
+    ]
+    batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, initial_epoch)
+    if verbose is None:
+        verbose = 2 if os.environ.get("CI", "").lower() == "true" else "auto"
+    vae.fit(batches, epochs=v.epochs, initial_epoch=initial_epoch, steps_per_epoch=batches.steps_per_epoch,
+            validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
+            shuffle=False, callbacks=callbacks, verbose=verbose)
+    return out
+
+
+def write_priors(vae_path: str | Path, out: str | Path, n: int, seed: int, temperature: float,
+                 overwrite: bool = False, cfg: Config | None = None) -> Path:
+    """Sample `n` priors into `out` as `000000.png…` and `grid.png` (built in a temp dir, then renamed)."""
+    from vae.model import check_vae_matches
+    from vae.priors import load_vae, prior_latents, sample_priors
+
+    prior_latents(1, n, seed, temperature)  # validates n and temperature before any work
+    out = prepare_out_dir(out, overwrite)
+    vae = load_vae(vae_path)
+    if cfg is not None:
+        check_vae_matches(vae, cfg, f"VAE {vae_path}")
+    priors = sample_priors(vae, n, seed, temperature)
+    tmp = temp_dir_for(out)
+    try:
+        for i, img in enumerate(priors):
+            write_png(tmp / f"{i:06d}.png", img)
+        write_png(tmp / "grid.png", make_grid(priors))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train-vae", description="Train the stage-1 Keras VAE on iris images, or sample priors from one.")
+    add_config_args(parser)
+    parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {DEFAULT_OUT}); with --sample, "
+                        "the folder for the prior PNGs")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--sample", type=int, metavar="N", help="instead of training, write N priors as PNGs")
+    parser.add_argument("--from", dest="from_path", metavar="VAE.keras", help="the VAE to sample (with --sample)")
+    parser.add_argument("--seed", type=int, help="latent seed for --sample (default: generate.seed)")
+    parser.add_argument("--temperature", type=float, help="latent temperature for --sample "
+                        "(default: generate.temperature)")
+    return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train-vae`."""
-    parser = argparse.ArgumentParser(prog="train-vae", description="Train the stage-1 Keras VAE on iris images.")
-    add_config_args(parser)
-    parser.parse_args(argv)
-    raise UserError("train-vae is not built yet")
+    args = _parser().parse_args(argv)
+    if args.sample is not None:
+        if args.resume:
+            raise UserError("--sample and --resume cannot be combined")
+        if not args.from_path or not args.out:
+            raise UserError("--sample needs --from VAE.keras and --out DIR")
+        cfg = config_from_args(args)
+        seed = cfg.generate.seed if args.seed is None else args.seed
+        temperature = cfg.generate.temperature if args.temperature is None else args.temperature
+        explicit = cfg if args.config or args.overrides else None
+        out = write_priors(args.from_path, args.out, args.sample, seed, temperature, args.overwrite, explicit)
+        print(f"wrote {args.sample} priors and grid.png to {out}")
+        return 0
+    if args.from_path or args.seed is not None or args.temperature is not None:
+        raise UserError("--from, --seed and --temperature only apply with --sample")
+    out = Path(args.out or DEFAULT_OUT)
+    if args.resume and not args.config:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} not found")
+        cfg = load_config(saved, args.overrides)
+    else:
+        cfg = config_from_args(args)
+    train(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
+    return 0

@@ -1,0 +1,97 @@
+"""Speed of the circularity check at 128×128: analysis alone, and whole folders with 1 and 2 workers.
+
+    python benchmarks/bench_circularity.py [--quick]
+
+Synthetic eyes (30 % with defects, like a poor sample folder) are written as PNGs to a temp folder.
+Measured:
+  analyze_ms_per_image  `analyze_image` on decoded images in this process (wall and CPU time);
+  folder_images_per_s   `analyze_folder` (find, decode, analyse; the process pool for 2 workers,
+                        including its start-up) for workers = 1 and 2.
+Target: ≥ 300 images/s with 2 workers on 2 cores. JSON to stdout and to
+benchmarks/results/bench_circularity.json, with the load average (the numbers are only as good
+as the machine is quiet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.circularity import analyze_image
+from pipeline.circularity_cli import analyze_folder
+from pipeline.config import CircularityConfig
+from pipeline.images import to_unit, write_png
+from pipeline.synthetic import generate_irises
+
+RESULTS = Path(__file__).parent / "results" / "bench_circularity.json"
+
+
+def analyze_only(images: np.ndarray, cfg: CircularityConfig, repeats: int) -> dict:
+    """Median per-image wall and CPU milliseconds of `analyze_image` over `repeats` passes."""
+    grey = [to_unit(img[0]) for img in images]
+    for g in grey[:5]:
+        analyze_image(g, cfg)  # warm caches
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        for g in grey:
+            analyze_image(g, cfg)
+        wall.append((time.perf_counter() - t) / len(grey) * 1e3)
+        cpu.append((time.process_time() - c) / len(grey) * 1e3)
+    return {"n": len(grey), "wall_ms_per_image": round(float(np.median(wall)), 3),
+            "cpu_ms_per_image": round(float(np.median(cpu)), 3)}
+
+
+def folder_speed(folder: Path, cfg: CircularityConfig, workers: int, repeats: int) -> dict:
+    """Best and median images/s of `analyze_folder` with `workers` processes."""
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rows, _ = analyze_folder(folder, cfg, workers)
+        rates.append(len(rows) / (time.perf_counter() - t))
+    return {"workers": workers, "images": len(rows), "best_images_per_s": round(max(rates), 1),
+            "median_images_per_s": round(float(np.median(rates)), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    n, repeats = (200, 2) if args.quick else (1000, 3)
+    cfg = CircularityConfig()
+    images, _ = generate_irises(n, 128, seed=0, defects=0.3)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "eyes"
+        folder.mkdir()
+        for i, img in enumerate(images):
+            write_png(folder / f"{i:05d}.png", img)
+        result = {
+            "benchmark": "circularity-check at 128x128",
+            "quick": args.quick,
+            "analyze_only": analyze_only(images, cfg, repeats),
+            "folder": [folder_speed(folder, cfg, w, repeats) for w in (1, 2)],
+            "target_images_per_s_2_workers": 300,
+        }
+    result["machine"] = {
+        "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

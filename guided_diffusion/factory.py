@@ -1,0 +1,57 @@
+"""Build the U-Net and the diffusion process from a `Config`."""
+
+from __future__ import annotations
+
+import torch
+
+from guided_diffusion.diffusion import GaussianDiffusion
+from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion.schedules import get_betas
+from guided_diffusion.unet import UNetModel
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+
+def create_model(cfg: Config) -> UNetModel:
+    """The U-Net of cfg.model for cfg.data's image size and channels (channels_last if asked)."""
+    m = cfg.model
+    model = UNetModel(
+        image_size=cfg.data.image_size,
+        in_channels=cfg.data.channels,
+        model_channels=m.model_channels,
+        out_channels=cfg.data.channels,
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=m.attention_resolutions,
+        dropout=m.dropout,
+        channel_mult=m.channel_mult or None,
+        num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        resblock_updown=m.resblock_updown,
+        use_checkpoint=m.use_checkpoint,
+        learn_sigma=m.learn_sigma,
+    )
+    if m.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def create_diffusion(cfg: Config, respacing: str | None = None) -> GaussianDiffusion:
+    """The diffusion of cfg.diffusion; `respacing` ("50", "ddim50", "10,20,20") keeps a subset of steps."""
+    d = cfg.diffusion
+    learned = d.var_type == "learned_range"
+    if learned != cfg.model.learn_sigma:
+        raise UserError(
+            f"diffusion.var_type '{d.var_type}' and model.learn_sigma {cfg.model.learn_sigma} disagree: "
+            "learned_range needs learn_sigma true, and learn_sigma true needs learned_range")
+    betas = get_betas(d.noise_schedule, d.steps)
+    kwargs = {"mean_type": d.mean_type, "var_type": d.var_type, "loss_type": d.loss_type,
+              "hybrid_lambda": d.hybrid_lambda}
+    if respacing in (None, ""):
+        return GaussianDiffusion(betas, **kwargs)
+    return SpacedDiffusion(space_timesteps(d.steps, respacing), betas, **kwargs)
+
+
+def create_model_and_diffusion(cfg: Config) -> tuple[UNetModel, GaussianDiffusion]:
+    """Both, for training (full-length diffusion)."""
+    return create_model(cfg), create_diffusion(cfg)

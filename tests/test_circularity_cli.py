@@ -1,0 +1,148 @@
+"""`circularity-check`: outputs, exit codes and bad input."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.circularity_cli import main
+from pipeline.images import to_uint8, to_uint16, write_png
+from pipeline.synthetic import generate_irises
+
+
+def _run(argv):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    return exc.value.code
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+@pytest.fixture(scope="module")
+def eye_folder(tmp_path_factory) -> Path:
+    """12 grey PNGs (3 defective) in two levels, an RGB PNG, a 16-bit PNG, a 96-px BMP,
+    a constant image, a corrupt file, a hidden file and a text file."""
+    root = tmp_path_factory.mktemp("eyes") / "samples"
+    (root / "sub").mkdir(parents=True)
+    kinds = [None] * 9 + ["bleed", "oval", "offcenter"]
+    images, _ = generate_irises(len(kinds), 128, seed=2, defects=kinds)
+    for i, img in enumerate(images):
+        write_png(root / ("sub" if i % 2 else "") / f"eye{i:02d}.png", img)
+    rgb, _ = generate_irises(1, 128, seed=20, channels=3)
+    write_png(root / "rgb.png", rgb[0])
+    cv2.imwrite(str(root / "deep16.png"), to_uint16(images[0, 0]))
+    small, _ = generate_irises(1, 96, seed=21)
+    cv2.imwrite(str(root / "small.bmp"), to_uint8(small[0, 0]))
+    cv2.imwrite(str(root / "flat.png"), np.full((64, 64), 128, np.uint8))
+    (root / "broken.png").write_bytes(b"\x89PNG not really")
+    cv2.imwrite(str(root / ".hidden.png"), to_uint8(images[0, 0]))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_outputs_and_counts(eye_folder, tmp_path, capsys, caplog):
+    out = tmp_path / "report"
+    assert _run([eye_folder, "--out", out, "--workers", 1, "--overlays"]) == 0
+    printed = capsys.readouterr()
+    assert f"wrote {out}" in printed.out and "pass rate" in printed.out
+    assert "broken.png" in caplog.text  # warned
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    files = {r["file"] for r in rows}
+    assert len(rows) == 16 and "sub/eye01.png" in files and "broken.png" not in files and ".hidden.png" not in files
+    by_file = {r["file"]: r for r in rows}
+    assert by_file["flat.png"]["pupil_found"] == "False" and by_file["flat.png"]["reason"] == "no dark pupil region"
+    assert by_file["small.bmp"]["width"] == "96" and by_file["deep16.png"]["pass"] == by_file["eye00.png"]["pass"]
+    assert float(by_file["deep16.png"]["pupil_r"]) == pytest.approx(float(by_file["eye00.png"]["pupil_r"]), abs=0.1)
+    assert by_file["rgb.png"]["pupil_found"] == "True"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_files"] == 17 and summary["n_analysed"] == 16 and summary["n_unreadable"] == 1
+    assert summary["unreadable"][0]["file"] == "broken.png"
+    assert summary["n_pass"] + summary["n_fail"] == 16
+    assert summary["pass_rate"] == pytest.approx(sum(r["pass"] == "True" for r in rows) / 16)
+    assert sum(summary["failure_reasons"].values()) == summary["n_fail"]
+    assert summary["failure_reasons"].get("no dark pupil region") == 1
+    stats = summary["metrics"]["pupil_circularity"]
+    assert stats["p5"] <= stats["median"] <= stats["p95"]
+    assert (out / "histograms.png").stat().st_size > 0 and (out / "worst.png").stat().st_size > 0
+    assert len(list((out / "overlays").rglob("*.png"))) == 16
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_default_out_beside_folder_and_overwrite(eye_folder, capsys):
+    out = eye_folder.parent / "samples_circularity"
+    assert _run([eye_folder, "--workers", 2]) == 0  # also exercises the process pool
+    assert (out / "results.csv").exists()
+    first = json.loads((out / "summary.json").read_text())
+    assert _run([eye_folder, "--workers", 1]) == 2  # refuses to clobber
+    assert "--overwrite" in _error_line(capsys)
+    assert _run([eye_folder, "--workers", 1, "--overwrite"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["n_pass"] == first["n_pass"]  # same answers inline and in workers
+
+
+def test_fail_under_exit_code(eye_folder, tmp_path, capsys):
+    assert _run([eye_folder, "--out", tmp_path / "a", "--workers", 1, "--fail-under", 0.99]) == 1
+    assert "below --fail-under" in capsys.readouterr().err
+    assert _run([eye_folder, "--out", tmp_path / "b", "--workers", 1, "--fail-under", 0.1]) == 0
+    assert _run([eye_folder, "--out", tmp_path / "c", "--fail-under", 5]) == 2
+
+
+def test_reference_comparison(eye_folder, tmp_path, capsys):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    images, _ = generate_irises(6, 128, seed=9)
+    for i, img in enumerate(images):
+        write_png(ref / f"r{i}.png", img)
+    out = tmp_path / "cmp"
+    assert _run([eye_folder, "--out", out, "--workers", 1, "--reference", ref]) == 0
+    printed = capsys.readouterr().out
+    assert "proxy FD" in printed and "not Inception" in printed
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["reference"]["n_analysed"] == 6 and comparison["folder"]["n_analysed"] == 16
+    assert comparison["distances"]["proxy_fd"] > 0 and "fid" not in comparison["distances"]
+    assert (out / "comparison.png").exists()
+
+
+def test_thresholds_from_set(eye_folder, tmp_path):
+    out = tmp_path / "strict"
+    assert _run([eye_folder, "--out", out, "--workers", 1, "--set", "circularity.min_pupil_circularity=0.9999"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_pass"] == 0 and summary["config"]["min_pupil_circularity"] == 0.9999
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no_images", "only_broken", "file"])
+def test_bad_folders_exit_2(tmp_path, capsys, make):
+    folder = tmp_path / "in"
+    if make != "missing" and make != "file":
+        folder.mkdir()
+    if make == "no_images":
+        (folder / "a.txt").write_text("x")
+    if make == "only_broken":
+        (folder / "a.png").write_bytes(b"nope")
+    if make == "file":
+        folder.write_text("x")
+    assert _run([folder, "--out", tmp_path / "o"]) == 2
+    assert _error_line(capsys)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
+
+
+def test_bad_options_exit_2(eye_folder, tmp_path, capsys):
+    assert _run([eye_folder, "--out", tmp_path / "o", "--set", "circularity.nope=1"]) == 2
+    assert "nope" in _error_line(capsys)
+    assert _run([eye_folder, "--out", tmp_path / "o", "--workers", 0]) == 2
+    _error_line(capsys)
+    assert _run([eye_folder, "--out", tmp_path / "o", "--reference", tmp_path / "absent"]) == 2
+    assert "reference" in _error_line(capsys)
+    assert _run([eye_folder, "--out", tmp_path / "o", "--reference", eye_folder,
+                 "--inception-weights", tmp_path / "inception.pt"]) == 2
+    assert "TorchScript" in _error_line(capsys)
+    assert _run([eye_folder, "--out", tmp_path / "o", "--inception-weights", tmp_path / "x.pt"]) == 2
+    assert "--reference" in _error_line(capsys)

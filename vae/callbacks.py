@@ -1,0 +1,152 @@
+"""`model.fit` callbacks of `train-vae`: KL warm-up, atomic checkpoints, early stop, sample grids, loss plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.images import make_grid, nhwc_to_nchw, write_png
+from vae.losses import kl_warmup_weight
+
+
+class KLWarmup(keras.callbacks.Callback):
+    """Set the model's `kl_weight` to β·min(1, (epoch+1)/warmup_epochs) at the start of each epoch."""
+
+    def __init__(self, beta: float, warmup_epochs: int):
+        super().__init__()
+        self.beta, self.warmup_epochs = beta, warmup_epochs
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.model.kl_weight.assign(kl_warmup_weight(epoch, self.beta, self.warmup_epochs))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["kl_weight"] = kl_warmup_weight(epoch, self.beta, self.warmup_epochs)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """Save a `.keras` file under a temp name in the same folder, then rename it into place."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a file to `dst` through a temp name, so `dst` is always whole."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """After each epoch: `last.keras` (with optimizer state), and `vae.keras` when `monitor` improved."""
+
+    def __init__(self, out_dir: Path, monitor: str, best: float = math.inf):
+        super().__init__()
+        self.last, self.best_path = out_dir / "last.keras", out_dir / "vae.keras"
+        self.monitor, self.best = monitor, best
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.model.trained_epochs.assign(epoch + 1)
+        save_model_atomic(self.model, self.last)
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if value < self.best or not self.best_path.exists():
+            self.best = value if math.isfinite(value) else self.best
+            copy_atomic(self.last, self.best_path)
+
+
+class EarlyStop(keras.callbacks.Callback):
+    """Stop when `monitor` has not improved for `patience` epochs (state can be carried over a resume)."""
+
+    def __init__(self, monitor: str, patience: int, best: float = math.inf, wait: int = 0):
+        super().__init__()
+        self.monitor, self.patience, self.best, self.wait = monitor, patience, best, wait
+        self.stopped_epoch: int | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if value < self.best:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.patience > 0 and self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+
+def best_and_wait(values: list[float]) -> tuple[float, int]:
+    """Best (lowest) value so far and the number of epochs since it, for resuming `EarlyStop`."""
+    if not values:
+        return math.inf, 0
+    i = int(np.nanargmin(values)) if not all(math.isnan(v) for v in values) else len(values) - 1
+    return values[i], len(values) - 1 - i
+
+
+class SampleGrid(keras.callbacks.Callback):
+    """Decode fixed latents after each epoch into `samples/epoch_XXX.png` (epoch numbered as in log.csv)."""
+
+    def __init__(self, out_dir: Path, latents: np.ndarray):
+        super().__init__()
+        self.folder, self.latents = out_dir / "samples", latents
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.folder.mkdir(exist_ok=True)
+        images = keras.ops.convert_to_numpy(self.model.decode(self.latents))
+        write_png(self.folder / f"epoch_{epoch:03d}.png", make_grid(nhwc_to_nchw(images)))
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    """Rows of a Keras CSVLogger file (empty when the file does not exist)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_log(path: Path, rows: list[dict[str, str]]) -> None:
+    """Rewrite a log.csv with `rows` (used to drop rows past the checkpoint on resume), atomically."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("w", newline="") as f:
+        if rows:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot_losses(rows: list[dict[str, str]], path: Path) -> None:
+    """Total, reconstruction and KL loss per epoch (training and validation) as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6), layout="tight")
+    FigureCanvasAgg(fig)
+    epochs = [int(r["epoch"]) for r in rows]
+    for ax, key, title in zip(fig.subplots(1, 3), ("loss", "recon", "kl"),
+                              ("total (recon + weighted KL)", "reconstruction", "KL (nats)"), strict=True):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if rows and prefix + key in rows[0]:
+                ax.plot(epochs, [float(r[prefix + key]) for r in rows], style, label=prefix + key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=80)
+    os.replace(tmp, path)
+
+
+class LossPlot(keras.callbacks.Callback):
+    """Redraw `loss.png` from `log.csv` after each epoch (so a resumed run plots its whole history)."""
+
+    def __init__(self, log_path: Path, plot_path: Path):
+        super().__init__()
+        self.log_path, self.plot_path = log_path, plot_path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        plot_losses(read_log(self.log_path), self.plot_path)

@@ -1,0 +1,110 @@
+"""Shape priors from a trained VAE, as plain NumPy arrays (N, C, H, W) float32 in [-1, 1].
+
+Latents are drawn with `np.random.default_rng(seed)`, so the same seed gives the same latents on
+every backend; the only framework hand-over is NumPy.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.images import nchw_to_nhwc, nhwc_to_nchw
+
+
+def load_vae(path: str | Path):
+    """Load a `.keras` VAE written by `train-vae` (safe_mode on); UserError if missing, corrupt or not a VAE."""
+    import keras
+
+    from vae.model import IrisVAE
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"VAE file not found: {path}")
+    if path.suffix != ".keras":
+        raise UserError(f"VAE file must be a .keras file written by train-vae, got {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"VAE file {path} is corrupt (not a .keras zip archive)")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for damaged or foreign files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load VAE from {path}: {reason}") from None
+    if not isinstance(model, IrisVAE):
+        raise UserError(f"{path} holds a {type(model).__name__}, not a VAE written by train-vae")
+    return model
+
+
+def vae_image_shape(vae) -> tuple[int, int, int]:
+    """(C, H, W) of the images the VAE makes."""
+    return tuple(vae.image_shape)
+
+
+def _decode(vae, z: np.ndarray, batch_size: int) -> np.ndarray:
+    """Latents (N, D) → images (N, C, H, W) float32 in [-1, 1], decoded `batch_size` at a time."""
+    from keras import ops
+
+    if batch_size < 1:
+        raise UserError(f"batch size must be >= 1, got {batch_size}")
+    out = np.empty((len(z), *vae_image_shape(vae)), np.float32)
+    for lo in range(0, len(z), batch_size):
+        images = ops.convert_to_numpy(vae.decode(z[lo : lo + batch_size].astype(np.float32)))
+        out[lo : lo + batch_size] = nhwc_to_nchw(images)
+    return np.clip(out, -1.0, 1.0)
+
+
+def prior_latents(latent_dim: int, n: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+    """(n, latent_dim) float32 latents temperature · N(0, I) from `np.random.default_rng(seed)`."""
+    if n <= 0:
+        raise UserError(f"number of priors must be positive, got {n}")
+    if temperature <= 0:
+        raise UserError(f"temperature must be positive, got {temperature}")
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, latent_dim)) * temperature).astype(np.float32)
+
+
+def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64) -> np.ndarray:
+    """n priors decoded from latents temperature · N(0, I) drawn with `seed`: (n, C, H, W) float32 in [-1, 1]."""
+    return _decode(vae, prior_latents(vae.latent_dim, n, seed, temperature), batch_size)
+
+
+def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Encode (N, C, H, W) [-1, 1] images to their posterior means and decode them again (same format)."""
+    from keras import ops
+
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != vae_image_shape(vae):
+        raise UserError(f"images of shape {images.shape} do not fit the VAE; expected (N, "
+                        f"{', '.join(map(str, vae_image_shape(vae)))})")
+    if len(images) == 0:
+        raise UserError("no images to reconstruct")
+    means = [ops.convert_to_numpy(vae.encoder(nchw_to_nhwc(images[lo : lo + batch_size]))[0])
+             for lo in range(0, len(images), batch_size)]
+    return _decode(vae, np.concatenate(means), batch_size)
+
+
+def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """Spherical interpolation from a (t=0) to b (t=1) along the great circle of their directions.
+
+    slerp = sin((1-t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, Ω the angle between a and b; nearly
+    parallel vectors fall back to linear interpolation.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos_omega = np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b))
+    omega = np.arccos(np.clip(cos_omega, -1.0, 1.0))
+    if np.sin(omega) < 1e-6:
+        return (1.0 - t) * a + t * b
+    return (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+def interpolate(vae, seed_a: int, seed_b: int, steps: int, batch_size: int = 64) -> np.ndarray:
+    """`steps` priors along the slerp between the latents of seeds a and b: (steps, C, H, W)."""
+    if steps < 2:
+        raise UserError(f"interpolation needs at least 2 steps, got {steps}")
+    za = prior_latents(vae.latent_dim, 1, seed_a)[0]
+    zb = prior_latents(vae.latent_dim, 1, seed_b)[0]
+    z = np.stack([slerp(za, zb, t) for t in np.linspace(0.0, 1.0, steps)]).astype(np.float32)
+    return _decode(vae, z, batch_size)
