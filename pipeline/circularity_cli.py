@@ -28,6 +28,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -73,12 +74,19 @@ WORST_COUNT = 24
 # Files
 
 
+GENERATED_NAME = re.compile(r"\d{6}\.png")
+
+
 def find_images(folder: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
     """Image files under `folder` (recursive, sorted; hidden entries and `exclude` folders skipped)."""
     if not folder.exists():
         raise UserError(f"folder not found: {folder}")
     if not folder.is_dir():
         raise UserError(f"not a folder: {folder}")
+    if (folder / "metadata.json").is_file():  # a `generate` output: its samples, not grid.png or priors/
+        found = sorted(p for p in folder.iterdir() if GENERATED_NAME.fullmatch(p.name))
+        if found:
+            return found
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and Path(root, d).resolve() not in exclude)
