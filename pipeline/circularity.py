@@ -299,11 +299,16 @@ def _find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[_Pupil, np.ndarr
     if glints.any():
         sm = cv2.GaussianBlur(g, (0, 0), sigma)
 
-    outside = cv2.distanceTransform(1 - comp, cv2.DIST_L2, 3)
-    ring = (outside > 2 * scale) & (outside <= 2 * scale + max(2 * scale, 0.25 * r0))
-    inner = cv2.erode(comp, _kernel(1.5 * scale)) > 0
-    dark = _median(sm[inner]) if inner.any() else float(sm[comp > 0].min())
-    around = _median(sm[ring]) if ring.any() else dark
+    reach = 2 * scale + max(2 * scale, 0.25 * r0)
+    x, y, w, h = cv2.boundingRect(comp)
+    pad = int(reach) + 2
+    win = (slice(max(y - pad, 0), y + h + pad), slice(max(x - pad, 0), x + w + pad))
+    part, sm_part = comp[win], sm[win]
+    outside = cv2.distanceTransform(1 - part, cv2.DIST_L2, 3)
+    ring = (outside > 2 * scale) & (outside <= reach)
+    inner = cv2.erode(part, _kernel(1.5 * scale)) > 0
+    dark = _median(sm_part[inner]) if inner.any() else float(sm_part[part > 0].min())
+    around = _median(sm_part[ring]) if ring.any() else dark
     if around - dark < 0.05:
         return None
     level = 0.5 * (dark + around)
@@ -412,7 +417,10 @@ def _protrusions(xy: np.ndarray, core: np.ndarray) -> np.ndarray:
     the outlier threshold is 3 robust sigmas of the residuals, but at least 0.15 radii. A lobed
     pupil thus has large residuals on both sides (a wide threshold: nothing protrudes), an oval
     fits exactly, and a round pupil with tongues fits its round part, leaving the tongues out."""
-    _, _, _, (ix, iy) = cv2.minMaxLoc(cv2.distanceTransform(core, cv2.DIST_L2, 3))
+    x, y, w, h = cv2.boundingRect(core)
+    part = cv2.copyMakeBorder(core[y : y + h, x : x + w], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    _, _, _, (ix, iy) = cv2.minMaxLoc(cv2.distanceTransform(part, cv2.DIST_L2, 3))
+    ix, iy = ix + x - 1, iy + y - 1
     d = np.hypot(xy[:, 0] - ix, xy[:, 1] - iy)
     sector = ((np.arctan2(xy[:, 1] - iy, xy[:, 0] - ix) + math.pi) * (45 / math.pi)).astype(int) % 90
     order = np.lexsort((d, sector))
@@ -574,11 +582,15 @@ def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: flo
     the most edge weight agrees with (one candidate per ray, within `tol`), its centre within half
     a radius of `near` and its radius in `r_range`."""
     flat = np.flatnonzero(weight.ravel() > 0)
-    if len(flat) < 6:
+    half = weight.size // 2  # rays of the right sector come first, then the left
+    right, left = flat[flat < half], flat[flat >= half]
+    if len(flat) < 6 or not len(right) or not len(left):
         return None
     rng = np.random.default_rng(len(flat))  # deterministic: same edges → same circle
-    tri = flat[rng.integers(0, len(flat), (100, 3))]
-    tri = tri[(tri[:, 0] != tri[:, 1]) & (tri[:, 1] != tri[:, 2]) & (tri[:, 0] != tri[:, 2])]
+    trials = 96  # each circle through an edge on either side, and a third anywhere
+    tri = np.column_stack([right[rng.integers(0, len(right), trials)], left[rng.integers(0, len(left), trials)],
+                           flat[rng.integers(0, len(flat), trials)]])
+    tri = tri[(tri[:, 2] != tri[:, 0]) & (tri[:, 2] != tri[:, 1])]
     px, py = x.ravel()[tri], y.ravel()[tri]
     (x1, x2, x3), (y1, y2, y3) = px.T, py.T
     den = 2.0 * (x1 * (y2 - y3) + x2 * (y3 - y1) + x3 * (y1 - y2))
@@ -610,9 +622,10 @@ _COS, _SIN = np.cos(_ANGLES).astype(np.float32), np.sin(_ANGLES).astype(np.float
 
 def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray, r_to: float,
                        dark_level: float, scale: float, k: int, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per ray, the `k` strongest dark→bright steps (local maxima of the radial derivative) between
-    `r_from` and `r_to` whose inner side is not pupil-dark: x, y, strength, each (rays, k), with
-    strength 0 where there is none. Profiles are sampled every `step` pixels."""
+    """Per ray, the `k` best dark→bright steps (local maxima of the radial derivative) between
+    `r_from` and `r_to` whose inner side is not pupil-dark, scored by step height × the level 3 px
+    beyond (the limbus opens onto the bright sclera): x, y, score, each (rays, k), with score 0
+    where there is none. Profiles are sampled every `step` pixels."""
     radii = np.arange(max(1.0, float(r_from.min()) - 2.0), r_to, step, dtype=np.float32)
     lag = max(1, int(round(scale / step)))
     if len(radii) < 4 * lag + 3:  # no room between the pupil and the search limit
@@ -633,10 +646,12 @@ def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray,
     rows = np.arange(len(peak))[:, None]
     j = np.empty((len(peak), k), np.intp)
     strength = np.empty((len(peak), k), peak.dtype)
-    for i in range(k):  # the k largest peaks, strongest first
-        j[:, i] = np.argmax(peak, axis=1)
-        strength[:, i] = np.maximum(peak[rows[:, 0], j[:, i]], 0.0)
-        peak[rows[:, 0], j[:, i]] = -1.0
+    beyond = np.minimum(np.arange(len(radii)) + int(round(3 * scale / step)), len(radii) - 1)
+    score = peak * prof[:, beyond]  # a step into the bright sclera beats steps inside the iris
+    for i in range(k):  # the k best peaks, best first
+        j[:, i] = np.argmax(score, axis=1)
+        strength[:, i] = np.maximum(score[rows[:, 0], j[:, i]], 0.0)
+        score[rows[:, 0], j[:, i]] = -1.0
     gm, g0, gp = grad[rows, np.maximum(j - 1, 0)], grad[rows, j], grad[rows, np.minimum(j + 1, len(radii) - 1)]
     den = gm - 2 * g0 + gp
     offset = np.where(den < 0, 0.5 * (gm - gp) / np.where(den < 0, den, -1.0), 0.0)
@@ -650,8 +665,10 @@ def _find_iris(sm: np.ndarray, pupil: _Pupil, s: float, scale: float) -> tuple[f
     xy = pupil.contour
     th = np.arctan2(xy[:, 1] - pupil.cy, xy[:, 0] - pupil.cx)
     d = np.hypot(xy[:, 0] - pupil.cx, xy[:, 1] - pupil.cy)
-    near_ray = np.abs(np.remainder(th[None, :] - _ANGLES[:, None] + math.pi, 2 * math.pi) - math.pi) < math.radians(6)
-    pupil_reach = np.where(near_ray, d[None, :], 0.0).max(axis=1)
+    reach = np.zeros(144)  # farthest pupil boundary per 2.5° bin, then over ±5° around each ray
+    np.maximum.at(reach, np.round(th * (72 / math.pi)).astype(int) % 144, d)
+    reach = np.max([np.roll(reach, k) for k in range(-2, 3)], axis=0)
+    pupil_reach = reach[np.round(_ANGLES * (72 / math.pi)).astype(int) % 144]
     r_from = np.maximum(pupil_reach, pupil.r) + 2 * scale + 0.05 * pupil.r
     x, y, wt = _limbus_candidates(sm, pupil.cx, pupil.cy, r_from, 0.75 * s, pupil.level, scale, k=2, step=1.0)
     circle = _consensus_circle(x, y, wt, 1.5 * tol, (pupil.cx, pupil.cy), (1.05 * pupil.r, 0.75 * s))

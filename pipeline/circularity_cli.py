@@ -174,7 +174,10 @@ def _init_worker() -> None:
 
 def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_dir: Path | None = None,
                    want_features: bool = False, exclude: tuple[Path, ...] = ()) -> tuple[list[dict], list[dict]]:
-    """Rows for every readable image under `folder`, and {file, error} for the unreadable ones."""
+    """Rows for every readable image under `folder`, and {file, error} for the unreadable ones.
+
+    With workers > 1 the processes come from a fork server, which imports the caller's main module:
+    scripts calling this need the usual `if __name__ == "__main__":` guard."""
     files = find_images(folder, exclude)
     tasks = [(p, p.relative_to(folder).as_posix(), cfg, overlay_dir, want_features) for p in files]
     bar = dict(total=len(tasks), unit="img", desc=folder.name or str(folder), disable=None, leave=False)
