@@ -19,7 +19,6 @@ values, so it loads with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from guided_diffusion.ema import ema_file_name
 from pipeline.config import Config, config_to_dict, dump_config, load_config
 from pipeline.errors import UserError
+from pipeline.files import fsync_file, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +58,6 @@ RESUME_IGNORED = ("vae.", "generate.", "circularity.")
 def step_dir_name(step: int) -> str:
     """`step_0001000` for step 1000."""
     return f"step_{step:07d}"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a small text file via a synced temp file and `os.replace`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,9 +113,9 @@ def save_checkpoint(run_dir: Path, step: int, cfg: Config, model_state: dict[str
     torch.save(train_state, tmp / STATE_FILE)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for path in files:
-        _fsync(path)
+        fsync_file(path)
     (tmp / HASHES_FILE).write_text(json.dumps({p.name: sha256_file(p) for p in files}, indent=1))
-    _fsync(tmp / HASHES_FILE)
+    fsync_file(tmp / HASHES_FILE)
     if final.exists():  # re-saving a step (a resume after a crash between save and `latest`)
         old = root / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)

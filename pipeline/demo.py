@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline.cli import add_config_args, config_from_args, prepare_out_dir
 from pipeline.config import dump_config
 from pipeline.errors import UserError, cli_entry
+from pipeline.files import write_text_atomic
 from pipeline.report import Section, write_report
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     out = prepare_out_dir(args.out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.yaml"
-    config_path.write_text(dump_config(cfg))
+    write_text_atomic(config_path, dump_config(cfg))
 
     from guided_diffusion import train_util
     from pipeline import circularity_cli, generate

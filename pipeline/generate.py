@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import platform
@@ -29,6 +28,7 @@ from pipeline.cli import (
 )
 from pipeline.config import Config, GenerateConfig, config_to_dict
 from pipeline.errors import UserError, cli_entry
+from pipeline.files import sha256_file
 from pipeline.images import make_grid, write_png
 
 log = logging.getLogger(__name__)
@@ -44,15 +44,6 @@ class Generation:
     images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
     priors: np.ndarray | None  # same shape, or None for --from-noise
     metadata: dict
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate(gen: GenerateConfig, num_timesteps: int) -> None:

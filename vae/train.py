@@ -26,6 +26,7 @@ from pipeline.cli import (
 )
 from pipeline.config import Config, dump_config, load_config
 from pipeline.errors import UserError, cli_entry
+from pipeline.files import write_text_atomic
 from pipeline.images import make_grid, nchw_to_nhwc, write_png
 
 log = logging.getLogger(__name__)
@@ -105,12 +106,6 @@ def _load_checkpoint(path: Path):
     return model
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, overwrite: bool = False,
           verbose: int | str | None = None) -> Path:
     """Train (or resume) a VAE into the run folder `out`; returns the folder."""
@@ -146,7 +141,7 @@ def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, over
         vae = build_vae(cfg)
         vae.compile(optimizer=keras.optimizers.Adam(v.lr))
         initial_epoch, best, wait = 0, math.inf, 0
-    _write_text_atomic(out / "config.yaml", dump_config(cfg))
+    write_text_atomic(out / "config.yaml", dump_config(cfg))
 
     callbacks = [
         cb.KLWarmup(v.beta, v.kl_warmup_epochs),
