@@ -12,7 +12,10 @@ circularity check:
   5. single = no other dark component of ≥ max(4 px, 10 % of the pupil) within 2.5·r.
 Pass: pupil found, circularity ≥ 0.9, bleed ≤ 0.02, single.
 
-`--calibrate N` first runs the measure on N training images (should nearly all pass) and on N
+The priors also go through the project's full check (`pipeline.circularity`, thresholds of
+`configs/circularity.yaml` defaults), reported beside this measure.
+
+`--calibrate N` also runs the measure on N training images (should nearly all pass) and on N
 images with labelled defects (bleed / irregular / oval should mostly fail), and reports both.
 
     python benchmarks/vae_prior_quality.py --vae runs/vae/vae.keras --n 200 --json out.json
@@ -148,6 +151,22 @@ def summarise(images: np.ndarray) -> dict:
     }
 
 
+def circularity_check(images: np.ndarray) -> dict:
+    """The same images through the project's full check (`pipeline.circularity`, default thresholds)."""
+    from pipeline.circularity import analyze_image
+    from pipeline.config import CircularityConfig
+    from pipeline.images import to_unit
+
+    cfg = CircularityConfig()
+    rows = [analyze_image(np.transpose(to_unit(img), (1, 2, 0)), cfg) for img in images]
+    pupil_ok = [r["pupil_found"] and r["pupil_circularity"] >= cfg.min_pupil_circularity
+                and r["bleed_fraction"] <= cfg.max_bleed_fraction for r in rows]
+    reasons = Counter(r["reason"].split(" ")[0] if r["reason"] else "pass" for r in rows)
+    return {"pass_rate_all_rules": float(np.mean([r["pass"] for r in rows])),
+            "round_pupil_no_bleed_rate": float(np.mean(pupil_ok)),
+            "first_failed_rule": dict(reasons.most_common())}
+
+
 def calibrate(n: int, size: int, channels: int) -> dict:
     """The measure on clean training-style images and on labelled defects (per defect kind)."""
     from pipeline.synthetic import generate_irises
@@ -159,7 +178,7 @@ def calibrate(n: int, size: int, channels: int) -> dict:
         per_kind.setdefault(str(rec["defect"]), []).append(measure_pupil(img)["passed"])
     clean_summary = summarise(clean)
     clean_summary.pop("failures")
-    return {"clean": clean_summary,
+    return {"clean": clean_summary, "clean_circularity_check": circularity_check(clean),
             "defect_pass_rate": {k: float(np.mean(v)) for k, v in sorted(per_kind.items())},
             "defect_counts": dict(Counter(str(r["defect"]) for r in records))}
 
@@ -185,7 +204,8 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
     result = {"vae": str(args.vae), "image_shape": [channels, size, size], "seed": args.seed,
               "temperature": args.temperature, "sampling_s": sample_s, "priors": summarise(priors),
-              "rule": f"found, circularity >= {MIN_CIRCULARITY}, bleed <= {MAX_BLEED}, single dark blob"}
+              "circularity_check": circularity_check(priors),
+              "rule": f"found, circularity >= {MIN_CIRCULARITY}, axis ratio >= {MIN_AXIS_RATIO}, bleed <= {MAX_BLEED}, single dark blob"}
     if args.calibrate:
         result["calibration"] = calibrate(args.calibrate, size, channels)
     if args.grid:

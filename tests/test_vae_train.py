@@ -35,8 +35,9 @@ def _log_rows(run: Path) -> list[dict[str, str]]:
 def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    err = capsys.readouterr().err.strip()
-    return exc.value.code, err
+    # Progress bars may precede the error on stderr; the error itself must be the last, single line.
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    return exc.value.code, lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,9 @@ def test_resume_continues_at_the_next_epoch(run_dir):
     assert [r["epoch"] for r in first] == ["0", "1"]
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert rows[:2] == first  # history kept, not retrained
-    from vae.priors import load_vae
-
     import keras
+
+    from vae.priors import load_vae
 
     assert int(keras.ops.convert_to_numpy(load_vae(run_dir / "last.keras").trained_epochs)) == 3
 

@@ -51,7 +51,7 @@ def build_encoder(image_size: int, channels: int, latent_dim: int, base_channels
 
 def build_decoder(image_size: int, channels: int, latent_dim: int, base_channels: int,
                   channel_mult: Sequence[int], norm: str) -> keras.Model:
-    """Latent (D,) → image (H, W, C) in [-1, 1]."""
+    """Latent (D,) → image (H, W, C) in [-1, 1]; every level sees the pixel coordinates (CoordConv)."""
     side = image_size // 2 ** len(channel_mult)
     width = base_channels * channel_mult[-1]
     z = keras.Input((latent_dim,), name="latent")
@@ -61,10 +61,32 @@ def build_decoder(image_size: int, channels: int, latent_dim: int, base_channels
     h = layers.Activation("silu", name="dec_in_act")(h)
     for level, mult in reversed(list(enumerate(channel_mult))):
         h = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(h)
+        h = AddCoords(name=f"dec{level}_coords")(h)
         h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv1")
         h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv2")
     out = layers.Conv2D(channels, 3, padding="same", activation="tanh", name="dec_out")(h)
     return keras.Model(z, out, name="decoder")
+
+
+@keras.saving.register_keras_serializable(package="iris_vae")
+class AddCoords(layers.Layer):
+    """Append two channels holding the pixel's x and y in [-1, 1] (CoordConv).
+
+    Lets the convolutions place a disc at a position given by the latent code: a round pupil
+    is a simple function of (x - cx)² + (y - cy)² once x and y are inputs.
+    """
+
+    def call(self, h):
+        shape = ops.shape(h)
+        batch, height, width = shape[0], shape[1], shape[2]
+        ys = ops.linspace(-1.0, 1.0, height)
+        xs = ops.linspace(-1.0, 1.0, width)
+        grid_y = ops.broadcast_to(ops.reshape(ys, (1, height, 1, 1)), (batch, height, width, 1))
+        grid_x = ops.broadcast_to(ops.reshape(xs, (1, 1, width, 1)), (batch, height, width, 1))
+        return ops.concatenate([h, ops.cast(grid_x, h.dtype), ops.cast(grid_y, h.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], input_shape[-1] + 2)
 
 
 @keras.saving.register_keras_serializable(package="iris_vae")
