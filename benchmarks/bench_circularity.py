@@ -16,7 +16,6 @@ as the machine is quiet).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from results_io import write_result
 
 from pipeline.circularity import analyze_image
 from pipeline.circularity_cli import analyze_folder
@@ -93,10 +93,7 @@ def main() -> None:
         "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2),
         "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

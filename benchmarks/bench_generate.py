@@ -8,7 +8,6 @@ evaluation of the same cost); the JSON says so. Priors come from the same VAE co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_io import write_result  # noqa: E402
 
 from guided_diffusion import train_util  # noqa: E402
 from guided_diffusion.checkpoint import load_for_inference  # noqa: E402
@@ -96,10 +97,7 @@ def main() -> None:
         "machine": {"cpu_count": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2),
                     "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ busy machine disturb less; the load average is recorded beside them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from results_io import write_result
 
 from pipeline.synthetic import generate_irises
 
@@ -54,10 +54,7 @@ def main() -> None:
                     "load_average_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
                     "numpy": np.__version__, "opencv": cv2.__version__},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    write_result(RESULTS, result)
 
 
 if __name__ == "__main__":

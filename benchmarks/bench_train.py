@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -228,9 +229,7 @@ def main() -> None:
             "loop_vs_bare_s_per_step": r["loop"]["s_per_step"] / r["bare"]["s_per_step"],
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_io import write_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion.unet import UNetModel
@@ -214,10 +215,7 @@ def main() -> None:
                     "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
