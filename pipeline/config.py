@@ -107,7 +107,9 @@ class VAEConfig:
     beta: float = 1.0
     kl_warmup_epochs: int = 5
     free_bits: float = 0.0  # nats per latent dimension; 0 → off
+    prior: str = "fitted"  # fitted: Gaussian fitted to the encoded training images | standard: N(0, I)
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # constant | cosine (lr → lr/20 over vae.epochs)
     batch_size: int = 64
     epochs: int = 30
     early_stop_patience: int = 10  # epochs without improvement of the monitored ELBO; 0 → off

@@ -14,10 +14,14 @@ from pipeline.errors import UserError
 from vae.losses import kl_per_dim, kl_warmup_weight, kl_with_free_bits, reconstruction_loss
 from vae.model import IrisVAE, Sampling, build_vae, check_vae_matches
 from vae.priors import (
+    encode,
+    fit_latent_gaussian,
+    fit_prior,
     interpolate,
     load_vae,
     prior_latents,
     reconstruct,
+    reset_prior,
     sample_priors,
     slerp,
     vae_image_shape,
@@ -231,3 +235,38 @@ def test_interpolate_runs_between_the_two_seeds_priors(tiny_vae):
     np.testing.assert_allclose(path[-1], sample_priors(tiny_vae, 1, 2)[0], atol=1e-5)
     with pytest.raises(UserError):
         interpolate(tiny_vae, 1, 2, steps=1)
+
+
+# --- fitted prior ---------------------------------------------------------------------------------
+
+def test_fitted_gaussian_matches_the_sampled_aggregate_posterior():
+    rng = np.random.default_rng(6)
+    means = rng.normal(size=(40, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 2.0]])
+    logvars = rng.normal(-1.0, 0.5, size=(40, 3))
+    mean, chol = fit_latent_gaussian(means, logvars)
+    assert np.allclose(chol, np.tril(chol)) and np.all(np.diag(chol) > 0)
+    # Brute force: draw from the mixture (1/N) Σ N(μ_i, diag σ_i²) and measure it.
+    z = (means[:, None, :] + np.exp(0.5 * logvars)[:, None, :] * rng.standard_normal((40, 5000, 3))).reshape(-1, 3)
+    np.testing.assert_allclose(mean, z.mean(0), atol=0.02)
+    np.testing.assert_allclose(chol @ chol.T, np.cov(z, rowvar=False), atol=0.03)
+
+
+def test_fitted_prior_drives_sampling_and_survives_saving(tmp_path):
+    vae = IrisVAE(**TINY)
+    images = np.random.default_rng(7).uniform(-1, 1, (12, 1, 32, 32)).astype(np.float32)
+    fit_prior(vae, images)
+    means, logvars = encode(vae, images)
+    mean, chol = fit_latent_gaussian(means, logvars)
+    np.testing.assert_allclose(np_(vae.prior_mean), mean, atol=1e-6)
+    np.testing.assert_allclose(np_(vae.prior_scale), chol, atol=1e-6)
+    eps = prior_latents(6, 3, seed=4, temperature=0.7)
+    expected = np_(vae.decoder((mean + eps @ chol.T).astype(np.float32))).transpose(0, 3, 1, 2)
+    priors = sample_priors(vae, 3, seed=4, temperature=0.7)
+    np.testing.assert_allclose(priors, expected, atol=1e-5)
+    path = interpolate(vae, 4, 5, steps=3)
+    np.testing.assert_allclose(path[0], sample_priors(vae, 1, 4)[0], atol=1e-5)
+    vae.save(tmp_path / "fitted.keras")
+    np.testing.assert_array_equal(sample_priors(load_vae(tmp_path / "fitted.keras"), 3, seed=4, temperature=0.7), priors)
+    reset_prior(vae)
+    plain = np_(vae.decoder(prior_latents(6, 3, seed=4))).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(sample_priors(vae, 3, seed=4), plain, atol=1e-5)

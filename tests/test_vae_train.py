@@ -86,6 +86,15 @@ def test_training_lowers_the_loss(run_dir):
     assert float(rows[-1]["kl"]) > 0.1  # the posterior carries information (no collapse)
 
 
+def test_the_saved_vae_carries_a_fitted_prior(run_dir):
+    import keras
+
+    from vae.priors import load_vae
+
+    scale = keras.ops.convert_to_numpy(load_vae(run_dir / "vae.keras").prior_scale)
+    assert np.allclose(scale, np.tril(scale)) and not np.allclose(scale, np.eye(6), atol=1e-3)
+
+
 def test_sample_cli_writes_priors(run_dir, tmp_path, capsys):
     out = tmp_path / "priors"
     code, _ = _exit_code(["--sample", "5", "--from", str(run_dir / "vae.keras"), "--out", str(out),
@@ -124,6 +133,8 @@ def test_cli_errors_exit_2(run_dir, tmp_path, capsys):
         (["--out", str(tmp_path / "r"), *_args("data.path=" + str(tmp_path / "empty"))], "not found"),
         (["--out", str(tmp_path / "r"), *_args("vae.batch_size=64")], "vae.batch_size"),
         (["--out", str(tmp_path / "r"), *_args("vae.nope=1")], "unknown config key"),
+        (["--out", str(tmp_path / "r"), *_args("vae.lr_schedule=step")], "vae.lr_schedule"),
+        (["--out", str(tmp_path / "r"), *_args("vae.prior=flow")], "vae.prior"),
         (["--out", str(tmp_path / "r"), "--seed", "3"], "--sample"),
     ]
     for argv, message in cases:
@@ -131,6 +142,16 @@ def test_cli_errors_exit_2(run_dir, tmp_path, capsys):
         assert code == 2, argv
         assert err.startswith("error: ") and message in err and "\n" not in err, (argv, err)
     assert not (tmp_path / "r").exists()
+
+
+def test_cosine_schedule_runs_from_lr_to_its_floor():
+    from vae.train import COSINE_FLOOR, _learning_rate
+
+    schedule = _learning_rate(0.002, "cosine", 100)
+    values = [float(schedule(step)) for step in (0, 50, 100, 150)]
+    expected_mid = 0.002 * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + np.cos(np.pi * 0.5)))
+    assert values == pytest.approx([0.002, expected_mid, 0.002 * COSINE_FLOOR, 0.002 * COSINE_FLOOR], rel=1e-5)
+    assert _learning_rate(0.002, "constant", 100) == 0.002
 
 
 def test_corrupt_checkpoint_on_resume(tmp_path, capsys):

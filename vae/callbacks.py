@@ -1,4 +1,5 @@
-"""`model.fit` callbacks of `train-vae`: KL warm-up, atomic checkpoints, early stop, sample grids, loss plot."""
+"""`model.fit` callbacks of `train-vae`: KL warm-up, fitted prior, atomic checkpoints, early stop,
+sample grids, loss plot."""
 
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ class KLWarmup(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is not None:
             logs["kl_weight"] = kl_warmup_weight(epoch, self.beta, self.warmup_epochs)
+
+
+class FitPrior(keras.callbacks.Callback):
+    """After each epoch, refit the latent prior to the encoded training images (`vae.priors.fit_prior`)."""
+
+    def __init__(self, images: np.ndarray):
+        super().__init__()
+        self.images = images
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from vae.priors import fit_prior
+
+        fit_prior(self.model, self.images)
 
 
 def save_model_atomic(model: keras.Model, path: Path) -> None:
@@ -89,15 +103,17 @@ def best_and_wait(values: list[float]) -> tuple[float, int]:
 
 
 class SampleGrid(keras.callbacks.Callback):
-    """Decode fixed latents after each epoch into `samples/epoch_XXX.png` (epoch numbered as in log.csv)."""
+    """Decode fixed prior draws after each epoch into `samples/epoch_XXX.png` (epochs numbered as in log.csv)."""
 
-    def __init__(self, out_dir: Path, latents: np.ndarray):
+    def __init__(self, out_dir: Path, eps: np.ndarray):
         super().__init__()
-        self.folder, self.latents = out_dir / "samples", latents
+        self.folder, self.eps = out_dir / "samples", eps
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        from vae.priors import to_prior
+
         self.folder.mkdir(exist_ok=True)
-        images = keras.ops.convert_to_numpy(self.model.decode(self.latents))
+        images = keras.ops.convert_to_numpy(self.model.decode(to_prior(self.model, self.eps)))
         write_png(self.folder / f"epoch_{epoch:03d}.png", make_grid(nhwc_to_nchw(images)))
 
 

@@ -153,6 +153,12 @@ class IrisVAE(keras.Model):
         self.sampling = Sampling(seed, name="sampling")
         # KL weight of the loss (β after warm-up) and the number of finished epochs (for --resume).
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
+        # The latent prior z = prior_mean + prior_scale @ ε, ε ~ N(0, I): N(0, I) until `fit_prior`
+        # replaces it with a Gaussian fitted to the encoded training images (vae.priors).
+        self.prior_mean = self.add_weight(shape=(latent_dim,), initializer="zeros", trainable=False,
+                                          name="prior_mean")
+        self.prior_scale = self.add_weight(shape=(latent_dim, latent_dim), initializer="identity",
+                                           trainable=False, name="prior_scale")
         self.trained_epochs = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                               dtype="int64", name="trained_epochs")
         self.recon_tracker = keras.metrics.Mean(name="recon")
@@ -183,9 +189,10 @@ class IrisVAE(keras.Model):
         kl_dims = kl_per_dim(mean, logvar)
         kl = ops.mean(ops.sum(kl_dims, axis=-1))
         total = rec + ops.cast(self.kl_weight, rec.dtype) * kl_with_free_bits(kl_dims, self.free_bits)
-        self.recon_tracker.update_state(rec)
-        self.kl_tracker.update_state(kl)
-        self.elbo_tracker.update_state(rec + self.beta * kl)
+        batch = ops.cast(ops.shape(x)[0], rec.dtype)  # weight like Keras' own loss tracker
+        self.recon_tracker.update_state(rec, sample_weight=batch)
+        self.kl_tracker.update_state(kl, sample_weight=batch)
+        self.elbo_tracker.update_state(rec + self.beta * kl, sample_weight=batch)
         return total
 
     def get_config(self) -> dict:

@@ -1,7 +1,13 @@
 """Shape priors from a trained VAE, as plain NumPy arrays (N, C, H, W) float32 in [-1, 1].
 
-Latents are drawn with `np.random.default_rng(seed)`, so the same seed gives the same latents on
-every backend; the only framework hand-over is NumPy.
+Latents are z = m + S·(temperature·ε) with ε ~ N(0, I) drawn by `np.random.default_rng(seed)`,
+so the same seed gives the same latents on every backend; the only framework hand-over is NumPy.
+(m, S) are the VAE's prior weights: N(0, I) (m = 0, S = I) for a plain VAE, or, after
+`fit_prior`, the mean and Cholesky factor of the aggregate posterior of the training images
+("ex-post" Gaussian prior). The aggregate posterior of a trained VAE is never quite N(0, I): some
+directions are wider, some narrower, some correlated, and N(0, I) samples that land where no
+training image was encoded decode to malformed eyes. A Gaussian fitted to where the images
+really are removes most of those holes.
 """
 
 from __future__ import annotations
@@ -17,10 +23,6 @@ from pipeline.images import nchw_to_nhwc, nhwc_to_nchw
 
 def load_vae(path: str | Path):
     """Load a `.keras` VAE written by `train-vae` (safe_mode on); UserError if missing, corrupt or not a VAE."""
-    import keras
-
-    from vae.model import IrisVAE
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"VAE file not found: {path}")
@@ -28,6 +30,10 @@ def load_vae(path: str | Path):
         raise UserError(f"VAE file must be a .keras file written by train-vae, got {path}")
     if not zipfile.is_zipfile(path):
         raise UserError(f"VAE file {path} is corrupt (not a .keras zip archive)")
+    import keras  # only now: importing TensorFlow is slow and noisy
+
+    from vae.model import IrisVAE
+
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for damaged or foreign files
@@ -66,13 +72,22 @@ def prior_latents(latent_dim: int, n: int, seed: int, temperature: float = 1.0) 
     return (rng.standard_normal((n, latent_dim)) * temperature).astype(np.float32)
 
 
+def to_prior(vae, eps: np.ndarray) -> np.ndarray:
+    """Standard-normal draws (N, D) → latents m + S·ε of the VAE's prior, float32."""
+    from keras import ops
+
+    mean = ops.convert_to_numpy(vae.prior_mean).astype(np.float64)
+    scale = ops.convert_to_numpy(vae.prior_scale).astype(np.float64)
+    return (mean + np.asarray(eps, np.float64) @ scale.T).astype(np.float32)
+
+
 def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64) -> np.ndarray:
-    """n priors decoded from latents temperature · N(0, I) drawn with `seed`: (n, C, H, W) float32 in [-1, 1]."""
-    return _decode(vae, prior_latents(vae.latent_dim, n, seed, temperature), batch_size)
+    """n priors decoded from prior latents (temperature-scaled ε drawn with `seed`): (n, C, H, W) float32 in [-1, 1]."""
+    return _decode(vae, to_prior(vae, prior_latents(vae.latent_dim, n, seed, temperature)), batch_size)
 
 
-def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Encode (N, C, H, W) [-1, 1] images to their posterior means and decode them again (same format)."""
+def encode(vae, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and log-variances (N, D) of (N, C, H, W) [-1, 1] images."""
     from keras import ops
 
     images = np.asarray(images, dtype=np.float32)
@@ -80,10 +95,43 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         raise UserError(f"images of shape {images.shape} do not fit the VAE; expected (N, "
                         f"{', '.join(map(str, vae_image_shape(vae)))})")
     if len(images) == 0:
-        raise UserError("no images to reconstruct")
-    means = [ops.convert_to_numpy(vae.encoder(nchw_to_nhwc(images[lo : lo + batch_size]))[0])
-             for lo in range(0, len(images), batch_size)]
-    return _decode(vae, np.concatenate(means), batch_size)
+        raise UserError("no images to encode")
+    means, logvars = [], []
+    for lo in range(0, len(images), batch_size):
+        mean, logvar = vae.encoder(nchw_to_nhwc(images[lo : lo + batch_size]), training=False)
+        means.append(ops.convert_to_numpy(mean))
+        logvars.append(ops.convert_to_numpy(logvar))
+    return np.concatenate(means), np.concatenate(logvars)
+
+
+def fit_latent_gaussian(means: np.ndarray, logvars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and lower Cholesky factor of the aggregate posterior (1/N) Σ_i N(μ_i, diag σ_i²).
+
+    Its covariance is the spread of the means plus the average posterior variance:
+    Cov = Cov_i(μ_i) + diag(mean_i σ_i²) (law of total variance), always positive definite.
+    """
+    means = np.asarray(means, np.float64)
+    centred = means - means.mean(axis=0)
+    cov = centred.T @ centred / len(means) + np.diag(np.exp(np.asarray(logvars, np.float64)).mean(axis=0))
+    return means.mean(axis=0), np.linalg.cholesky(cov)
+
+
+def fit_prior(vae, images: np.ndarray, batch_size: int = 256) -> None:
+    """Replace the VAE's prior by the Gaussian fitted to the aggregate posterior of `images` (NCHW)."""
+    mean, chol = fit_latent_gaussian(*encode(vae, images, batch_size))
+    vae.prior_mean.assign(mean.astype(np.float32))
+    vae.prior_scale.assign(chol.astype(np.float32))
+
+
+def reset_prior(vae) -> None:
+    """Back to the standard VAE prior N(0, I)."""
+    vae.prior_mean.assign(np.zeros(vae.latent_dim, np.float32))
+    vae.prior_scale.assign(np.eye(vae.latent_dim, dtype=np.float32))
+
+
+def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Encode (N, C, H, W) [-1, 1] images to their posterior means and decode them again (same format)."""
+    return _decode(vae, encode(vae, images, batch_size)[0], batch_size)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
@@ -101,10 +149,13 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 
 
 def interpolate(vae, seed_a: int, seed_b: int, steps: int, batch_size: int = 64) -> np.ndarray:
-    """`steps` priors along the slerp between the latents of seeds a and b: (steps, C, H, W)."""
+    """`steps` priors between the prior samples of seeds a and b: (steps, C, H, W).
+
+    The slerp runs between the standard-normal draws ε_a, ε_b, which are then mapped into the prior.
+    """
     if steps < 2:
         raise UserError(f"interpolation needs at least 2 steps, got {steps}")
-    za = prior_latents(vae.latent_dim, 1, seed_a)[0]
-    zb = prior_latents(vae.latent_dim, 1, seed_b)[0]
-    z = np.stack([slerp(za, zb, t) for t in np.linspace(0.0, 1.0, steps)]).astype(np.float32)
-    return _decode(vae, z, batch_size)
+    ea = prior_latents(vae.latent_dim, 1, seed_a)[0]
+    eb = prior_latents(vae.latent_dim, 1, seed_b)[0]
+    eps = np.stack([slerp(ea, eb, t) for t in np.linspace(0.0, 1.0, steps)])
+    return _decode(vae, to_prior(vae, eps), batch_size)

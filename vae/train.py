@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "runs/vae"
 GRID_SAMPLES = 64
+LR_SCHEDULES = ("constant", "cosine")
+PRIORS = ("fitted", "standard")
+COSINE_FLOOR = 0.05  # the cosine schedule ends at lr · COSINE_FLOOR
 
 
 def _check_training_config(cfg: Config) -> None:
@@ -40,6 +43,10 @@ def _check_training_config(cfg: Config) -> None:
     if v.epochs < 1 or v.batch_size < 1 or v.lr <= 0:
         raise UserError(f"vae.epochs and vae.batch_size must be >= 1 and vae.lr > 0, got {v.epochs}, "
                         f"{v.batch_size}, {v.lr}")
+    if v.prior not in PRIORS:
+        raise UserError(f"vae.prior must be one of {', '.join(PRIORS)}, got '{v.prior}'")
+    if v.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"vae.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{v.lr_schedule}'")
     if not 0 <= v.val_fraction < 1 or v.kl_warmup_epochs < 0 or v.early_stop_patience < 0:
         raise UserError("vae.val_fraction must be in [0, 1) and vae.kl_warmup_epochs, "
                         "vae.early_stop_patience >= 0")
@@ -89,14 +96,24 @@ def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, st
     return EpochBatches()
 
 
+def _learning_rate(lr: float, schedule: str, total_steps: int):
+    """Adam's learning rate: constant, or a cosine decay to lr·COSINE_FLOOR at the last step.
+
+    The schedule is saved with the optimizer, so a resumed run continues on the same curve.
+    """
+    import keras
+
+    if schedule == "constant":
+        return lr
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=COSINE_FLOOR)
+
+
 def _load_checkpoint(path: Path):
     """The `last.keras` of a run, compiled with its optimizer state."""
     import keras
 
     from vae.model import IrisVAE
 
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} not found")
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as exc:  # damaged or foreign file
@@ -109,19 +126,26 @@ def _load_checkpoint(path: Path):
 def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, overwrite: bool = False,
           verbose: int | str | None = None) -> Path:
     """Train (or resume) a VAE into the run folder `out`; returns the folder."""
-    import keras
-
     from pipeline.data import load_image_array
+
+    _check_training_config(cfg)
+    v, out = cfg.vae, Path(out)
+    if resume and not (out / "last.keras").is_file():
+        raise UserError(f"nothing to resume: {out / 'last.keras'} not found")
+    if not resume:
+        prepare_out_dir(out, overwrite)
+    images = load_image_array(cfg.data)
+    train_x, val_x = split_images(images, v.val_fraction, v.batch_size, v.seed)
+
+    import keras  # after the cheap checks: importing TensorFlow is slow
+
     from vae import callbacks as cb
     from vae.model import build_vae, check_vae_matches
     from vae.priors import prior_latents
 
-    _check_training_config(cfg)
-    v, out = cfg.vae, Path(out)
     keras.utils.set_random_seed(v.seed)
-    images = load_image_array(cfg.data)
-    train_x, val_x = split_images(images, v.val_fraction, v.batch_size, v.seed)
     monitor = "val_elbo" if len(val_x) else "elbo"
+    steps = len(train_x) // v.batch_size
     log_path = out / "log.csv"
     if resume:
         vae = _load_checkpoint(out / "last.keras")
@@ -135,19 +159,19 @@ def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, over
         best, wait = cb.best_and_wait([float(r.get(monitor, math.nan)) for r in rows])
         log.info("resuming %s at epoch %d", out, initial_epoch)
     else:
-        prepare_out_dir(out, overwrite)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # prepare_out_dir allowed it (--overwrite)
         out.mkdir(parents=True)
         vae = build_vae(cfg)
-        vae.compile(optimizer=keras.optimizers.Adam(v.lr))
+        vae.compile(optimizer=keras.optimizers.Adam(_learning_rate(v.lr, v.lr_schedule, v.epochs * steps)))
         initial_epoch, best, wait = 0, math.inf, 0
     write_text_atomic(out / "config.yaml", dump_config(cfg))
 
-    callbacks = [
+    callbacks = [  # in this order: the prior is fitted before the grid is drawn and the model saved
         cb.KLWarmup(v.beta, v.kl_warmup_epochs),
+        *([cb.FitPrior(train_x)] if v.prior == "fitted" else []),
+        cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
         cb.Checkpoint(out, monitor, best),
         cb.EarlyStop(monitor, v.early_stop_patience, best, wait),
-        cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
         keras.callbacks.CSVLogger(str(log_path), append=resume),
         cb.LossPlot(log_path, out / "loss.png"),
     ]
