@@ -30,7 +30,18 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
 
 sweep: $(STAMP)
-	$(PY) benchmarks/strength_sweep.py
+	$(PY) benchmarks/strength_sweep.py --out runs/sweep --overwrite
+
+# README pictures: the demo's prior / VAE-seeded / from-noise rows and headline table (runs the demo
+# once if runs/demo has none), and the strength-sweep plot when a sweep has been run.
+runs/demo/summary.png: | $(STAMP)
+	$(VENV)/bin/iris-demo --out runs/demo --overwrite
+
+readme-figure: runs/demo/summary.png
+	mkdir -p docs
+	cp runs/demo/summary.png docs/demo_summary.png
+	cp runs/demo/headline.md docs/demo_headline.md
+	if [ -f runs/sweep/strength_sweep.png ]; then cp runs/sweep/strength_sweep.png runs/sweep/sweep.md docs/; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

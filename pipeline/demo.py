@@ -22,6 +22,7 @@ from pipeline.report import Section, write_report
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SUMMARY_SEEDS, SUMMARY_TILE = 8, 96  # summary.png: this many seeds, each about this many pixels wide
 QUICK = ["data.synthetic_count=128", "vae.epochs=2", "train.max_steps=40", "train.save_every=40",
          "train.sample_every=40", "train.log_every=10", "train.stats_every=20"]
 
@@ -42,6 +43,33 @@ def _summary_row(name: str, summary: dict) -> list[object]:
             median("pupil_circularity"), median("concentricity")]
 
 
+def _cell(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(table: list[list[object]]) -> str:
+    """The headline table (header row first) as Markdown."""
+    lines = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table]
+    return "\n".join([lines[0], "|" + "---|" * len(table[0]), *lines[1:]]) + "\n"
+
+
+def write_summary_figure(out: Path, count: int, size: int, channels: int) -> Path:
+    """OUT/summary.png: the first `count` seeds as three rows (prior, VAE-seeded, from noise), enlarged."""
+    import cv2
+    import numpy as np
+
+    from pipeline.data import read_image
+    from pipeline.images import make_grid, to_uint8, write_png_uint
+
+    folders = (out / "from_vae" / "priors", out / "from_vae", out / "from_noise")
+    images = [read_image(f / f"{i:06d}.png", size, channels) for f in folders for i in range(count)]
+    grid = to_uint8(np.transpose(make_grid(np.stack(images), ncol=count), (1, 2, 0)))
+    scale = max(1, SUMMARY_TILE // size)
+    path = out / "summary.png"
+    write_png_uint(path, cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
+    return path
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Console script `iris-demo`."""
@@ -50,8 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
     parser.add_argument("--n", type=int, default=None, help="images per generation mode (default 32, quick 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve a local web page (Gradio) generating from the models of an earlier demo in --out")
+    parser.add_argument("--port", type=int, default=7860, help="port of --serve (default 7860)")
     add_config_args(parser, default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
     args = parser.parse_args(argv)
+    if args.serve:
+        from pipeline.serve import serve
+
+        serve(config_from_args(args), args.out, args.port)
+        return 0
     if args.quick:
         args.overrides = QUICK + args.overrides
     cfg = config_from_args(args)
@@ -87,12 +123,15 @@ def main(argv: list[str] | None = None) -> int:
           [str(out / "from_vae"), "--reference", str(out / "from_noise"), "--out", str(out / "check"),
            "--overwrite", "--workers", "1", *common])
 
+    summary_png = write_summary_figure(out, min(n, SUMMARY_SEEDS), cfg.data.image_size, cfg.data.channels)
     comparison = json.loads((out / "check" / "comparison.json").read_text())
     summaries = {"VAE-seeded": comparison["folder"], "from noise": comparison["reference"]}
     meta = json.loads((out / "from_vae" / "metadata.json").read_text())
     header = ["images", "n", "pass rate", "median bleed", "median pupil circularity", "median concentricity"]
     table = [header] + [_summary_row(name, s) for name, s in summaries.items()]
     report = write_report(out / "report.html", "iris-diffusion demo", [
+        Section("Same seeds, three ways", "Rows: VAE prior, VAE-seeded result, from noise.",
+                figures=[("prior / VAE-seeded / from noise", summary_png)]),
         Section("Samples", f"Left of each pair: VAE prior; right: after diffusion at strength {meta['strength']} "
                 f"(t_start {meta['t_start']}, {meta['nfe_per_image']} network evaluations). Below: the same "
                 "model and seeds from pure noise.",
@@ -107,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         Section("Timings (s)", table=[["stage", "seconds"], *[[k, v] for k, v in timings.items()]]),
         Section("Config", pre=config_path.read_text()),
     ], subtitle="Built-in synthetic irises, CPU. Tiny models: a smoke test of the pipeline, not its quality.")
-    widths = [max(len(f"{r[i]:.3g}" if isinstance(r[i], float) else str(r[i])) for r in table)
-              for i in range(len(header))]
+    write_text_atomic(out / "headline.md", markdown_table(table))
+    widths = [max(len(_cell(r[i])) for r in table) for i in range(len(header))]
     for row in table:
-        print("  ".join((f"{v:.3g}" if isinstance(v, float) else str(v)).ljust(w) for v, w in zip(row, widths, strict=True)))
-    print(f"wrote {report}")
+        print("  ".join(_cell(v).ljust(w) for v, w in zip(row, widths, strict=True)))
+    print(f"wrote {report} (headline.md, summary.png beside it)")
     return 0

@@ -1,30 +1,77 @@
-"""iris-demo --quick end to end: every stage runs and the report shows both modes."""
+"""iris-demo --quick end to end: every stage runs and the report shows both modes; --serve's parts."""
 
 import re
+import sys
 
+import numpy as np
 import pytest
 
-from pipeline import demo
+from pipeline import demo, serve
+from pipeline.config import Config
 
 FAST = ["model.model_channels=16", "model.num_head_channels=16", "train.max_steps=6", "train.save_every=6",
         "train.sample_every=6", "vae.epochs=1", "data.synthetic_count=48"]
 
 
-def test_quick_demo_writes_report(tmp_path, capsys):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
     with pytest.raises(SystemExit) as exc:
         demo.main(["--quick", "--n", "4", "--out", str(out), *sum((["--set", s] for s in FAST), [])])
     assert exc.value.code == 0
-    printed = capsys.readouterr().out
-    assert "VAE-seeded" in printed and "from noise" in printed and str(out / "report.html") in printed
+    return out
+
+
+def test_quick_demo_writes_report(quick_demo, capfd):
+    out = quick_demo
     report = (out / "report.html").read_text()
-    assert report.count("data:image/png;base64,") >= 4
+    assert report.count("data:image/png;base64,") >= 5
     rows = re.findall(r"<tr><td>(VAE-seeded|from noise)</td><td>(\d+)</td><td>([0-9.]+)</td>", report)
     assert [(name, int(n)) for name, n, _ in rows] == [("VAE-seeded", 4), ("from noise", 4)]
     assert all(0.0 <= float(rate) <= 1.0 for _, _, rate in rows)
+    headline = (out / "headline.md").read_text().splitlines()
+    assert headline[0].startswith("| images | n | pass rate") and headline[1].startswith("|---|")
+    assert [line.split(" | ")[0] for line in headline[2:]] == ["| VAE-seeded", "| from noise"]
     for path in ("vae/vae.keras", "diffusion/config.yaml", "from_vae/grid.png", "from_noise/metadata.json",
                  "check/comparison.json"):
         assert (out / path).exists(), path
+
+
+def test_summary_figure_stacks_prior_result_and_noise_rows(quick_demo):
+    import cv2
+
+    summary = cv2.imread(str(quick_demo / "summary.png"), cv2.IMREAD_GRAYSCALE)
+    scale = demo.SUMMARY_TILE // 32
+    assert summary.shape == (scale * (3 * 34 + 2), scale * (4 * 34 + 2))  # 3 rows × 4 seeds of 32 px, 2 px gaps
+    prior = cv2.imread(str(quick_demo / "from_vae" / "priors" / "000001.png"), cv2.IMREAD_GRAYSCALE)
+    noise = cv2.imread(str(quick_demo / "from_noise" / "000001.png"), cv2.IMREAD_GRAYSCALE)
+    tile = lambda r, c: summary[scale * (2 + 34 * r) : scale * (34 + 34 * r) : scale,  # noqa: E731
+                                scale * (2 + 34 * c) : scale * (34 + 34 * c) : scale]
+    np.testing.assert_array_equal(tile(0, 1), prior)
+    np.testing.assert_array_equal(tile(2, 1), noise)
+
+
+def test_serve_render_at_strength_zero_returns_the_priors(quick_demo):
+    cfg = Config()
+    grid, rows = serve.render(cfg, quick_demo, strength=0.0, seed=3, n=2, steps=10)
+    assert grid.dtype == np.uint8 and grid.ndim == 2
+    assert [r[0] for r in rows] == [0, 1] and all(r[1] in ("pass", "fail") for r in rows)
+    scale = serve.TILE // 32
+    left = grid[scale * 2 : scale * 34 : scale, scale * 2 : scale * 34 : scale]
+    right = grid[scale * 2 : scale * 34 : scale, scale * 36 : scale * 68 : scale]
+    np.testing.assert_array_equal(left, right)  # strength 0: the result is the prior
+    moved, _ = serve.render(cfg, quick_demo, strength=0.6, seed=3, n=2, steps=10)
+    assert not np.array_equal(moved, grid)
+
+
+def test_serve_errors_exit_2(quick_demo, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--serve", "--out", str(tmp_path / "nothing")])
+    assert exc.value.code == 2 and "run 'iris-demo --out" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if Gradio were not installed
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--serve", "--out", str(quick_demo)])
+    assert exc.value.code == 2 and "pip install gradio" in capsys.readouterr().err
 
 
 def test_demo_refuses_existing_out(tmp_path, capsys):
