@@ -34,7 +34,9 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +293,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inception-weights", metavar="PATH", help="TorchScript Inception-v3 for real KID")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: leave as is)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes)")
+    parser.add_argument("--label", default="clean", help="name of the main model in the results (default: clean)")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="only combine the sweep.json of earlier runs (e.g. main model and control run "
+                        "in parallel) into OUT")
     parser.add_argument("--replot", action="store_true",
                         help="only rewrite sweep.md and strength_sweep.png from OUT/sweep.json")
     add_config_args(parser, default_config=str(CONFIG))
@@ -317,6 +323,50 @@ def _check(args: argparse.Namespace) -> None:
             raise UserError(f"--{name} {value} not found")
 
 
+def sweep_model(cfg: Config, args: argparse.Namespace, diffusion: Path, vae: Path, points: list[dict],
+                evaluate: Evaluator, progress: tqdm) -> Iterator[tuple[list[dict], list[np.ndarray]]]:
+    """Run one diffusion model's points; after each, yield the rows so far and the grid columns
+    (VAE strengths ascending, then from noise)."""
+    rows, grid, noise_ddim = [], {}, None
+    for point in points:
+        progress.set_postfix_str(point["label"])
+        if point["mode"] == "vae" and point["strength"] == 1.0 and noise_ddim is not None:
+            images, facts = noise_ddim  # strength 1 is from-noise, byte for byte (tests/test_generate.py)
+        else:
+            images, facts = run_point(cfg, diffusion, vae, point, args.n, args.seed, args.batch_size)
+        if point["mode"] == "noise" and point["sampler"] == "ddim":
+            noise_ddim = (images, facts)
+            grid["noise"] = images[:GRID_SEEDS]
+        elif point["mode"] == "vae" and point["strength"] in GRID_STRENGTHS:
+            grid[f"VAE s={point['strength']:g}"] = images[:GRID_SEEDS]
+        rows.append({**point, **facts, **evaluate(images)})
+        progress.update()
+        yield rows, [grid[k] for k in sorted(grid, key=_grid_order)]
+
+
+def merge(dirs: list[str]) -> dict:
+    """One result from the sweep.json of several runs (e.g. main model and control run in parallel)."""
+    results = []
+    for d in dirs:
+        path = Path(d) / "sweep.json"
+        if not path.is_file():
+            raise UserError(f"cannot merge {d}: {path} not found")
+        results.append(json.loads(path.read_text()))
+    first = results[0]
+    for key in ("n", "seed", "steps", "kid_features"):
+        if any(r[key] != first[key] for r in results):
+            raise UserError(f"cannot merge sweeps with different {key}: {[r[key] for r in results]}")
+    merged = dict(first, models={}, models_used={}, merged_from=[str(d) for d in dirs])
+    for r in results:
+        if set(r["models"]) & set(merged["models"]):
+            raise UserError(f"cannot merge: model name(s) {sorted(set(r['models']) & set(merged['models']))} "
+                            "appear twice (use --label)")
+        merged["models"].update(r["models"])
+        merged["models_used"].update(r["models_used"])
+        merged["control_defects"] = max(merged.get("control_defects", 0.0), r.get("control_defects", 0.0))
+    return merged
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
@@ -325,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             raise UserError(f"nothing to replot: {path} not found")
         print(write_reports(json.loads(path.read_text()), Path(args.out)))
+        return 0
+    if args.merge:
+        result = merge(args.merge)
+        out = prepare_out_dir(args.out, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+        for grid in (g for d in args.merge for g in Path(d).glob("strength_grid*.png")):
+            shutil.copyfile(grid, out / grid.name)
+        write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
+        print(write_reports(result, out))
         return 0
     _check(args)
     cfg = config_from_args(args)
@@ -340,15 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.vae is None:
         models = train_models(cfg_path, out, args.control_defects if args.control is None else 0.0)
+        models[args.label] = models.pop("clean")
     else:
-        models = {"vae": Path(args.vae), "clean": Path(args.diffusion)}
+        models = {"vae": Path(args.vae), args.label: Path(args.diffusion)}
     if args.control is not None:
         models["defects"] = Path(args.control)
     train_s = time.perf_counter() - t0
 
     from guided_diffusion.checkpoint import load_for_inference
 
-    train_cfg = load_for_inference(models["clean"], ema_rate=None, device="cpu")[1]
+    train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]
     ddpm_steps = train_cfg.diffusion.steps if args.ddpm_steps is None else args.ddpm_steps
     evaluate = Evaluator(cfg, heldout_images(train_cfg, args.n), args.inception_weights, args.seed)
     heldout_check = heldout_images(train_cfg, 2 * args.n)[args.n:]  # a second held-out set, scored like a point
@@ -361,24 +421,16 @@ def main(argv: list[str] | None = None) -> int:
         "models": {}, "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                                    "python": platform.python_version()},
     }
-    names = [m for m in ("clean", "defects") if m in models]
+    names = [m for m in models if m != "vae"]
     # DDPM from noise, the costliest point, runs on the main model only: the control's baseline is DDIM.
-    plan = {m: sweep_points(tuple(args.strengths), args.steps, ddpm_steps if m == "clean" else 0) for m in names}
-    bar = tqdm(total=sum(map(len, plan.values())), unit="point", desc="sweep")
+    plan = {m: sweep_points(tuple(args.strengths), args.steps, ddpm_steps if m == args.label else 0) for m in names}
+    progress = tqdm(total=sum(map(len, plan.values())), unit="point", desc="sweep")
     for model in names:
-        rows, grid = [], {}
-        for point in plan[model]:
-            bar.set_postfix_str(f"{model}: {point['label']}")
-            images, facts = run_point(cfg, models[model], models["vae"], point, args.n, args.seed, args.batch_size)
-            rows.append({**point, **facts, **evaluate(images)})
-            if point["mode"] == "noise" and point["sampler"] == "ddim" or point["strength"] in GRID_STRENGTHS:
-                grid.setdefault(point["label"], images[:GRID_SEEDS])
-            result["models"][model] = rows
+        for rows, columns in sweep_model(cfg, args, models[model], models["vae"], plan[model], evaluate, progress):
+            result["models"][model] = rows  # saved after every point, so an interrupted sweep keeps its results
             write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
-            bar.update()
-        suffix = "" if model == "clean" else f"_{model}"
-        write_grid(out / f"strength_grid{suffix}.png", [grid[k] for k in sorted(grid, key=_grid_order)])
-    bar.close()
+            write_grid(out / f"strength_grid{'' if model == 'clean' else '_' + model}.png", columns)
+    progress.close()
     result["total_seconds"] = time.perf_counter() - t0
     write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
     print(write_reports(result, out))
@@ -388,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _grid_order(label: str) -> tuple[int, float]:
     """Grid columns: VAE strengths ascending, then the from-noise sample."""
-    return (1, 0.0) if label.startswith("noise") else (0, float(label.split("=")[1]))
+    return (1, 0.0) if label == "noise" else (0, float(label.split("=")[1]))
 
 
 if __name__ == "__main__":

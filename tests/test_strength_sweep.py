@@ -77,3 +77,41 @@ def test_quick_sweep_rows_agree(tmp_path):
             assert lo <= r["pass_rate"] <= hi and r["n"] == 12 and math.isfinite(r["kid"])
     for name in ("sweep.md", "strength_sweep.png", "strength_grid.png", "strength_grid_defects.png"):
         assert (out / name).is_file(), name
+
+
+def _row(label: str, mode: str, strength: float, rate: float) -> dict:
+    return {"label": label, "mode": mode, "strength": strength, "sampler": "ddim", "steps": 20, "n": 10,
+            "nfe_per_image": round(20 * strength), "seconds_per_image": 0.1, "pass_rate": rate,
+            "pass_ci95": list(sweep.wilson_interval(round(10 * rate), 10)), "pupil_ok_rate": rate,
+            "pupil_ok_ci95": list(sweep.wilson_interval(round(10 * rate), 10)), "bleed_mean": 0.01,
+            "pupil_circularity_mean": 0.9, "kid": 0.1, "kid_std": 0.01, "diversity_pixel_rms": 0.3,
+            "diversity_feature": 3.0, "reasons": {}}
+
+
+def _write_sweep(folder: Path, model: str, n: int = 10) -> None:
+    folder.mkdir()
+    rows = [_row("noise", "noise", 1.0, 0.2), _row("VAE s=0.5", "vae", 0.5, 0.8)]
+    result = {"title": "t", "kid_features": "proxy", "n": n, "seed": 0, "steps": 20, "ddpm_steps": 0,
+              "control_defects": 0.5 if model == "defects" else 0.0, "models_used": {model: str(folder)},
+              "heldout": _row("held-out real", "real", 0.0, 1.0), "models": {model: rows}}
+    (folder / "sweep.json").write_text(json.dumps(result))
+    (folder / f"strength_grid{'' if model == 'clean' else '_' + model}.png").write_bytes(b"png")
+
+
+def test_merge_combines_parallel_runs(tmp_path, capsys):
+    _write_sweep(tmp_path / "a", "clean")
+    _write_sweep(tmp_path / "b", "defects")
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    assert exc.value.code == 0
+    merged = json.loads((tmp_path / "m" / "sweep.json").read_text())
+    assert list(merged["models"]) == ["clean", "defects"] and merged["control_defects"] == 0.5
+    for name in ("sweep.md", "strength_sweep.png", "strength_grid.png", "strength_grid_defects.png"):
+        assert (tmp_path / "m" / name).is_file(), name
+    table = (tmp_path / "m" / "sweep.md").read_text()
+    assert table.count("| clean |") == 2 and table.count("| defects |") == 2
+    _write_sweep(tmp_path / "c", "clean", n=20)
+    for dirs, message in (([tmp_path / "a", tmp_path / "a"], "appear twice"), ([tmp_path / "a", tmp_path / "c"], "different n")):
+        with pytest.raises(SystemExit) as exc:
+            sweep.main(["--merge", *map(str, dirs), "--out", str(tmp_path / "m2")])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
