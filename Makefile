@@ -41,7 +41,7 @@ readme-figure: runs/demo/summary.png
 	mkdir -p docs
 	cp runs/demo/summary.png docs/demo_summary.png
 	cp runs/demo/headline.md docs/demo_headline.md
-	if [ -f runs/sweep/strength_sweep.png ]; then cp runs/sweep/strength_sweep.png runs/sweep/sweep.md docs/; fi
+	if [ -f runs/sweep/sweep.json ]; then cp runs/sweep/strength_sweep.png runs/sweep/strength_grid*.png runs/sweep/sweep.md runs/sweep/sweep.json docs/; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
