@@ -24,9 +24,11 @@ constants below are for s = 128 and are multiplied by s/128):
    centroid, weighted by arc length).
 4. Iris (limbus). Along rays from the pupil centre in two sectors about the horizontal (30° above
    to 40° below, left and right: where eyelids and lashes rarely reach), the two strongest
-   dark→bright steps outside the pupil are candidate edges; a RANSAC circle (most edge strength
-   within 1.5 px) is refined by least squares; rays are cast again from its centre and the circle
-   refitted. This is Daugman's radial-gradient search restricted to occlusion-free sectors.
+   dark→bright steps outside the pupil are candidate edges; a circle is refined by least squares
+   on the edges within 1.5 px of it, started from the fit to each ray's strongest edge when 90 % of
+   the edge strength then agrees with it (an unoccluded limbus), else from a RANSAC circle (most
+   edge strength within 1.5 px); rays are cast again from its centre and the circle refitted. This
+   is Daugman's radial-gradient search restricted to occlusion-free sectors.
    `iris_circularity` = 1 − 1.4826·MAD/median of the limbus distance from the fitted centre over
    those rays (a robust 1 − std/mean: a few rays caught by lashes do not count).
 5. Bleed. Pixels darker than the half-height level inside the iris disk, outside the pupil proper
@@ -57,10 +59,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from skimage.measure import find_contours
 
 from pipeline.config import CircularityConfig
-from pipeline.images import from_uint, to_unit
 
 NO_PUPIL = "no dark pupil region"
 NO_IRIS = "no iris boundary"
@@ -137,16 +137,16 @@ def to_grey_unit(img: np.ndarray) -> np.ndarray:
     """HW / HWC uint8, uint16 or float-in-[0, 1] pixels → grey float32 in [0, 1] (RGB → BT.601 luma)."""
     img = np.asarray(img)
     if img.dtype in (np.uint8, np.uint16):
-        x = to_unit(from_uint(img))
+        x = img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
     elif np.issubdtype(img.dtype, np.floating) or img.dtype == bool:
         x = img.astype(np.float32)
     else:
         raise ValueError(f"unsupported pixel type {img.dtype}")
     if x.ndim == 3:
-        x = x[:, :, :3] @ _LUMA if x.shape[2] >= 3 else x[:, :, 0]
+        x = x[:, :, :3] @ _LUMA if x.shape[2] >= 3 else np.ascontiguousarray(x[:, :, 0])
     if x.ndim != 2 or min(x.shape) < 1:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {img.shape}")
-    return np.clip(np.nan_to_num(x), 0.0, 1.0).astype(np.float32)
+    return np.fmin(np.fmax(x, 0.0, out=x), 1.0, out=x)  # clipped, NaN → 0
 
 
 def analyze_image(img: np.ndarray, cfg: CircularityConfig) -> dict:
@@ -229,6 +229,17 @@ def _kernel(radius: float) -> np.ndarray:
     return _disk(int(round(radius)))
 
 
+@functools.lru_cache(maxsize=1024)
+def _random_indices(seed: int, highs: tuple[int, ...], size: int | tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """`rng.integers(0, high, size)` for each high in turn, rng = np.random.default_rng(seed).
+    Memoised: seeding costs more than drawing, and the same counts recur image after image."""
+    rng = np.random.default_rng(seed)
+    draws = tuple(rng.integers(0, high, size) for high in highs)
+    for d in draws:
+        d.flags.writeable = False
+    return draws
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """The inside of the largest outer contour of a 0/1 uint8 mask."""
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -240,9 +251,9 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def _pick_dark_component(mask: np.ndarray, sm: np.ndarray, lo: float, med: float, s: float) -> np.ndarray | None:
     """The dark component that best combines size, darkness and nearness to the image centre."""
-    n, labels, stats, centres = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    # Grana's algorithm: the default (Spaghetti) takes about 3× as long once it gathers statistics.
+    n, labels, stats, centres = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
     h, w = mask.shape
-    mean = np.bincount(labels.ravel(), weights=sm.ravel(), minlength=n) / np.maximum(stats[:, 4], 1)
     min_area = math.pi * (0.025 * s) ** 2
     best, best_score = 0, 0.0
     for i in range(1, n):
@@ -250,7 +261,9 @@ def _pick_dark_component(mask: np.ndarray, sm: np.ndarray, lo: float, med: float
         if area < min_area:
             continue
         d = math.hypot(centres[i][0] - (w - 1) / 2, centres[i][1] - (h - 1) / 2)
-        darkness = max(0.0, (med - mean[i]) / (med - lo))
+        box = (slice(y, y + bh), slice(x, x + bw))
+        mean = float(sm[box][labels[box] == i].mean(dtype=np.float64))
+        darkness = max(0.0, (med - mean) / (med - lo))
         score = area * darkness**2 * math.exp(-((d / (0.3 * s)) ** 2))
         if x == 0 or y == 0 or x + bw == w or y + bh == h:
             score *= 0.1  # cut by the border: rather a corner, frame or shadow than a pupil
@@ -259,18 +272,22 @@ def _pick_dark_component(mask: np.ndarray, sm: np.ndarray, lo: float, med: float
     return (labels == best).astype(np.uint8) if best else None
 
 
-def _remove_glints(g: np.ndarray, near: np.ndarray, scale: float, contrast: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fill small spots far brighter than their surroundings (specular reflections) inside `near`
-    by harmonic interpolation from the pixels around them (so an edge crossing a spot continues
-    smoothly through it); return the image and the spots."""
-    pad = int(round(7 * scale)) + 2
-    x, y, w, h = cv2.boundingRect(near.astype(np.uint8))
-    y0, y1, x0, x1 = max(y - pad, 0), min(y + h + pad, g.shape[0]), max(x - pad, 0), min(x + w + pad, g.shape[1])
+def _remove_glints(g: np.ndarray, comp: np.ndarray, reach: float, scale: float,
+                   contrast: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fill small spots far brighter than their surroundings (specular reflections) within `reach`
+    of the region `comp` by harmonic interpolation from the pixels around them (so an edge crossing
+    a spot continues smoothly through it); return the image and the spots (None if there are none)."""
+    margin = max(1, int(round(reach))) + int(round(7 * scale)) + 2  # the near zone, and the top-hat's
+    x, y, w, h = cv2.boundingRect(comp)
+    y0, y1 = max(y - margin, 0), min(y + h + margin, g.shape[0])
+    x0, x1 = max(x - margin, 0), min(x + w + margin, g.shape[1])
     tophat = cv2.morphologyEx(g[y0:y1, x0:x1], cv2.MORPH_TOPHAT, _kernel(5 * scale))
+    ys, xs = np.nonzero(tophat > max(0.15, 0.4 * contrast))
+    near = _in_dilation(comp[y0:y1, x0:x1], _kernel(reach), ys, xs)
+    if not near.any():
+        return g, None
     spots = np.zeros(g.shape, np.uint8)
-    spots[y0:y1, x0:x1] = (tophat > max(0.15, 0.4 * contrast)) & near[y0:y1, x0:x1]
-    if not spots.any():
-        return g, spots
+    spots[ys[near] + y0, xs[near] + x0] = 1
     spots = cv2.dilate(spots, _kernel(2 * scale))
     x, y, w, h = cv2.boundingRect(spots)
     y0, y1, x0, x1 = max(y - 2, 0), min(y + h + 2, g.shape[0]), max(x - 2, 0), min(x + w + 2, g.shape[1])
@@ -280,6 +297,20 @@ def _remove_glints(g: np.ndarray, near: np.ndarray, scale: float, contrast: floa
     for _ in range(int(max(w, h))):  # Jacobi iterations of Laplace's equation in the holes
         np.copyto(win, cv2.blur(win, (3, 3), borderType=cv2.BORDER_REPLICATE), where=hole)
     return out, spots
+
+
+def _in_dilation(mask: np.ndarray, disk: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Whether each pixel (ys, xs) lies in cv2.dilate(mask, disk), for a kernel made of centred row
+    spans (`_disk`): whether some row of it, centred on the pixel, covers a mask pixel. Counted in
+    row-wise prefix sums at those pixels only (a dilation of the whole mask costs far more)."""
+    h, w = mask.shape
+    r = len(disk) // 2
+    half = np.count_nonzero(disk, axis=1) // 2
+    counts = np.zeros((h + 2 * r, w + 1), np.int32)  # r blank rows above and below
+    np.cumsum(mask, axis=1, out=counts[r : r + h, 1:])
+    rows = ys[:, None] + np.arange(2 * r + 1)
+    lo, hi = np.clip(xs[:, None] - half, 0, w), np.clip(xs[:, None] + half + 1, 0, w)
+    return (counts[rows, hi] > counts[rows, lo]).any(axis=1)
 
 
 def _find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[_Pupil, np.ndarray, np.ndarray] | None:
@@ -294,9 +325,9 @@ def _find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[_Pupil, np.ndarr
     if comp is None:
         return None
     comp = _fill_holes(comp)
-    r0 = math.sqrt(comp.sum() / math.pi)
-    g, glints = _remove_glints(g, cv2.dilate(comp, _kernel(0.3 * r0 + 4 * scale)) > 0, scale, hi - lo)
-    if glints.any():
+    r0 = math.sqrt(cv2.countNonZero(comp) / math.pi)
+    g, glints = _remove_glints(g, comp, 0.3 * r0 + 4 * scale, scale, hi - lo)
+    if glints is not None:
         sm = cv2.GaussianBlur(g, (0, 0), sigma)
 
     reach = 2 * scale + max(2 * scale, 0.25 * r0)
@@ -315,7 +346,8 @@ def _find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[_Pupil, np.ndarr
     # The pupil proper is as black as the pupil: tongues of the same black belong to it, but
     # smears (dark grey, below the half-height level) do not; its edge is traced at half height.
     black = cv2.morphologyEx((sm < dark + 0.1 * (around - dark)).astype(np.uint8), cv2.MORPH_OPEN, _kernel(1.5 * scale))
-    black |= glints  # a reflection must not split the pupil; its part of the rim is bridged below
+    if glints is not None:
+        black |= glints  # a reflection must not split the pupil; its part of the rim is bridged below
     labels = cv2.connectedComponents(black)[1]
     hits = np.bincount(labels[comp > 0], minlength=2)
     hits[0] = 0  # the black component that overlaps the first guess most
@@ -326,11 +358,10 @@ def _find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[_Pupil, np.ndarr
     xy = _trace_boundary(sm, core, level, dark, band)
     if xy is None:
         return None
-    # Where a glint covered the rim, bridge along the pupil's curve rather than the filled chord.
-    rows = np.clip(np.round(xy[:, 1]).astype(int), 0, g.shape[0] - 1)
-    cols = np.clip(np.round(xy[:, 0]).astype(int), 0, g.shape[1] - 1)
-    hidden = glints[rows, cols] > 0
-    drop = hidden | _protrusions(xy, core)
+    drop = _protrusions(xy, core)
+    if glints is not None:  # where a glint covered the rim, bridge along the pupil's curve, not the chord
+        cols, rows = np.clip(np.rint(xy), 0, (g.shape[1] - 1, g.shape[0] - 1)).astype(int).T
+        drop |= glints[rows, cols] > 0
     if drop.any():
         xy = _bridge_gaps(xy, ~drop)
     area, _, cx, cy, _ = _polygon_stats(xy)
@@ -351,11 +382,72 @@ def _trace_boundary(sm: np.ndarray, region: np.ndarray, level: float, dark: floa
     inside = cv2.erode(part, _disk(band)) > 0
     crop[inside] = np.minimum(crop[inside], dark)  # no holes from texture inside
     crop = cv2.copyMakeBorder(crop, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1.0)
-    closed = [c for c in find_contours(crop, level) if len(c) > 8 and np.array_equal(c[0], c[-1])]
-    if not closed:
+    xy = _longest_closed_contour(crop, level)
+    return None if xy is None else xy + (x0 - 1, y0 - 1)
+
+
+# Marching squares as skimage.measure.find_contours runs it (low values fully connected): a cell's
+# case has bit 1, 2, 4, 8 set when its upper-left, upper-right, lower-left, lower-right corner lies
+# above the level, and its segments run from one side to another with the low values on their
+# left. Sides 0-3: top, bottom, left, right; each is the edge from its start to its end corner
+# ((row, col) offsets in the cell): along a row for top and bottom, down a column for left and right.
+_CELL_SEGMENTS = {1: [(0, 2)], 2: [(3, 0)], 3: [(3, 2)], 4: [(2, 1)], 5: [(0, 1)], 6: [(3, 0), (2, 1)],
+                  7: [(3, 1)], 8: [(1, 3)], 9: [(0, 2), (1, 3)], 10: [(1, 0)], 11: [(1, 2)], 12: [(2, 3)],
+                  13: [(0, 3)], 14: [(2, 0)]}
+_SEGMENT_SIDES = np.zeros((2, 16, 2), np.intp)  # [slot, case] → (from side, to side)
+for _case, _segments in _CELL_SEGMENTS.items():
+    _SEGMENT_SIDES[: len(_segments), _case] = _segments
+_SIDE_START = np.array([(0, 0), (1, 0), (0, 0), (0, 1)])
+_SIDE_END = np.array([(0, 1), (1, 1), (1, 0), (1, 1)])
+
+
+def _longest_closed_contour(a: np.ndarray, level: float) -> np.ndarray | None:
+    """Points (x, y) of the longest iso-contour of `a` at `level`, for an image whose border lies
+    above the level (every contour closes): those, in the order and from the start, that
+    skimage.measure.find_contours gives (without the repeated end); None under 8 points. Vectorised
+    but for the walk along the segments, which costs a fraction of skimage's assembly."""
+    a = a.astype(np.float64)
+    h, w = a.shape
+    up = (a > level).view(np.uint8)
+    corners = up[:-1] + 4 * up[1:]  # per cell row: the bits of a cell's left corners, its right ones doubled
+    case = corners[:, :-1] + 2 * corners[:, 1:]
+    cell = np.flatnonzero((case - 1) < 14)  # uint8: the cells neither all below (0) nor all above (15)
+    kind = case.ravel()[cell]
+    slot = np.zeros(len(cell), np.intp)
+    saddle = (kind == 6) | (kind == 9)
+    if saddle.any():  # their second segment, processed after all the first ones
+        cell, kind = np.concatenate([cell, cell[saddle]]), np.concatenate([kind, kind[saddle]])
+        slot = np.concatenate([slot, np.ones(np.count_nonzero(saddle), np.intp)])
+    side_from, side_to = _SEGMENT_SIDES[slot, kind].T
+    row, col = np.divmod(cell, w - 1)
+    corner = row * w + col
+    edge_from = 2 * (corner + _SIDE_START[side_from] @ (w, 1)) + (side_from >= 2)
+    edge_to = 2 * (corner + _SIDE_START[side_to] @ (w, 1)) + (side_to >= 2)
+    segment_from = np.empty(2 * h * w, np.intp)
+    segment_from[edge_from] = np.arange(len(cell))
+    following = segment_from[edge_to].tolist()
+    seen, longest = bytearray(len(cell)), []
+    for first in range(len(cell)):
+        if seen[first]:
+            continue
+        chain, i = [], first
+        while not seen[i]:
+            seen[i] = 1
+            chain.append(i)
+            i = following[i]
+        if len(chain) > len(longest):
+            longest = chain
+    if len(longest) < 8:
         return None
-    c = max(closed, key=len)[:-1]
-    return np.column_stack([c[:, 1] + (x0 - 1), c[:, 0] + (y0 - 1)])
+    # skimage's contour starts where the segment it met last (cells in raster order) closed it.
+    chain = np.asarray(longest)
+    last = int(np.argmax((2 * cell + slot)[chain]))
+    chain = np.concatenate([chain[last + 1 :], chain[: last + 1]])
+    start = _SIDE_START[side_from[chain]] + np.column_stack([row[chain], col[chain]])
+    end = start + (_SIDE_END - _SIDE_START)[side_from[chain]]
+    v0, v1 = a[start[:, 0], start[:, 1]], a[end[:, 0], end[:, 1]]
+    frac = ((level - v0) / (v1 - v0))[:, None]
+    return (start + (end - start) * frac)[:, ::-1]
 
 
 def _runs(mask: np.ndarray) -> list[np.ndarray]:
@@ -379,17 +471,45 @@ def _ellipse_residual(xy: np.ndarray, ellipse) -> tuple[np.ndarray, float]:
     return rho * (1.0 - a * b / np.sqrt((b * u) ** 2 + (a * v) ** 2 + 1e-12)), math.sqrt(max(a * b, 1e-12))
 
 
-def _robust_ellipse(pts: np.ndarray, rng: np.random.Generator, trials: int = 150) -> np.ndarray | None:
+def _linear_quantile(a: np.ndarray, q: float) -> np.ndarray | float:
+    """np.quantile(a, q, axis=-1) (linear interpolation), from one partition instead of a sort."""
+    n = a.shape[-1]
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi, t = min(lo + 1, n - 1), pos - lo
+    part = np.partition(a, (lo, hi), axis=-1)
+    below, above = part[..., lo], part[..., hi]
+    return np.where(t < 0.5, below + (above - below) * t, above - (above - below) * (1 - t))
+
+
+def _null_vectors(systems: np.ndarray) -> np.ndarray:
+    """A null vector of each 5×6 system, scaled to a last component of 1 (zero where there is none
+    such): Gaussian elimination with partial pivoting, vectorised over the systems."""
+    a = systems.copy()
+    every = np.arange(len(a))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for j in range(5):
+            p = j + np.argmax(np.abs(a[:, j:, j]), axis=1)
+            a[every, p], a[every, j] = a[every, j], a[every, p]
+            a[:, j + 1 :] -= a[:, j + 1 :, j : j + 1] / a[:, j : j + 1, j : j + 1] * a[:, j : j + 1]
+        x = np.ones((len(a), 6))
+        for j in range(4, -1, -1):  # back substitution
+            x[:, j] = -np.einsum("ij,ij->i", a[:, j, j + 1 :], x[:, j + 1 :]) / a[:, j, j]
+    return np.where(np.isfinite(x).all(axis=1, keepdims=True), x, 0.0)  # 0: a degenerate system
+
+
+def _robust_ellipse(pts: np.ndarray, trials: int = 150) -> tuple[np.ndarray, np.ndarray, float] | None:
     """Conic (A, B, C, D, E, F) through 5 of `pts` whose 40th-percentile Sampson distance to all of
-    them is least (least quantile of squares: up to 60% of the points may be outliers)."""
+    them is least (least quantile of squares: up to 60% of the points may be outliers), with the
+    centre and scale of the coordinates it is expressed in."""
     n = len(pts)
     c = pts.mean(axis=0)
     sc = float(np.abs(pts - c).mean()) or 1.0
     x, y = ((pts - c) / sc).T
     design = np.column_stack([x * x, x * y, y * y, x, y, np.ones(n)])
-    pick = rng.integers(0, n, (trials, 5))
+    pick = _random_indices(n, (n,), (trials, 5))[0]
     pick = pick[(np.diff(np.sort(pick, axis=1), axis=1) > 0).all(axis=1)]  # 5 distinct points
-    conics = np.linalg.svd(design[pick])[2][:, -1, :]  # null vector of each 5×6 system
+    conics = _null_vectors(design[pick])
     a, b, cc = conics[:, 0], conics[:, 1], conics[:, 2]
     ok = b * b - 4 * a * cc < 0  # ellipses only
     if not ok.any():
@@ -398,14 +518,14 @@ def _robust_ellipse(pts: np.ndarray, rng: np.random.Generator, trials: int = 150
     q = conics @ design.T
     gx = 2 * conics[:, :1] * x + conics[:, 1:2] * y + conics[:, 3:4]
     gy = conics[:, 1:2] * x + 2 * conics[:, 2:3] * y + conics[:, 4:5]
-    low = np.quantile(np.abs(q) / np.maximum(np.hypot(gx, gy), 1e-9), _LTS_QUANTILE, axis=1)
+    low = _linear_quantile(np.abs(q) / np.maximum(np.hypot(gx, gy), 1e-9), _LTS_QUANTILE)
     return conics[int(np.argmin(low))], c, sc
 
 
 def _robust_sigma(res: np.ndarray) -> float:
     """Scale of residuals from a low quantile of their magnitude (as for a normal law), so that
     outliers (up to 1 − `_LTS_QUANTILE` of them) do not inflate it."""
-    return float(np.quantile(np.abs(res), _LTS_QUANTILE)) / _NORMAL_ABS_QUANTILE
+    return float(_linear_quantile(np.abs(res), _LTS_QUANTILE)) / _NORMAL_ABS_QUANTILE
 
 
 def _protrusions(xy: np.ndarray, core: np.ndarray) -> np.ndarray:
@@ -431,7 +551,7 @@ def _protrusions(xy: np.ndarray, core: np.ndarray) -> np.ndarray:
     res, radius = _ellipse_residual(xy[reps], cv2.fitEllipse(xy[reps].astype(np.float32)))
     if np.abs(res).max() < max(0.5 * _MIN_BULGE * radius, 1.0):
         return np.zeros(len(xy), bool)  # already an ellipse: the common, quick case
-    robust = _robust_ellipse(xy[reps], np.random.default_rng(len(reps)))
+    robust = _robust_ellipse(xy[reps])
     if robust is None:
         return np.zeros(len(xy), bool)
     conic, c, sc = robust
@@ -507,18 +627,27 @@ def _polygon_stats(xy: np.ndarray) -> tuple[float, float, float, float, float]:
     return abs(area2) / 2.0, perim, cx, cy, area2 / 2.0
 
 
-def _smooth_polygon(xy: np.ndarray, sigma: float) -> np.ndarray:
-    """The closed polygon resampled every half pixel of arc and smoothed along it with a Gaussian
-    of `sigma` pixels: removes the pixel-grid staircase that would lengthen the perimeter."""
-    seg = np.hypot(*(_cyclic_shift(xy, 1) - xy).T)
+@functools.lru_cache(maxsize=8)
+def _half_pixel_gaussian(sigma: float) -> np.ndarray:
+    """Normalised Gaussian of `sigma` pixels sampled every half pixel out to 3 sigma."""
+    half = int(math.ceil(3 * sigma / 0.5))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) * 0.5 / sigma) ** 2)
+    kernel /= kernel.sum()
+    kernel.flags.writeable = False
+    return kernel
+
+
+def _smooth_polygon(xy: np.ndarray, seg: np.ndarray, sigma: float) -> np.ndarray:
+    """The closed polygon (with `seg` the lengths of its sides) resampled every half pixel of arc
+    and smoothed along it with a Gaussian of `sigma` pixels: removes the pixel-grid staircase that
+    would lengthen the perimeter."""
     arc = np.concatenate([[0.0], np.cumsum(seg)])
     n = max(16, int(arc[-1] / 0.5))
     t = np.arange(n) * (arc[-1] / n)
     closed = np.vstack([xy, xy[:1]])
     pts = np.column_stack([np.interp(t, arc, closed[:, 0]), np.interp(t, arc, closed[:, 1])])
-    half = int(math.ceil(3 * sigma / 0.5))
-    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) * 0.5 / sigma) ** 2)
-    kernel /= kernel.sum()
+    kernel = _half_pixel_gaussian(sigma)
+    half = len(kernel) // 2
     padded = np.vstack([pts[-half:], pts, pts[:half]]) if half < n else pts
     if half >= n:
         return pts
@@ -529,12 +658,13 @@ def _shape_metrics(p: _Pupil, scale: float) -> dict:
     """Circularity 4πA/P² (of the boundary smoothed over ~1 px, so that a rasterised circle
     scores ≈ 1), fitted-ellipse axis ratio and radial deviation of the pupil proper."""
     xy = p.contour
-    area, perim, _, _, _ = _polygon_stats(_smooth_polygon(xy, max(1.0, scale)))
-    d = np.hypot(xy[:, 0] - p.cx, xy[:, 1] - p.cy)
     seg = np.hypot(*(_cyclic_shift(xy, 1) - xy).T)
+    area, perim, _, _, _ = _polygon_stats(_smooth_polygon(xy, seg, max(1.0, scale)))
+    d = np.hypot(xy[:, 0] - p.cx, xy[:, 1] - p.cy)
     wts = seg + _cyclic_shift(seg, -1)  # each point stands for half of each neighbouring segment
-    mean = float((wts * d).sum() / wts.sum())
-    std = math.sqrt(float((wts * (d - mean) ** 2).sum() / wts.sum()))
+    total = float(wts.sum())
+    mean = float(wts @ d) / total
+    std = math.sqrt(float(wts @ (d - mean) ** 2) / total)
     _, axes, _ = cv2.fitEllipse(xy.astype(np.float32))
     return {
         "pupil_circularity": 4.0 * math.pi * area / perim**2 if perim > 0 else math.nan,
@@ -548,15 +678,23 @@ def _shape_metrics(p: _Pupil, scale: float) -> dict:
 
 
 def _circle_lsq(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
-    """Algebraic (Kåsa) least-squares circle through points."""
-    a = np.column_stack([x, y, np.ones(len(x))])
-    try:
-        d, e, f = np.linalg.solve(a.T @ a, a.T @ -(x * x + y * y))
-    except np.linalg.LinAlgError:
+    """Algebraic (Kåsa) least-squares circle u² + v² + D u + E v + F = 0 through points, in coordinates
+    u, v centred on their mean: there F = −mean(u² + v²), and D, E solve a 2×2 system."""
+    n = len(x)
+    if n < 3:
         return None
-    cx, cy = -d / 2.0, -e / 2.0
-    r2 = cx * cx + cy * cy - f
-    return (float(cx), float(cy), float(math.sqrt(r2))) if r2 > 0 else None
+    uvz = np.empty((3, n))
+    uvz[0], uvz[1] = x, y
+    mean = uvz[:2].sum(axis=1) / n
+    uvz[:2] -= mean[:, None]
+    np.add(uvz[0] * uvz[0], uvz[1] * uvz[1], out=uvz[2])
+    (suu, suv, suz), (_, svv, svz) = (uvz[:2] @ uvz.T).tolist()
+    det = suu * svv - suv * suv
+    if not det > 0:  # all on a line
+        return None
+    d, e = (suv * svz - svv * suz) / det, (suv * suz - suu * svz) / det
+    r2 = 0.25 * (d * d + e * e) + float(uvz[2].sum()) / n
+    return (float(mean[0]) - 0.5 * d, float(mean[1]) - 0.5 * e, math.sqrt(r2)) if r2 > 0 else None
 
 
 def _refine_circle(x: np.ndarray, y: np.ndarray, tol: float,
@@ -565,10 +703,10 @@ def _refine_circle(x: np.ndarray, y: np.ndarray, tol: float,
     keep = None
     for _ in range(6):
         new_keep = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) <= tol
-        if keep is not None and np.array_equal(new_keep, keep):
+        if keep is not None and (new_keep == keep).all():
             break
         keep = new_keep
-        if keep.sum() < 6:
+        if np.count_nonzero(keep) < 6:
             return None
         circle = _circle_lsq(x[keep], y[keep])
         if circle is None:
@@ -586,10 +724,9 @@ def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: flo
     right, left = flat[flat < half], flat[flat >= half]
     if len(flat) < 6 or not len(right) or not len(left):
         return None
-    rng = np.random.default_rng(len(flat))  # deterministic: same edges → same circle
-    trials = 96  # each circle through an edge on either side, and a third anywhere
-    tri = np.column_stack([right[rng.integers(0, len(right), trials)], left[rng.integers(0, len(left), trials)],
-                           flat[rng.integers(0, len(flat), trials)]])
+    # Each circle through an edge on either side and a third anywhere; deterministic: same edges → same circle.
+    pick_right, pick_left, pick_any = _random_indices(len(flat), (len(right), len(left), len(flat)), 96)
+    tri = np.column_stack([right[pick_right], left[pick_left], flat[pick_any]])
     tri = tri[(tri[:, 2] != tri[:, 0]) & (tri[:, 2] != tri[:, 1])]
     px, py = x.ravel()[tri], y.ravel()[tri]
     (x1, x2, x3), (y1, y2, y3) = px.T, py.T
@@ -603,11 +740,43 @@ def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: flo
     ok &= (r > r_range[0]) & (r < r_range[1]) & (np.hypot(ux - near[0], uy - near[1]) < 0.5 * r)
     if not ok.any():
         return None
-    ux, uy, r = ux[ok], uy[ok], r[ok]
-    res = np.abs(np.hypot(x[None] - ux[:, None, None], y[None] - uy[:, None, None]) - r[:, None, None])
-    score = ((res < tol) * weight[None]).max(axis=2).sum(axis=1)
-    best = int(np.argmax(score))
-    return float(ux[best]), float(uy[best]), float(r[best])
+    ux, uy, r = ux[ok, None], uy[ok, None], r[ok, None]
+    res = np.hypot(x.T[:, None] - ux, y.T[:, None] - uy)  # (k, circles, rays): max over k is then cheap
+    res -= r
+    agree = np.where(np.abs(res) < tol, weight.T[:, None], np.float32(0.0))
+    best = int(np.argmax(agree.max(axis=0).sum(axis=1)))
+    return float(ux[best, 0]), float(uy[best, 0]), float(r[best, 0])
+
+
+def _plausible(circle: tuple[float, float, float], near: tuple[float, float], r_range: tuple[float, float]) -> bool:
+    """Radius in `r_range` and centre within half a radius of `near`."""
+    cx, cy, r = circle
+    return r_range[0] < r < r_range[1] and math.hypot(cx - near[0], cy - near[1]) < 0.5 * r
+
+
+def _agreement(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
+               circle: tuple[float, float, float]) -> float:
+    """Share of the candidate edges' weight (x, y, weight: (rays, k)) that agrees with a circle, as
+    `_consensus_circle` scores it: per ray, the heaviest candidate within `tol` of it."""
+    on = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
+    total = float(weight.max(axis=1).sum())
+    return float(np.where(on, weight, 0.0).max(axis=1).sum()) / total if total > 0 else 0.0
+
+
+def _first_limbus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float, near: tuple[float, float],
+                         r_range: tuple[float, float]) -> tuple[tuple[float, float, float], np.ndarray] | None:
+    """The limbus circle from the first-pass candidates, refined (`_refine_circle`): started from the
+    least-squares circle through each ray's best edge when, refined, 90 % of the edge weight agrees
+    with it (an unoccluded limbus: no consensus to search for), else from the RANSAC consensus."""
+    keep = weight > 0
+    best = keep[:, 0]
+    if np.count_nonzero(best) >= 6:
+        guess = _circle_lsq(x[best, 0], y[best, 0])
+        fit = _refine_circle(x[keep], y[keep], tol, guess) if guess is not None else None
+        if fit is not None and _plausible(fit[0], near, r_range) and _agreement(x, y, weight, tol, fit[0]) >= 0.9:
+            return fit
+    circle = _consensus_circle(x, y, weight, tol, near, r_range)
+    return None if circle is None else _refine_circle(x[keep], y[keep], tol, circle)
 
 
 def _ray_angles() -> np.ndarray:
@@ -618,6 +787,8 @@ def _ray_angles() -> np.ndarray:
 
 _ANGLES = _ray_angles()
 _COS, _SIN = np.cos(_ANGLES).astype(np.float32), np.sin(_ANGLES).astype(np.float32)
+# Per ray, the 2.5° direction bins (of 144) within ±5° of it.
+_RAY_BINS = (np.round(_ANGLES * (72 / math.pi)).astype(int)[:, None] + np.arange(-2, 3)) % 144
 
 
 def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray, r_to: float,
@@ -627,32 +798,31 @@ def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray,
     beyond (the limbus opens onto the bright sclera): x, y, score, each (rays, k), with score 0
     where there is none. Profiles are sampled every `step` pixels."""
     radii = np.arange(max(1.0, float(r_from.min()) - 2.0), r_to, step, dtype=np.float32)
+    n = len(radii)
     lag = max(1, int(round(scale / step)))
-    if len(radii) < 4 * lag + 3:  # no room between the pupil and the search limit
+    if n < 4 * lag + 3:  # no room between the pupil and the search limit
         none = np.zeros((len(_ANGLES), k))
         return none, none, none
     prof = cv2.remap(sm, cx + _COS[:, None] * radii, cy + _SIN[:, None] * radii,
                      cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    lo, hi = 2 * lag, n - lag  # where the step and the level 2 lags in can be read
     grad = np.zeros_like(prof)
-    grad[:, lag:-lag] = prof[:, 2 * lag:] - prof[:, :-2 * lag]
-    inner = np.empty_like(prof)
-    inner[:, 2 * lag:] = prof[:, :-2 * lag]
-    inner[:, :2 * lag] = 0.0
-    grad[(radii < r_from[:, None]) | (inner < dark_level)] = 0.0
-    peak = np.zeros_like(grad)
-    core = grad[:, 1:-1]
-    is_max = (core >= grad[:, :-2]) & (core > grad[:, 2:]) & (core > 0.02)
-    peak[:, 1:-1] = np.where(is_max, core, 0.0)
-    rows = np.arange(len(peak))[:, None]
-    j = np.empty((len(peak), k), np.intp)
-    strength = np.empty((len(peak), k), peak.dtype)
-    beyond = np.minimum(np.arange(len(radii)) + int(round(3 * scale / step)), len(radii) - 1)
-    score = peak * prof[:, beyond]  # a step into the bright sclera beats steps inside the iris
+    valid = (prof[:, : hi - 2 * lag] >= dark_level) & (radii[lo:hi] >= r_from[:, None])
+    grad[:, lo:hi] = np.where(valid, prof[:, lo + lag :] - prof[:, lo - lag : hi - lag], 0.0)
+    core = grad[:, lo:hi]
+    is_max = (core >= grad[:, lo - 1 : hi - 1]) & (core > grad[:, lo + 1 : hi + 1]) & (core > 0.02)
+    beyond = np.minimum(np.arange(lo, hi) + int(round(3 * scale / step)), n - 1)
+    score = np.where(is_max, core * prof[:, beyond], 0.0)  # a step into the bright sclera beats steps inside the iris
+    rows = np.arange(len(score))
+    j = np.empty((len(score), k), np.intp)
+    strength = np.empty((len(score), k), score.dtype)
     for i in range(k):  # the k best peaks, best first
         j[:, i] = np.argmax(score, axis=1)
-        strength[:, i] = np.maximum(score[rows[:, 0], j[:, i]], 0.0)
-        score[rows[:, 0], j[:, i]] = -1.0
-    gm, g0, gp = grad[rows, np.maximum(j - 1, 0)], grad[rows, j], grad[rows, np.minimum(j + 1, len(radii) - 1)]
+        strength[:, i] = score[rows, j[:, i]]
+        score[rows, j[:, i]] = -1.0
+    strength = np.maximum(strength, 0.0)
+    j += lo
+    gm, g0, gp = grad[rows[:, None], j - 1], grad[rows[:, None], j], grad[rows[:, None], j + 1]
     den = gm - 2 * g0 + gp
     offset = np.where(den < 0, 0.5 * (gm - gp) / np.where(den < 0, den, -1.0), 0.0)
     r = radii[j] + np.clip(offset, -1.0, 1.0) * step
@@ -667,15 +837,10 @@ def _find_iris(sm: np.ndarray, pupil: _Pupil, s: float, scale: float) -> tuple[f
     d = np.hypot(xy[:, 0] - pupil.cx, xy[:, 1] - pupil.cy)
     reach = np.zeros(144)  # farthest pupil boundary per 2.5° bin, then over ±5° around each ray
     np.maximum.at(reach, np.round(th * (72 / math.pi)).astype(int) % 144, d)
-    reach = np.max([np.roll(reach, k) for k in range(-2, 3)], axis=0)
-    pupil_reach = reach[np.round(_ANGLES * (72 / math.pi)).astype(int) % 144]
+    pupil_reach = reach[_RAY_BINS].max(axis=1)
     r_from = np.maximum(pupil_reach, pupil.r) + 2 * scale + 0.05 * pupil.r
     x, y, wt = _limbus_candidates(sm, pupil.cx, pupil.cy, r_from, 0.75 * s, pupil.level, scale, k=2, step=1.0)
-    circle = _consensus_circle(x, y, wt, 1.5 * tol, (pupil.cx, pupil.cy), (1.05 * pupil.r, 0.75 * s))
-    if circle is None:
-        return None
-    keep = wt > 0
-    fit = _refine_circle(x[keep], y[keep], 1.5 * tol, circle)
+    fit = _first_limbus_circle(x, y, wt, 1.5 * tol, (pupil.cx, pupil.cy), (1.05 * pupil.r, 0.75 * s))
     if fit is None:
         return None
     # Second pass: rays from the fitted centre (now normal to the limbus), searched near it.
@@ -689,8 +854,8 @@ def _find_iris(sm: np.ndarray, pupil: _Pupil, s: float, scale: float) -> tuple[f
     if ir <= pupil.r:
         return None
     dist = np.hypot(x[keep, 0] - icx, y[keep, 0] - icy)
-    med = float(np.median(dist))
-    return icx, icy, ir, 1.0 - 1.4826 * float(np.median(np.abs(dist - med))) / med
+    med = float(_linear_quantile(dist, 0.5))
+    return icx, icy, ir, 1.0 - 1.4826 * float(_linear_quantile(np.abs(dist - med), 0.5)) / med
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,8 +871,7 @@ def _annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: _Pupil, iris: tuple[f
     y0, y1 = max(0, int(icy - reach)), min(h, int(icy + reach) + 2)
     x0, x1 = max(0, int(icx - reach)), min(w, int(icx + reach) + 2)
     g, sm = g[y0:y1, x0:x1], sm[y0:y1, x0:x1]
-    yy, xx = np.ogrid[y0:y1, x0:x1]
-    dx, dy = xx - np.float32(icx), yy - np.float32(icy)
+    dx, dy = np.arange(x0, x1) - np.float32(icx), (np.arange(y0, y1) - np.float32(icy))[:, None]
     r_iris = np.sqrt(dx * dx + dy * dy)
     in_iris = r_iris < ir - scale
     pupil_mask = np.zeros(g.shape, np.uint8)
@@ -731,15 +895,18 @@ def _annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: _Pupil, iris: tuple[f
         below_lid = cv2.dilate(lid, np.ones((reach, 1), np.uint8), anchor=(0, reach - 1)) > 0
         visible = annulus & ~skin & ~below_lid
     out = {"grey_utilisation": _entropy_bits(g[in_iris])}
-    n_visible = int(visible.sum())
+    n_visible = np.count_nonzero(visible)
     if n_visible:
         dark = (visible & (sm < pupil.level)).astype(np.uint8)
         dark = cv2.morphologyEx(dark, cv2.MORPH_OPEN, _kernel(scale))  # thin lashes, noise
         # Bleed flows out of the pupil: keep dark patches that start at its rim (not lash clumps).
-        labels = cv2.connectedComponents(dark)[1]
-        rim = (cv2.dilate(band, _kernel(2 * scale)) > 0) & (band == 0)
-        attached = np.unique(labels[rim & (dark > 0)])
-        out["bleed_fraction"] = float(np.isin(labels, attached[attached > 0]).sum()) / n_visible
+        n, labels = cv2.connectedComponents(dark)
+        out["bleed_fraction"] = 0.0
+        if n > 1:
+            rim = (cv2.dilate(band, _kernel(2 * scale)) > 0) & (band == 0)
+            attached = np.zeros(n, bool)
+            attached[labels[rim & (dark > 0)]] = True
+            out["bleed_fraction"] = np.count_nonzero(attached[labels]) / n_visible
     out["iris_pupil_contrast"], out["iris_sclera_contrast"] = _iso_contrasts(p_med, i_med, s_med)
     return out
 
@@ -757,8 +924,8 @@ def _sharpness(g: np.ndarray) -> float:
     """Mean power of Daugman's 8×8 band-pass kernel response, on 0–255 grey levels."""
     if min(g.shape) < 16:
         return math.nan
-    resp = cv2.filter2D(g * np.float32(255.0), cv2.CV_32F, _DAUGMAN_KERNEL, borderType=cv2.BORDER_REFLECT)
-    return float(np.mean(resp[4:-4, 4:-4] ** 2))
+    resp = cv2.filter2D(g, cv2.CV_32F, _DAUGMAN_KERNEL, borderType=cv2.BORDER_REFLECT)[4:-4, 4:-4]
+    return cv2.norm(resp, cv2.NORM_L2SQR) / resp.size * 255.0**2
 
 
 def _iso_contrasts(p: float, i: float, s: float) -> tuple[float, float]:

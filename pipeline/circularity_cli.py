@@ -159,11 +159,12 @@ def _work(task: tuple) -> dict:
 
 def _pool_context():
     """Workers start from a clean fork server (or spawn): forking this process directly is unsafe
-    once it holds threads (progress bars, BLAS) and can deadlock."""
+    once it holds threads (progress bars, BLAS) and can deadlock. The server imports the main module
+    and this one once, so that its workers start with them loaded."""
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pipeline.circularity"])
+        ctx.set_forkserver_preload(["__main__", "pipeline.circularity_cli"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -184,7 +185,7 @@ def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_d
     if workers <= 1 or len(tasks) < 2:
         results = [_work(t) for t in tqdm(tasks, **bar)]
     else:
-        chunk = max(1, min(64, len(tasks) // (workers * 8)))
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))  # small: workers finish together
         with _pool_context().Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
             results = list(tqdm(pool.imap(_work, tasks, chunksize=chunk), **bar))
     rows = [r for r in results if "error" not in r]

@@ -1,0 +1,54 @@
+"""The fast helpers of pipeline/circularity.py give what the slower standard routines they replace give."""
+
+import cv2
+import numpy as np
+import pytest
+from skimage.measure import find_contours
+
+from pipeline.circularity import (
+    _disk,
+    _in_dilation,
+    _linear_quantile,
+    _longest_closed_contour,
+    _null_vectors,
+)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_contour_is_skimages_longest_closed_one(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(12, 60, 2)
+    img = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), rng.uniform(0.5, 3))
+    img = cv2.copyMakeBorder(img, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1.0)  # every contour closes
+    level = float(np.quantile(img, rng.uniform(0.2, 0.6)))
+    closed = [c for c in find_contours(img, level) if len(c) > 8 and np.array_equal(c[0], c[-1])]
+    ours = _longest_closed_contour(img, level)
+    if not closed:
+        assert ours is None
+        return
+    expected = max(closed, key=len)[:-1, ::-1]
+    assert np.array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("radius", [1, 3, 6, 10, 14])
+def test_in_dilation_matches_cv2_dilate(radius):
+    rng = np.random.default_rng(radius)
+    mask = (cv2.GaussianBlur(rng.random((50, 70)), (0, 0), 3) > 0.55).astype(np.uint8)
+    ys, xs = np.nonzero(np.ones_like(mask))
+    expected = cv2.dilate(mask, _disk(radius))[ys, xs] > 0
+    assert np.array_equal(_in_dilation(mask, _disk(radius), ys, xs), expected)
+
+
+def test_null_vectors_solve_the_systems():
+    systems = np.random.default_rng(0).normal(size=(200, 5, 6))
+    vectors = _null_vectors(systems)
+    assert np.abs(np.einsum("tij,tj->ti", systems, vectors)).max() < 1e-9 * np.abs(vectors).max()
+    degenerate = systems[:1].copy()
+    degenerate[0, 1] = degenerate[0, 0]  # two equal rows: no unique null vector
+    assert not _null_vectors(degenerate).any()
+
+
+@pytest.mark.parametrize("q", [0.0, 0.4, 0.5, 0.93, 1.0])
+def test_linear_quantile_is_numpys(q):
+    a = np.random.default_rng(1).normal(size=(7, 31))
+    assert np.array_equal(_linear_quantile(a, q), np.quantile(a, q, axis=-1))
