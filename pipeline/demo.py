@@ -55,18 +55,15 @@ def markdown_table(table: list[list[object]]) -> str:
 
 def write_summary_figure(out: Path, count: int, size: int, channels: int) -> Path:
     """OUT/summary.png: the first `count` seeds as three rows (prior, VAE-seeded, from noise), enlarged."""
-    import cv2
     import numpy as np
 
     from pipeline.data import read_image
-    from pipeline.images import make_grid, to_uint8, write_png_uint
+    from pipeline.images import enlarged_grid, write_png_uint
 
     folders = (out / "from_vae" / "priors", out / "from_vae", out / "from_noise")
     images = [read_image(f / f"{i:06d}.png", size, channels) for f in folders for i in range(count)]
-    grid = to_uint8(np.transpose(make_grid(np.stack(images), ncol=count), (1, 2, 0)))
-    scale = max(1, SUMMARY_TILE // size)
     path = out / "summary.png"
-    write_png_uint(path, cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST))
+    write_png_uint(path, enlarged_grid(np.stack(images), count, SUMMARY_TILE))
     return path
 
 

@@ -81,3 +81,10 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.n
         y, x = pad + r * (h + pad), pad + k * (w + pad)
         grid[:, y : y + h, x : x + w] = images[i]
     return grid
+
+
+def enlarged_grid(images: np.ndarray, ncol: int, tile: int) -> np.ndarray:
+    """`make_grid` as uint8 (H, W) grey or (H, W, 3) RGB, enlarged by nearest neighbour so each image is about `tile` px."""
+    grid = to_uint8(np.transpose(make_grid(images, ncol=ncol), (1, 2, 0)))
+    scale = max(1, tile // images.shape[-1])
+    return cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)

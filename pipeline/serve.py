@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.config import Config
@@ -36,17 +35,14 @@ def render(cfg: Config, run_dir: str | Path, strength: float, seed: int, n: int,
     prior | result, each TILE pixels) and one [image, pass, reason, pupil circularity, bleed] row per image."""
     from pipeline.circularity import analyze_image
     from pipeline.generate import generate
-    from pipeline.images import make_grid, to_uint8, to_unit
+    from pipeline.images import enlarged_grid, to_unit
 
     vae, diffusion = run_models(run_dir)
     g = cfg.generate
     g.strength, g.seed, g.n, g.steps = float(strength), int(seed), int(n), int(steps)
     result = generate(cfg, diffusion, source="vae", vae_path=vae, device="cpu", progress=False)
     pairs = np.stack([result.priors, result.images], axis=1).reshape(-1, *result.images.shape[1:])
-    size = result.images.shape[-1]
-    scale = max(1, TILE // size)
-    grid = to_uint8(np.transpose(make_grid(pairs, ncol=2), (1, 2, 0)))
-    grid = cv2.resize(grid, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)  # grey comes back (H, W)
+    grid = enlarged_grid(pairs, 2, TILE)
     rows = []
     for i, img in enumerate(result.images):
         m = analyze_image(np.transpose(to_unit(img), (1, 2, 0)), cfg.circularity)
