@@ -17,7 +17,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from results_io import write_result
+from results_io import headline, write_result
 
 from pipeline.synthetic import generate_irises
 
@@ -50,6 +50,9 @@ def main() -> None:
         "quick": args.quick,
         "runs": runs,
         "target_images_per_s_at_128": 500,
+        "headline": [headline(f"{r['size']} px, {r['defects']:.0%} defects, one core", f"{r['images_per_cpu_s']:.0f} images/CPU-s",
+                              "≥ 500 images/s" if r["size"] == 128 else "", r["images_per_cpu_s"] >= 500 if r["size"] == 128 else None)
+                     for r in runs],
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "load_average_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
                     "numpy": np.__version__, "opencv": cv2.__version__},

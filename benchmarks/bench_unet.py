@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_io import write_result
+from results_io import headline, write_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion.unet import UNetModel
@@ -215,6 +215,15 @@ def main() -> None:
                     "torch": torch.__version__,
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
     }
+    result["headline"] = [
+        headline(f"{r['name']} U-Net forward+backward, {r['device']} {r['precision']}, batch {r['batch']}",
+                 f"{r['s_per_step']:.1f} s/step at {r['fraction_of_gemm']:.0%} of a same-run matmul's FLOP/s"
+                 f" ({r['speedup_vs_openai_at_equal_gemm']:.2f}x openai's)" if "speedup_vs_openai_at_equal_gemm" in r
+                 else f"{r['s_per_step']:.3f} s/step",
+                 f"openai code: {OPENAI_REFERENCE_FRACTION_OF_GEMM:.0%} of matmul speed "
+                 f"({OPENAI_REFERENCE_S_PER_STEP[r['name']]} s on its reference machine)" if r["device"] == "cpu" else "",
+                 r["fraction_of_gemm"] > OPENAI_REFERENCE_FRACTION_OF_GEMM if r["device"] == "cpu" else None)
+        for r in runs if "s_per_step" in r]
     write_result(args.out, result)
 
 

@@ -1,9 +1,12 @@
-"""Run every benchmark (each writes benchmarks/results/<name>.json) and a Markdown summary table."""
+"""Run every benchmark (each writes benchmarks/results/<name>.json) and a Markdown summary table
+of their headlines (benchmarks/results/summary.md)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -11,46 +14,43 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
+MARK = {True: "yes", False: "**no**", None: ""}
 
 
-def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
-    """Nested JSON → {"a.b.c": scalar}."""
-    if isinstance(tree, dict):
-        out: dict[str, object] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, list):
-        return {prefix[:-1]: f"[{len(tree)} items]"} if tree and isinstance(tree[0], (dict, list)) else {
-            prefix[:-1]: tree}
-    return {prefix[:-1]: tree}
+def summary_rows(name: str, seconds: float, result: dict | None, code: int) -> list[str]:
+    """Table rows for one benchmark: its headlines, or why there are none."""
+    label = f"{name} ({seconds:.0f} s)"
+    if result is None:
+        return [f"| {label} | failed (exit {code}) | | | |"]
+    lines = result.get("headline") or [{"measured": "(no headline)", "value": "", "target": "", "met": None}]
+    return [f"| {label if i == 0 else ''} | {h['measured']} | {h['value']} | {h['target']} | {MARK[h['met']]} |"
+            for i, h in enumerate(lines)]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     parser.add_argument("--only", nargs="+", help="benchmark names, e.g. bench_unet")
     args = parser.parse_args()
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.only:
         scripts = [s for s in scripts if s.stem in args.only]
-    lines = ["| benchmark | seconds | result |", "|---|---|---|"]
+    load = os.getloadavg()[0]
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores "
+             f"({platform.processor() or platform.machine()}), load {load:.2f} before the start"
+             f"{', quick mode' if args.quick else ''}.", "",
+             "| benchmark | measured | value | target | met |", "|---|---|---|---|---|"]
     failed = 0
     for script in scripts:
+        result_file = RESULTS / f"{script.stem}.json"
+        result_file.unlink(missing_ok=True)  # no stale result may pass for this run's
         start = time.perf_counter()
         cmd = [sys.executable, str(script), *(["--quick"] if args.quick else [])]
         code = subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode
-        seconds = time.perf_counter() - start
-        result = RESULTS / f"{script.stem}.json"
-        if code != 0 or not result.is_file():
-            failed += 1
-            lines.append(f"| {script.stem} | {seconds:.0f} | failed (exit {code}) |")
-            continue
-        flat = _flatten(json.loads(result.read_text()))
-        keys = [k for k in flat if any(w in k for w in ("ratio", "per_s", "s_per_step", "peak", "overhead"))]
-        shown = "; ".join(f"{k}={flat[k]:.4g}" if isinstance(flat[k], float) else f"{k}={flat[k]}"
-                          for k in keys[:8])
-        lines.append(f"| {script.stem} | {seconds:.0f} | {shown} |")
+        ok = code == 0 and result_file.is_file()
+        failed += not ok
+        result = json.loads(result_file.read_text()) if ok else None
+        lines += summary_rows(script.stem, time.perf_counter() - start, result, code)
     summary = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "summary.md").write_text(summary)
