@@ -100,18 +100,14 @@ class Evaluator:
         self.heldout_features = self.features(heldout)
 
     def __call__(self, images: np.ndarray) -> dict:
-        from pipeline.circularity import analyze_image
+        from pipeline.circularity import analyze_batch, round_pupil_without_bleed
         from pipeline.circularity_cli import failure_key
-        from pipeline.images import to_unit
         from pipeline.metrics import kid
 
-        c = self.cfg.circularity
-        rows = [analyze_image(np.transpose(to_unit(img), (1, 2, 0)), c) for img in images]
+        rows = analyze_batch(images, self.cfg.circularity)
         n = len(rows)
         passed = sum(r["pass"] for r in rows)
-        pupil_ok = sum(bool(r["pupil_found"]) and r["pupil_circularity"] >= c.min_pupil_circularity
-                       and r["pupil_axis_ratio"] >= c.min_pupil_axis_ratio
-                       and r["bleed_fraction"] <= c.max_bleed_fraction for r in rows)
+        pupil_ok = sum(round_pupil_without_bleed(r, self.cfg.circularity) for r in rows)
         reasons: dict[str, int] = {}
         for r in rows:
             key = "pass" if r["pass"] else failure_key(r["reason"])

@@ -153,14 +153,12 @@ def summarise(images: np.ndarray) -> dict:
 
 def circularity_check(images: np.ndarray) -> dict:
     """The same images through the project's full check (`pipeline.circularity`, default thresholds)."""
-    from pipeline.circularity import analyze_image
+    from pipeline.circularity import analyze_batch, round_pupil_without_bleed
     from pipeline.config import CircularityConfig
-    from pipeline.images import to_unit
 
     cfg = CircularityConfig()
-    rows = [analyze_image(np.transpose(to_unit(img), (1, 2, 0)), cfg) for img in images]
-    pupil_ok = [r["pupil_found"] and r["pupil_circularity"] >= cfg.min_pupil_circularity
-                and r["bleed_fraction"] <= cfg.max_bleed_fraction for r in rows]
+    rows = analyze_batch(images, cfg)
+    pupil_ok = [round_pupil_without_bleed(r, cfg) for r in rows]
     reasons = Counter(r["reason"].split(" ")[0] if r["reason"] else "pass" for r in rows)
     return {"pass_rate_all_rules": float(np.mean([r["pass"] for r in rows])),
             "round_pupil_no_bleed_rate": float(np.mean(pupil_ok)),

@@ -61,6 +61,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import CircularityConfig
+from pipeline.images import to_unit
 
 NO_PUPIL = "no dark pupil region"
 NO_IRIS = "no iris boundary"
@@ -134,23 +135,41 @@ class Geometry:
 def to_grey_unit(img: np.ndarray) -> np.ndarray:
     """HW / HWC uint8, uint16 or float-in-[0, 1] pixels → grey float32 in [0, 1] (RGB → BT.601 luma)."""
     img = np.asarray(img)
-    if img.dtype in (np.uint8, np.uint16):
-        x = img.astype(np.float32) / np.float32(np.iinfo(img.dtype).max)
+    integer = img.dtype in (np.uint8, np.uint16)
+    if integer:
+        x = img.astype(np.float32)
+        x /= np.float32(np.iinfo(img.dtype).max)
     elif np.issubdtype(img.dtype, np.floating) or img.dtype == bool:
         x = img.astype(np.float32)
     else:
         raise ValueError(f"unsupported pixel type {img.dtype}")
     if x.ndim == 3:
         x = x[:, :, :3] @ _LUMA if x.shape[2] >= 3 else np.ascontiguousarray(x[:, :, 0])
+        integer = integer and x.ndim == 2 and img.shape[2] < 3  # the luma sum may round past 1
     if x.ndim != 2 or min(x.shape) < 1:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {img.shape}")
-    return np.fmin(np.fmax(x, 0.0, out=x), 1.0, out=x)  # clipped, NaN → 0
+    return x if integer else np.fmin(np.fmax(x, 0.0, out=x), 1.0, out=x)  # clipped, NaN → 0
 
 
 def analyze_image(img: np.ndarray, cfg: CircularityConfig) -> dict:
     """Metrics (see `METRICS`), `pass` and `reason` for one image (HW or HWC; uint8, uint16 or
     float in [0, 1]), measured at the image's own size."""
     return analyze_with_geometry(img, cfg)[0]
+
+
+def analyze_batch(images: np.ndarray, cfg: CircularityConfig) -> list[dict]:
+    """`analyze_image` for each image of an (N, C, H, W) batch in [-1, 1], the models' format."""
+    return [analyze_image(np.transpose(to_unit(img), (1, 2, 0)), cfg) for img in images]
+
+
+PUPIL_SHAPE_METRICS = ("pupil_circularity", "pupil_axis_ratio", "bleed_fraction")
+
+
+def round_pupil_without_bleed(metrics: dict, cfg: CircularityConfig) -> bool:
+    """The pupil-shape rules alone (a pupil found; its circularity, axis ratio and bleed within
+    the thresholds): the failure VAE seeding is meant to fix, apart from iris and quality rules."""
+    return bool(metrics["pupil_found"]) and all(
+        rule.passes(float(metrics[rule.metric])) for rule in rules_from_config(cfg) if rule.metric in PUPIL_SHAPE_METRICS)
 
 
 def analyze_with_geometry(img: np.ndarray, cfg: CircularityConfig) -> tuple[dict, Geometry]:

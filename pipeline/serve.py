@@ -33,9 +33,9 @@ def run_models(run_dir: str | Path) -> tuple[Path, Path]:
 def render(cfg: Config, run_dir: str | Path, strength: float, seed: int, n: int, steps: int) -> tuple[np.ndarray, list[list]]:
     """Generate n images from VAE priors at `strength`; returns a uint8 grid (one row per image:
     prior | result, each TILE pixels) and one [image, pass, reason, pupil circularity, bleed] row per image."""
-    from pipeline.circularity import analyze_image
+    from pipeline.circularity import analyze_batch
     from pipeline.generate import generate
-    from pipeline.images import enlarged_grid, to_unit
+    from pipeline.images import enlarged_grid
 
     vae, diffusion = run_models(run_dir)
     g = cfg.generate
@@ -43,11 +43,8 @@ def render(cfg: Config, run_dir: str | Path, strength: float, seed: int, n: int,
     result = generate(cfg, diffusion, source="vae", vae_path=vae, device="cpu", progress=False)
     pairs = np.stack([result.priors, result.images], axis=1).reshape(-1, *result.images.shape[1:])
     grid = enlarged_grid(pairs, 2, TILE)
-    rows = []
-    for i, img in enumerate(result.images):
-        m = analyze_image(np.transpose(to_unit(img), (1, 2, 0)), cfg.circularity)
-        rows.append([i, "pass" if m["pass"] else "fail", m["reason"] or "",
-                     round(float(m["pupil_circularity"]), 3), round(float(m["bleed_fraction"]), 4)])
+    rows = [[i, "pass" if m["pass"] else "fail", m["reason"] or "", round(float(m["pupil_circularity"]), 3),
+             round(float(m["bleed_fraction"]), 4)] for i, m in enumerate(analyze_batch(result.images, cfg.circularity))]
     return grid, rows
 
 

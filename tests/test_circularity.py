@@ -9,8 +9,10 @@ import pytest
 from pipeline.circularity import (
     METRICS,
     NO_PUPIL,
+    analyze_batch,
     analyze_image,
     evaluate_rules,
+    round_pupil_without_bleed,
     rules_from_config,
     to_grey_unit,
 )
@@ -160,3 +162,25 @@ def test_offcenter_and_oval_measures_match_truth(synthetic_results):
     oval = [(m, r) for m, r in synthetic_results if r["defect"] == "oval"]
     err = [abs(m["pupil_axis_ratio"] - r["pupil_axis_ratio"]) for m, r in oval]
     assert np.median(err) < 0.03
+
+
+def test_analyze_batch_is_analyze_image_on_each_hwc_image():
+    images, _ = generate_irises(3, 64, seed=5, channels=3, defects=0.5)
+    cfg = CircularityConfig()
+    expected = [analyze_image(to_unit(img).transpose(1, 2, 0), cfg) for img in images]
+    got = analyze_batch(images, cfg)
+    for e, g in zip(expected, got, strict=True):
+        assert e.keys() == g.keys()
+        assert all(e[k] == g[k] or (e[k] != e[k] and g[k] != g[k]) for k in e)  # NaN == NaN here
+
+
+def test_round_pupil_without_bleed_uses_exactly_the_pupil_shape_thresholds():
+    cfg = CircularityConfig()
+    good = {"pupil_found": True, "pupil_circularity": cfg.min_pupil_circularity,
+            "pupil_axis_ratio": cfg.min_pupil_axis_ratio, "bleed_fraction": cfg.max_bleed_fraction,
+            "iris_found": False, "iris_r": float("nan"), "sharpness": 0.0}  # iris and quality do not matter
+    assert round_pupil_without_bleed(good, cfg)
+    for key, bad in [("pupil_found", False), ("pupil_circularity", cfg.min_pupil_circularity - 1e-6),
+                     ("pupil_axis_ratio", cfg.min_pupil_axis_ratio - 1e-6),
+                     ("bleed_fraction", cfg.max_bleed_fraction + 1e-6), ("bleed_fraction", float("nan"))]:
+        assert not round_pupil_without_bleed({**good, key: bad}, cfg), key

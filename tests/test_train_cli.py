@@ -26,13 +26,7 @@ TINY = {
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a small, shared CPU two threads contend and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def write_config(tmp_path: Path, **sections) -> Path:
     cfg = {k: dict(v) for k, v in TINY.items()}

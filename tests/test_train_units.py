@@ -34,13 +34,7 @@ TINY = ["data.image_size=16", "model.model_channels=16", "model.num_res_blocks=1
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a small, shared CPU two threads contend and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_cfg(*extra: str) -> Config:
     return load_config(None, TINY + list(extra))
