@@ -161,6 +161,7 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
 
 def _work_chunk(tasks: list[tuple[Path, str]], cfg: CircularityConfig, overlay_dir: Path | None,
                 want_features: bool) -> list[dict]:
+    """`_work` on each task of a chunk: one message to and from the pool per chunk."""
     return [_work(t, cfg, overlay_dir, want_features) for t in tasks]
 
 

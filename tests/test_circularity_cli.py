@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.circularity_cli import main
+from pipeline.circularity_cli import _guided_chunks, main
 from pipeline.images import to_uint8, to_uint16, write_png
 from pipeline.synthetic import generate_irises
 
@@ -146,3 +146,14 @@ def test_bad_options_exit_2(eye_folder, tmp_path, capsys):
     assert "TorchScript" in _error_line(capsys)
     assert _run([eye_folder, "--out", tmp_path / "o", "--inception-weights", tmp_path / "x.pt"]) == 2
     assert "--reference" in _error_line(capsys)
+
+
+@pytest.mark.parametrize(("n", "workers"), [(1, 2), (7, 2), (1000, 2), (333, 3)])
+def test_guided_chunks_cover_the_items_in_order_and_shrink(n, workers):
+    chunks = _guided_chunks(list(range(n)), workers)
+    assert [i for c in chunks for i in c] == list(range(n))
+    sizes = [len(c) for c in chunks]
+    assert max(sizes) <= 64 and sizes == sorted(sizes, reverse=True)
+    assert sizes[-1] <= 4  # the workers finish within a few images of each other
+    if n >= 1000:
+        assert len(chunks) <= n // 30  # few messages: the parent's cost is per chunk
