@@ -145,7 +145,7 @@ def to_grey_unit(img: np.ndarray) -> np.ndarray:
         raise ValueError(f"unsupported pixel type {img.dtype}")
     if x.ndim == 3:
         x = x[:, :, :3] @ _LUMA if x.shape[2] >= 3 else np.ascontiguousarray(x[:, :, 0])
-        integer = integer and x.ndim == 2 and img.shape[2] < 3  # the luma sum may round past 1
+        integer = integer and img.shape[2] < 3  # the luma sum may round past 1
     if x.ndim != 2 or min(x.shape) < 1:
         raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {img.shape}")
     return x if integer else np.fmin(np.fmax(x, 0.0, out=x), 1.0, out=x)  # clipped, NaN → 0
@@ -747,11 +747,18 @@ def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: flo
     if not ok.any():
         return None
     ux, uy, r = ux[ok, None], uy[ok, None], r[ok, None]
+    best = int(np.argmax(_support(x, y, weight, tol, ux, uy, r)))
+    return float(ux[best, 0]), float(uy[best, 0]), float(r[best, 0])
+
+
+def _support(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
+             ux: np.ndarray, uy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Per circle (ux, uy, r: (circles, 1)), the candidate-edge weight (x, y, weight: (rays, k))
+    that agrees with it: per ray, the heaviest candidate within `tol` of the circle."""
     res = np.hypot(x.T[:, None] - ux, y.T[:, None] - uy)  # (k, circles, rays): max over k is then cheap
     res -= r
     agree = np.where(np.abs(res) < tol, weight.T[:, None], np.float32(0.0))
-    best = int(np.argmax(agree.max(axis=0).sum(axis=1)))
-    return float(ux[best, 0]), float(uy[best, 0]), float(r[best, 0])
+    return agree.max(axis=0).sum(axis=1)
 
 
 def _plausible(circle: tuple[float, float, float], near: tuple[float, float], r_range: tuple[float, float]) -> bool:
@@ -762,11 +769,12 @@ def _plausible(circle: tuple[float, float, float], near: tuple[float, float], r_
 
 def _agreement(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
                circle: tuple[float, float, float]) -> float:
-    """Share of the candidate edges' weight (x, y, weight: (rays, k)) that agrees with a circle, as
-    `_consensus_circle` scores it: per ray, the heaviest candidate within `tol` of it."""
-    on = np.abs(np.hypot(x - circle[0], y - circle[1]) - circle[2]) < tol
+    """Share of the candidate edges' weight (x, y, weight: (rays, k)) that supports a circle, as
+    `_consensus_circle` scores its candidates (`_support`)."""
     total = float(weight.max(axis=1).sum())
-    return float(np.where(on, weight, 0.0).max(axis=1).sum()) / total if total > 0 else 0.0
+    if total <= 0:
+        return 0.0
+    return float(_support(x, y, weight, tol, *(np.array([[v]]) for v in circle))[0]) / total
 
 
 def _first_limbus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float, near: tuple[float, float],
