@@ -45,7 +45,7 @@ from tqdm import tqdm
 from pipeline.cli import add_config_args, config_from_args, prepare_out_dir
 from pipeline.config import Config, dump_config
 from pipeline.errors import UserError, cli_entry
-from pipeline.files import write_text_atomic
+from pipeline.files import save_figure_atomic, write_text_atomic
 
 log = logging.getLogger("strength_sweep")
 
@@ -235,10 +235,8 @@ def plot_sweep(result: dict, path: Path) -> None:
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(result["title"], fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, dpi=80, format="png")
+    save_figure_atomic(fig, path, dpi=80)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_reports(result: dict, out: Path) -> str:
@@ -406,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
 
     train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]
     ddpm_steps = train_cfg.diffusion.steps if args.ddpm_steps is None else args.ddpm_steps
-    evaluate = Evaluator(cfg, heldout_images(train_cfg, args.n), args.inception_weights, args.seed)
-    heldout_check = heldout_images(train_cfg, 2 * args.n)[args.n:]  # a second held-out set, scored like a point
+    heldout = heldout_images(train_cfg, 2 * args.n)  # image i depends on (seed, i) only: the same first n as before
+    evaluate = Evaluator(cfg, heldout[: args.n], args.inception_weights, args.seed)
+    heldout_check = heldout[args.n :]  # a second held-out set, scored like a point
     result = {
         "title": f"strength sweep, {train_cfg.data.image_size}px, N={args.n} per point",
         "kid_features": evaluate.feature_kind, "n": args.n, "seed": args.seed, "steps": args.steps,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.files import save_figure_atomic
+
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
@@ -154,7 +156,5 @@ def plot_losses(log_csv: Path, out_png: Path) -> None:
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    save_figure_atomic(fig, out_png, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out_png)

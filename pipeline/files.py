@@ -25,6 +25,15 @@ def fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def save_figure_atomic(fig, path: str | Path, dpi: int) -> None:
+    """Save a Matplotlib figure as PNG via a temp file and `os.replace`, so a reader (or an
+    interrupted run) never sees half a picture."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=dpi)
+    os.replace(tmp, path)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a small text file via a synced temp file and `os.replace` (never half-written)."""
     path = Path(path)

@@ -58,7 +58,7 @@ def test_training_writes_the_run_folder(run_dir):
     for name in ("vae.keras", "last.keras", "log.csv", "loss.png", "config.yaml"):
         assert (run_dir / name).stat().st_size > 0, name
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"epoch_00{i}.png" for i in range(3)]
-    assert not list(run_dir.glob(".tmp-*"))
+    assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".*.tmp"))  # no temp file left behind
     from pipeline.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")

@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from pipeline.files import save_figure_atomic
 from pipeline.images import make_grid, nhwc_to_nchw, write_png
 from vae.losses import kl_warmup_weight
 
@@ -152,9 +153,7 @@ def plot_losses(rows: list[dict[str, str]], path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.legend()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=80)
-    os.replace(tmp, path)
+    save_figure_atomic(fig, path, dpi=80)
 
 
 class LossPlot(keras.callbacks.Callback):
