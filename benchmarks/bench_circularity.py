@@ -27,11 +27,11 @@ import cv2
 import numpy as np
 from results_io import headline, write_result
 
-from pipeline.circularity import analyze_image
-from pipeline.circularity_cli import analyze_folder
-from pipeline.config import CircularityConfig
-from pipeline.images import to_unit, write_png
-from pipeline.synthetic import generate_irises
+from pipeline.check.circularity import analyze_image
+from pipeline.check.folder import analyze_folder
+from pipeline.common.config import CircularityConfig
+from pipeline.common.images import to_unit, write_png
+from pipeline.data.synthetic import generate_irises
 
 RESULTS = Path(__file__).parent / "results" / "bench_circularity.json"
 

@@ -23,11 +23,11 @@ sys.path.insert(0, str(REPO))
 
 from results_io import headline, write_result  # noqa: E402
 
-from guided_diffusion import train_util  # noqa: E402
-from guided_diffusion.checkpoint import load_for_inference  # noqa: E402
-from guided_diffusion.factory import create_diffusion  # noqa: E402
 from guided_diffusion.samplers import STEPS, run_loop, sample, sampler_nfe  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from guided_diffusion.training import loop as train_util  # noqa: E402
+from guided_diffusion.training.checkpoint import load_for_inference  # noqa: E402
+from guided_diffusion.training.factory import create_diffusion  # noqa: E402
+from pipeline.common.config import load_config  # noqa: E402
 from vae import train as vae_train  # noqa: E402
 from vae.priors import load_vae, sample_priors  # noqa: E402
 

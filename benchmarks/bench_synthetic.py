@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from results_io import headline, write_result
 
-from pipeline.synthetic import generate_irises
+from pipeline.data.synthetic import generate_irises
 
 RESULTS = Path(__file__).parent / "results" / "bench_synthetic.json"
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results" / "bench_train.json"
 
-MODELS = {  # --set overrides for pipeline.config
+MODELS = {  # --set overrides for pipeline.common.config
     "quick": ["data.image_size=16", "model.model_channels=16", "model.num_res_blocks=1", "model.channel_mult=[1,2]",
               "model.attention_resolutions=[8]", "model.num_head_channels=16", "diffusion.steps=1000"],
     "full": ["data.image_size=32", "model.model_channels=32", "model.num_res_blocks=1", "model.channel_mult=[1,2,2]",
@@ -59,8 +59,8 @@ def _peak_bytes(device: torch.device) -> int:
 
 
 def _setup(mode: str, device: torch.device):
-    from guided_diffusion.factory import create_diffusion, create_model
-    from pipeline.config import load_config
+    from guided_diffusion.training.factory import create_diffusion, create_model
+    from pipeline.common.config import load_config
 
     cfg = load_config(None, MODELS[mode])
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def _timed(fn, steps: int, device: torch.device) -> dict:
 
 def variant_step(mode: str, device: torch.device, batch: int, microbatch: int, steps: int) -> dict:
     """Optimizer steps of `batch` images in micro-batches of `microbatch` (forward_backward + AdamW)."""
-    from guided_diffusion.train_step import forward_backward
+    from guided_diffusion.training.step import forward_backward
 
     cfg, model, diffusion, opt = _setup(mode, device)
     x, t, noise, w = _batch(cfg, batch, device)
@@ -126,8 +126,8 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
     forward_backward + optimizer.step is the loop's overhead. Both are measured in the same run,
     so load changes on a shared machine hit both alike.
     """
-    import guided_diffusion.train_util as train_util
-    from pipeline.config import load_config
+    import guided_diffusion.training.loop as train_util
+    from pipeline.common.config import load_config
 
     starts: list[tuple[float, float]] = []
     inner: list[list[float]] = []

@@ -11,7 +11,7 @@ mean bleed_fraction and pupil circularity, KID against held-out images, diversit
 pixel RMS and feature distance), network evaluations and seconds per image.
 
 KID uses Inception-v3 features only with `--inception-weights`; otherwise the project's proxy
-features (`pipeline.metrics.proxy_features`: random projection + intensity and gradient
+features (`pipeline.check.metrics.proxy_features`: random projection + intensity and gradient
 histograms), labelled as such in every output. Proxy KID ranks sets; it is not comparable with
 published KIDs.
 
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cli import add_config_args, config_from_args, prepare_out_dir
-from pipeline.config import Config, dump_config
-from pipeline.errors import UserError, cli_entry
-from pipeline.files import save_figure_atomic, write_text_atomic
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import Config, dump_config
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, save_figure_atomic, write_text_atomic
 
 log = logging.getLogger("strength_sweep")
 
@@ -90,7 +90,7 @@ class Evaluator:
     """Circularity rules, KID against held-out images and diversity for one set of images."""
 
     def __init__(self, cfg: Config, heldout: np.ndarray, inception_weights: str | None, seed: int):
-        from pipeline.metrics import PROXY_NOTE, load_inception_features, proxy_features
+        from pipeline.check.metrics import PROXY_NOTE, load_inception_features, proxy_features
 
         self.cfg, self.seed = cfg, seed
         if inception_weights:
@@ -100,9 +100,9 @@ class Evaluator:
         self.heldout_features = self.features(heldout)
 
     def __call__(self, images: np.ndarray) -> dict:
-        from pipeline.circularity import analyze_batch, round_pupil_without_bleed
-        from pipeline.circularity_cli import failure_key
-        from pipeline.metrics import kid
+        from pipeline.check.circularity import analyze_batch, round_pupil_without_bleed
+        from pipeline.check.folder import failure_key
+        from pipeline.check.metrics import kid
 
         rows = analyze_batch(images, self.cfg.circularity)
         n = len(rows)
@@ -136,7 +136,7 @@ class Evaluator:
 
 def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str, Path]:
     """Train the VAE, the diffusion model and (control_defects > 0) the control model under out/models."""
-    from guided_diffusion import train_util
+    from guided_diffusion.training import loop as train_util
     from vae import train as vae_train
 
     models = out / "models"
@@ -156,7 +156,7 @@ def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str,
 
 def heldout_images(cfg: Config, n: int) -> np.ndarray:
     """n clean synthetic images from a seed the training data never used."""
-    from pipeline.synthetic import generate_irises
+    from pipeline.data.synthetic import generate_irises
 
     images, _ = generate_irises(n, cfg.data.image_size, cfg.data.seed + HELDOUT_SEED_OFFSET, cfg.data.channels)
     return images
@@ -192,7 +192,7 @@ def run_point(cfg: Config, diffusion: Path, vae: Path, point: dict, n: int, seed
 
 def write_grid(path: Path, columns: list[np.ndarray]) -> None:
     """Rows = seeds, columns = the given image sets (first GRID_SEEDS images of each)."""
-    from pipeline.images import make_grid, write_png
+    from pipeline.common.images import make_grid, write_png
 
     stacked = np.stack([c[:GRID_SEEDS] for c in columns], axis=1)  # (seeds, columns, C, H, W)
     write_png(path, make_grid(stacked.reshape(-1, *stacked.shape[2:]), ncol=len(columns)))
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         models["defects"] = Path(args.control)
     train_s = time.perf_counter() - t0
 
-    from guided_diffusion.checkpoint import load_for_inference
+    from guided_diffusion.training.checkpoint import load_for_inference
 
     train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]
     ddpm_steps = train_cfg.diffusion.steps if args.ddpm_steps is None else args.ddpm_steps

@@ -12,7 +12,7 @@ circularity check:
   5. single = no other dark component of ≥ max(4 px, 10 % of the pupil) within 2.5·r.
 Pass: pupil found, circularity ≥ 0.9, bleed ≤ 0.02, single.
 
-The priors also go through the project's full check (`pipeline.circularity`, thresholds of
+The priors also go through the project's full check (`pipeline.check.circularity`, thresholds of
 `configs/circularity.yaml` defaults), reported beside this measure.
 
 `--calibrate N` also runs the measure on N training images (should nearly all pass) and on N
@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.images import from_uint, to_uint8
+from pipeline.common.images import from_uint, to_uint8
 
 MIN_CIRCULARITY = 0.9
 MIN_AXIS_RATIO = 0.85
@@ -152,9 +152,9 @@ def summarise(images: np.ndarray) -> dict:
 
 
 def circularity_check(images: np.ndarray) -> dict:
-    """The same images through the project's full check (`pipeline.circularity`, default thresholds)."""
-    from pipeline.circularity import analyze_batch, round_pupil_without_bleed
-    from pipeline.config import CircularityConfig
+    """The same images through the project's full check (`pipeline.check.circularity`, default thresholds)."""
+    from pipeline.check.circularity import analyze_batch, round_pupil_without_bleed
+    from pipeline.common.config import CircularityConfig
 
     cfg = CircularityConfig()
     rows = analyze_batch(images, cfg)
@@ -167,7 +167,7 @@ def circularity_check(images: np.ndarray) -> dict:
 
 def calibrate(n: int, size: int, channels: int) -> dict:
     """The measure on clean training-style images and on labelled defects (per defect kind)."""
-    from pipeline.synthetic import generate_irises
+    from pipeline.data.synthetic import generate_irises
 
     clean, _ = generate_irises(n, size, seed=12345, channels=channels)
     bad, records = generate_irises(n, size, seed=54321, channels=channels, defects=1.0)
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the results here (also printed)")
     args = parser.parse_args()
 
-    from pipeline.images import make_grid, write_png
+    from pipeline.common.images import make_grid, write_png
     from vae.priors import load_vae, sample_priors, vae_image_shape
 
     vae = load_vae(args.vae)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
 
 MEAN_TYPES = ("eps", "x0", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned_range")
@@ -25,7 +25,7 @@ LOSS_TYPES = ("mse", "rescaled_mse", "hybrid")
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise UserError(f"unknown {kind} '{value}'; valid: {', '.join(valid)}")
+        raise DiffusionSettingError(f"unknown {kind} '{value}'; valid: {', '.join(valid)}")
 
 
 def fp32(x: Tensor) -> torch.autocast:
@@ -86,12 +86,12 @@ class GaussianDiffusion:
         _check_choice("var_type", var_type, VAR_TYPES)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
         if loss_type == "hybrid" and var_type != "learned_range":
-            raise UserError("loss_type 'hybrid' trains the variance: it needs var_type 'learned_range'")
+            raise DiffusionSettingError("loss_type 'hybrid' trains the variance: it needs var_type 'learned_range'")
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0) & (betas < 1)).all():
             raise ValueError("betas must be a 1-D array in (0, 1)")
         if len(betas) < 2:
-            raise UserError(f"a diffusion needs at least 2 steps, got {len(betas)}")
+            raise DiffusionSettingError(f"a diffusion needs at least 2 steps, got {len(betas)}")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         self.hybrid_lambda = float(hybrid_lambda)
         self.num_timesteps = T = len(betas)

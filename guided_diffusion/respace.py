@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from guided_diffusion.diffusion import GaussianDiffusion
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
@@ -26,22 +26,22 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
         try:
             desired = int(spec[4:])
         except ValueError:
-            raise UserError(f"bad respacing '{spec}': expected ddim<N>, e.g. ddim50") from None
+            raise DiffusionSettingError(f"bad respacing '{spec}': expected ddim<N>, e.g. ddim50") from None
         for stride in range(1, num_timesteps + 1):
             if len(range(0, num_timesteps, stride)) == desired:
                 return list(range(0, num_timesteps, stride))
-        raise UserError(f"cannot take {desired} equally strided steps of {num_timesteps}; use a plain count")
+        raise DiffusionSettingError(f"cannot take {desired} equally strided steps of {num_timesteps}; use a plain count")
     try:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:
-        raise UserError(f"bad respacing '{spec}': expected N, ddimN or comma-separated counts") from None
+        raise DiffusionSettingError(f"bad respacing '{spec}': expected N, ddimN or comma-separated counts") from None
     size, extra = divmod(num_timesteps, len(counts))
     kept: list[int] = []
     start = 0
     for i, count in enumerate(counts):
         length = size + (1 if i < extra else 0)
         if not 1 <= count <= length:
-            raise UserError(f"respacing '{spec}': section {i} has {length} steps, cannot keep {count}")
+            raise DiffusionSettingError(f"respacing '{spec}': section {i} has {length} steps, cannot keep {count}")
         # count points from start to start+length−1 inclusive, evenly spaced, rounded
         stride = (length - 1) / (count - 1) if count > 1 else 0.0
         kept.extend(start + round(j * stride) for j in range(count))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
 
 
 def _randn(shape, generator: torch.Generator | None, device) -> Tensor:
@@ -53,7 +53,7 @@ def strength_to_t_start(diffusion, strength: float) -> int:
     """Respaced index to start denoising from: −1 for strength 0 (nothing to do), the last index
     for strength 1, else the index whose original timestep is nearest strength·T_original."""
     if not 0.0 <= strength <= 1.0:
-        raise UserError(f"strength must be in [0, 1], got {strength}")
+        raise DiffusionSettingError(f"strength must be in [0, 1], got {strength}")
     if strength == 0.0:
         return -1
     if strength == 1.0:
@@ -70,7 +70,7 @@ def sampler_nfe(diffusion, strength: float) -> int:
 
 def _check_sampler(sampler: str) -> Callable:
     if sampler not in STEPS:
-        raise UserError(f"unknown sampler '{sampler}'; valid: {', '.join(STEPS)}")
+        raise DiffusionSettingError(f"unknown sampler '{sampler}'; valid: {', '.join(STEPS)}")
     return STEPS[sampler]
 
 
@@ -102,7 +102,7 @@ def sample(model, diffusion, shape, *, sampler: str = "ddim", eta: float = 0.0, 
     """
     step = _check_sampler(sampler)
     if x_start is not None and tuple(x_start.shape) != tuple(shape):
-        raise UserError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
+        raise DiffusionSettingError(f"x_start has shape {tuple(x_start.shape)}, expected {tuple(shape)}")
     if device is None:
         device = next((v.device for v in (x_start, noise) if v is not None), None)
         if device is None:

@@ -7,14 +7,14 @@ import math
 
 import numpy as np
 
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
 
 
 def linear_betas(T: int) -> np.ndarray:
     """DDPM's linear β from 1e-4 to 0.02 at T=1000, both ends scaled by 1000/T (Improved DDPM)."""
     _check_steps(T)
     if T <= 20:
-        raise UserError(f"the linear schedule needs more than 20 steps (β_T = 20/T < 1), got {T}")
+        raise DiffusionSettingError(f"the linear schedule needs more than 20 steps (β_T = 20/T < 1), got {T}")
     scale = 1000.0 / T
     return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
 
@@ -36,27 +36,16 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarra
     return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
 
 
-def offset_cosine_rates(
-    t: np.ndarray, min_signal_rate: float = 0.02, max_signal_rate: float = 0.95
-) -> tuple[np.ndarray, np.ndarray]:
-    """(signal, noise) rates for continuous t ∈ [0, 1]: angle moves linearly between
-    acos(max_signal_rate) and acos(min_signal_rate); signal = cos, noise = sin (signal² + noise² = 1)."""
-    start = math.acos(max_signal_rate)
-    end = math.acos(min_signal_rate)
-    angle = start + np.asarray(t, dtype=np.float64) * (end - start)
-    return np.cos(angle), np.sin(angle)
-
-
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
 def get_betas(name: str, T: int) -> np.ndarray:
     """β_1..β_T of the named schedule ("linear" | "cosine")."""
     if name not in SCHEDULES:
-        raise UserError(f"unknown noise schedule '{name}'; valid: {', '.join(SCHEDULES)}")
+        raise DiffusionSettingError(f"unknown noise schedule '{name}'; valid: {', '.join(SCHEDULES)}")
     return SCHEDULES[name](T)
 
 
 def _check_steps(T: int) -> None:
     if not isinstance(T, (int, np.integer)) or T < 1:
-        raise UserError(f"diffusion steps must be a positive integer, got {T!r}")
+        raise DiffusionSettingError(f"diffusion steps must be a positive integer, got {T!r}")

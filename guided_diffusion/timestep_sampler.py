@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
 
 
 class UniformSampler:
@@ -84,7 +84,7 @@ class LossAwareSampler(UniformSampler):
     def load_state_dict(self, state: dict) -> None:
         losses, counts = state["losses"].numpy(), state["counts"].numpy()
         if losses.shape != self.losses.shape:
-            raise UserError(f"loss-aware sampler state has shape {tuple(losses.shape)}, "
+            raise DiffusionSettingError(f"loss-aware sampler state has shape {tuple(losses.shape)}, "
                             f"expected {self.losses.shape} (different diffusion steps?)")
         self.losses, self.counts = losses.astype(np.float64).copy(), counts.astype(np.int64).copy()
 
@@ -95,5 +95,5 @@ SAMPLERS = {"uniform": UniformSampler, "loss_aware": LossAwareSampler}
 def create_timestep_sampler(name: str, diffusion) -> UniformSampler:
     """The named timestep sampler ("uniform" | "loss_aware") for `diffusion`."""
     if name not in SAMPLERS:
-        raise UserError(f"unknown timestep sampler '{name}'; valid: {', '.join(SAMPLERS)}")
+        raise DiffusionSettingError(f"unknown timestep sampler '{name}'; valid: {', '.join(SAMPLERS)}")
     return SAMPLERS[name](diffusion)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.nn import group_norm, timestep_embedding, zero_module
-from pipeline.errors import UserError
 
 # Channel multiplier per resolution level, by image size. 320 px uses six levels
 # (320, 160, 80, 40, 20, 10) with the 256-px multipliers.
@@ -31,7 +31,7 @@ def default_channel_mult(image_size: int) -> tuple[int, ...]:
     """ADM's channel multipliers for a given image size (see DEFAULT_CHANNEL_MULT)."""
     if image_size not in DEFAULT_CHANNEL_MULT:
         sizes = ", ".join(map(str, DEFAULT_CHANNEL_MULT))
-        raise UserError(f"no default channel_mult for image size {image_size} (have {sizes}); "
+        raise DiffusionSettingError(f"no default channel_mult for image size {image_size} (have {sizes}); "
                         "set model.channel_mult")
     return DEFAULT_CHANNEL_MULT[image_size]
 
@@ -89,7 +89,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         heads = channels // num_head_channels if num_head_channels > 0 else num_heads
         if heads < 1 or channels % heads:
-            raise UserError(f"attention: {channels} channels cannot be split into "
+            raise DiffusionSettingError(f"attention: {channels} channels cannot be split into "
                             f"{'heads of ' + str(num_head_channels) if num_head_channels > 0 else str(num_heads) + ' heads'}")
         self.num_heads = heads
         self.use_checkpoint = use_checkpoint
@@ -165,12 +165,12 @@ class UNetModel(nn.Module):
         channel_mult = tuple(channel_mult) if channel_mult else default_channel_mult(image_size)
         levels = len(channel_mult)
         if image_size % 2 ** (levels - 1):
-            raise UserError(f"image size {image_size} is not divisible by 2^{levels - 1} "
+            raise DiffusionSettingError(f"image size {image_size} is not divisible by 2^{levels - 1} "
                             f"(channel_mult has {levels} levels)")
         sizes = [image_size // 2**i for i in range(levels)]
         attention_resolutions = set(attention_resolutions)
         if not attention_resolutions <= set(sizes):
-            raise UserError(f"attention_resolutions {sorted(attention_resolutions)} must be feature-map sizes "
+            raise DiffusionSettingError(f"attention_resolutions {sorted(attention_resolutions)} must be feature-map sizes "
                             f"of this U-Net: {sizes}")
         self.image_size, self.in_channels = image_size, in_channels
         self.model_channels = model_channels

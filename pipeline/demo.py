@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import add_config_args, config_from_args, prepare_out_dir
-from pipeline.config import dump_config
-from pipeline.errors import UserError, cli_entry
-from pipeline.files import write_text_atomic
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import dump_config
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, write_text_atomic
 from pipeline.report import Section, write_report
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ def write_summary_figure(out: Path, count: int, size: int, channels: int) -> Pat
     """OUT/summary.png: the first `count` seeds as three rows (prior, VAE-seeded, from noise), enlarged."""
     import numpy as np
 
-    from pipeline.data import read_image
-    from pipeline.images import enlarged_grid, write_png_uint
+    from pipeline.common.images import enlarged_grid, write_png_uint
+    from pipeline.data.folders import read_image
 
     folders = (out / "from_vae" / "priors", out / "from_vae", out / "from_noise")
     images = [read_image(f / f"{i:06d}.png", size, channels) for f in folders for i in range(count)]
@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path = out / "config.yaml"
     write_text_atomic(config_path, dump_config(cfg))
 
-    from guided_diffusion import train_util
-    from pipeline import circularity_cli, generate
+    from guided_diffusion.training import loop as train_util
+    from pipeline import generate
+    from pipeline.check import folder as circularity_cli
     from vae import train as vae_train
 
     timings: dict[str, float] = {}

@@ -18,18 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import (
-    add_config_args,
-    config_from_args,
-    pick_torch_device,
-    prepare_out_dir,
-    replace_dir,
-    temp_dir_for,
-)
-from pipeline.config import Config, GenerateConfig, config_to_dict
-from pipeline.errors import UserError, cli_entry
-from pipeline.files import sha256_file
-from pipeline.images import make_grid, write_png
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import Config, GenerateConfig, config_to_dict
+from pipeline.common.devices import pick_torch_device
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
+from pipeline.common.images import make_grid, write_png
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +87,7 @@ def _vae_priors(vae_path: str, gen: GenerateConfig, interpolate: bool, vae_devic
 
 
 def _image_priors(folder: str, n: int, size: int, channels: int) -> tuple[np.ndarray, dict]:
-    from pipeline.data import list_image_files, read_image
+    from pipeline.data.folders import list_image_files, read_image
 
     files = list_image_files(folder)[:n]
     priors = np.stack([read_image(f, size, channels) for f in files])
@@ -122,9 +116,9 @@ def generate(
     """
     import torch
 
-    from guided_diffusion.checkpoint import load_for_inference
-    from guided_diffusion.factory import create_diffusion
     from guided_diffusion.samplers import sample, sampler_nfe, strength_to_t_start
+    from guided_diffusion.training.checkpoint import load_for_inference
+    from guided_diffusion.training.factory import create_diffusion
 
     if source not in SOURCES:
         raise UserError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")

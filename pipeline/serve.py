@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.common.config import Config
+from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,9 @@ def run_models(run_dir: str | Path) -> tuple[Path, Path]:
 def render(cfg: Config, run_dir: str | Path, strength: float, seed: int, n: int, steps: int) -> tuple[np.ndarray, list[list]]:
     """Generate n images from VAE priors at `strength`; returns a uint8 grid (one row per image:
     prior | result, each TILE pixels) and one [image, pass, reason, pupil circularity, bleed] row per image."""
-    from pipeline.circularity import analyze_batch
+    from pipeline.check.circularity import analyze_batch
+    from pipeline.common.images import enlarged_grid
     from pipeline.generate import generate
-    from pipeline.images import enlarged_grid
 
     vae, diffusion = run_models(run_dir)
     g = cfg.generate

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.circularity import (
+from pipeline.check.circularity import (
     METRICS,
     NO_PUPIL,
     analyze_batch,
@@ -16,9 +16,9 @@ from pipeline.circularity import (
     rules_from_config,
     to_grey_unit,
 )
-from pipeline.config import CircularityConfig, load_config
-from pipeline.images import to_unit
-from pipeline.synthetic import generate_irises
+from pipeline.common.config import CircularityConfig, load_config
+from pipeline.common.images import to_unit
+from pipeline.data.synthetic import generate_irises
 
 CFG = CircularityConfig()
 # What each synthetic defect must be reported as (its primary symptom; see CircularityConfig).

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.circularity_cli import _guided_chunks, main
-from pipeline.images import to_uint8, to_uint16, write_png
-from pipeline.synthetic import generate_irises
+from pipeline.check.folder import _guided_chunks, main
+from pipeline.common.images import to_uint8, to_uint16, write_png
+from pipeline.data.synthetic import generate_irises
 
 
 def _run(argv):

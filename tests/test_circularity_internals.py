@@ -1,11 +1,11 @@
-"""The fast helpers of pipeline/circularity.py give what the slower standard routines they replace give."""
+"""The fast helpers of pipeline/check/circularity.py give what the slower standard routines they replace give."""
 
 import cv2
 import numpy as np
 import pytest
 from skimage.measure import find_contours
 
-from pipeline.circularity import (
+from pipeline.check.circularity import (
     _linear_quantile,
     _longest_closed_contour,
     _null_vectors,

@@ -5,8 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, config_from_dict, config_to_dict, dump_config, load_config
-from pipeline.errors import UserError
+from pipeline.common.config import (
+    Config,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+from pipeline.common.errors import UserError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

@@ -1,26 +1,17 @@
 """Image folders and batches: decoding, channel conversion, resize/crop, errors, deterministic order."""
 
 import logging
-import warnings
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data import (
-    ImageArrayDataset,
-    epoch_permutation,
-    flip_mask,
-    iterate_batches,
-    list_image_files,
-    load_image_array,
-    make_dataloader,
-    read_image,
-)
-from pipeline.errors import UserError
-from pipeline.synthetic import generate_irises
+from pipeline.common.batches import epoch_permutation, flip_mask, iterate_batches
+from pipeline.common.config import DataConfig
+from pipeline.common.errors import UserError
+from pipeline.data.folders import list_image_files, load_image_array, read_image
+from pipeline.data.synthetic import generate_irises
 
 
 def _write(path, img):
@@ -184,37 +175,3 @@ def test_iterate_batches_order_flips_and_drop_last():
     for got, i in zip(flipped, order, strict=True):
         assert np.array_equal(got, images[i][..., ::-1] if flips[i] else images[i])
     assert np.array_equal(images, _images())  # the source array is never modified
-
-
-def test_dataloader_matches_numpy_batches_and_resumes_mid_epoch(tmp_path):
-    for i in range(7):
-        _write(tmp_path / f"{i}.png", np.full((32, 32), 30 * i, np.uint8))
-    cfg = DataConfig(path=str(tmp_path), image_size=32, hflip=True, cache=False)
-    loader = make_dataloader(cfg, batch_size=2, seed=4)
-    images = load_image_array(cfg)
-    assert len(loader) == 3
-    for epoch in (0, 1):
-        loader.batch_sampler.set_epoch(epoch)
-        got = [b.numpy() for b in loader]
-        want = list(iterate_batches(images, 2, seed=4, hflip=True, start_epoch=epoch))
-        assert len(got) == 3 and all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
-    loader.batch_sampler.set_epoch(1, start_batch=2)
-    rest = [b.numpy() for b in loader]
-    assert len(rest) == 1 and np.array_equal(rest[0], want[2])
-    with pytest.raises(UserError, match="fewer than one batch"):
-        make_dataloader(cfg, batch_size=8, seed=0)
-
-
-def test_dataset_items_and_ddp_shards():
-    images = _images(4)
-    images.flags.writeable = False  # like the cache
-    ds = ImageArrayDataset(images)
-    assert len(ds) == 4
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "non-writable array" warning from torch
-        assert np.array_equal(ds[1].numpy(), images[1])
-        assert np.array_equal(ds[(1, True)].numpy(), images[1][..., ::-1])
-    cfg = DataConfig(path="synthetic", image_size=16, synthetic_count=8, hflip=False)
-    shards = [make_dataloader(cfg, 2, seed=0, rank=r, world_size=2).batch_sampler for r in (0, 1)]
-    seen = [i for s in shards for batch in s for i, _ in batch]
-    assert sorted(seen) == list(range(8))

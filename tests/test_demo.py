@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import demo, serve
-from pipeline.config import Config
+from pipeline.common.config import Config
 
 FAST = ["model.model_channels=16", "model.num_head_channels=16", "train.max_steps=6", "train.save_every=6",
         "train.sample_every=6", "vae.epochs=1", "data.synthetic_count=48"]

@@ -13,10 +13,10 @@ from guided_diffusion.diffusion import (
     discretized_gaussian_log_likelihood,
     normal_kl,
 )
+from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.schedules import cosine_betas, linear_betas
 from guided_diffusion.timestep_sampler import create_timestep_sampler
-from pipeline.errors import UserError
 
 
 def _t(*vals):
@@ -103,7 +103,7 @@ def test_variance_types():
 def test_bad_names_are_user_errors():
     for kw in ({"mean_type": "score"}, {"var_type": "learned"}, {"loss_type": "l1"},
                {"loss_type": "hybrid", "var_type": "fixed_small"}):
-        with pytest.raises(UserError):
+        with pytest.raises(DiffusionSettingError):
             GaussianDiffusion(cosine_betas(10), **kw)
 
 
@@ -247,7 +247,7 @@ def test_space_timesteps():
     assert len(s250) == 250 and s250[0] == 0 and s250[-1] == 3999
     assert max(np.diff(s250)) - min(np.diff(s250)) <= 1  # evenly spread
     for bad in ("ddimx", "ten", "0", "5000", "ddim7000"):
-        with pytest.raises(UserError):
+        with pytest.raises(DiffusionSettingError):
             space_timesteps(4000, bad)
 
 
@@ -277,7 +277,7 @@ def test_uniform_sampler_seeded():
     t2, _ = s.sample(500, "cpu", torch.Generator().manual_seed(3))
     assert torch.equal(t1, t2) and t1.dtype == torch.long and (w1 == 1).all()
     assert set(t1.tolist()) == set(range(10))
-    with pytest.raises(UserError, match="uniform, loss_aware"):
+    with pytest.raises(DiffusionSettingError, match="uniform, loss_aware"):
         create_timestep_sampler("importance", d)
 
 
@@ -300,5 +300,5 @@ def test_loss_aware_sampler_importance_weights_are_unbiased():
     s2 = create_timestep_sampler("loss_aware", d)
     s2.load_state_dict(s.state_dict())
     np.testing.assert_array_equal(s2.probabilities(), p)
-    with pytest.raises(UserError):
+    with pytest.raises(DiffusionSettingError):
         create_timestep_sampler("loss_aware", GaussianDiffusion(cosine_betas(5))).load_state_dict(s.state_dict())

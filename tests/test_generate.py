@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from guided_diffusion import train_util
-from guided_diffusion.checkpoint import load_for_inference
-from guided_diffusion.factory import create_diffusion
 from guided_diffusion.samplers import strength_to_t_start
+from guided_diffusion.training import loop as train_util
+from guided_diffusion.training.checkpoint import load_for_inference
+from guided_diffusion.training.factory import create_diffusion
 from pipeline import generate as gen_mod
-from pipeline.config import load_config
+from pipeline.common.config import load_config
 from vae import train as vae_train
 
 TINY = ["data.image_size=32", "data.synthetic_count=32", "model.model_channels=16", "model.num_res_blocks=1",

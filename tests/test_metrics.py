@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import UserError
-from pipeline.metrics import (
+from pipeline.check.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,
@@ -13,6 +12,7 @@ from pipeline.metrics import (
     load_inception_features,
     proxy_features,
 )
+from pipeline.common.errors import UserError
 
 
 def _random_spd(rng, d):

@@ -123,7 +123,7 @@ def gpu_choice(monkeypatch, gpu: tuple[str, float, int] | None) -> dict:
     (("NVIDIA A100-SXM4-80GB", 79.2, 8), 24, "bf16"),
 ])
 def test_gpu_cell_picks_micro_batch_and_precision(monkeypatch, gpu, microbatch, precision):
-    from pipeline.config import load_config
+    from pipeline.common.config import load_config
 
     ns = gpu_choice(monkeypatch, gpu)
     assert ns["DIFFUSION_CONFIG"] == "configs/hp2-128.yaml" and ns["IMAGE_SIZE"] == 128

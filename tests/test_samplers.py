@@ -14,10 +14,10 @@ import torch
 from gaussian_oracle import GaussianOracle
 
 from guided_diffusion.diffusion import GaussianDiffusion
+from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.samplers import ddim_reverse, sample, sampler_nfe, strength_to_t_start
 from guided_diffusion.schedules import cosine_betas, linear_betas
-from pipeline.errors import UserError
 
 MU, S = 0.3, 0.4
 SHAPE = (4, 1, 64, 64)  # 16384 independent pixels: standard error of the mean ≈ 0.003
@@ -157,11 +157,11 @@ def test_strength_semantics_and_nfe():
     assert model.calls == sampler_nfe(d, 0.5) == 26
     assert len(steps) == 27 and torch.equal(steps[-1], x)
     for bad in (-0.1, 1.5):
-        with pytest.raises(UserError):
+        with pytest.raises(DiffusionSettingError):
             strength_to_t_start(d, bad)
-    with pytest.raises(UserError, match="ddpm, ddim"):
+    with pytest.raises(DiffusionSettingError, match="ddpm, ddim"):
         sample(model, d, x0.shape, sampler="euler")
-    with pytest.raises(UserError):
+    with pytest.raises(DiffusionSettingError):
         sample(model, d, (3, 1, 8, 8), x_start=x0, strength=0.5)
 
 

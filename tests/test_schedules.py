@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from guided_diffusion.schedules import cosine_betas, get_betas, linear_betas, offset_cosine_rates
-from pipeline.errors import UserError
+from guided_diffusion.errors import DiffusionSettingError
+from guided_diffusion.schedules import cosine_betas, get_betas, linear_betas
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -47,20 +47,10 @@ def test_linear_scales_with_T():
     assert b4[0] * 4000 == pytest.approx(b5[0] * 5000) and b4[-1] * 4000 == pytest.approx(b5[-1] * 5000)
 
 
-def test_offset_cosine_rates():
-    t = np.linspace(0, 1, 11)
-    signal, noise = offset_cosine_rates(t)
-    np.testing.assert_allclose(signal**2 + noise**2, 1.0, atol=1e-12)
-    assert signal[0] == pytest.approx(0.95) and signal[-1] == pytest.approx(0.02)
-    assert (np.diff(signal) < 0).all()
-    angles = np.arccos(signal)
-    np.testing.assert_allclose(np.diff(angles), np.diff(angles)[0], rtol=1e-9)  # linear in t
-
-
 def test_unknown_schedule_lists_valid_names():
-    with pytest.raises(UserError, match="linear, cosine"):
+    with pytest.raises(DiffusionSettingError, match="linear, cosine"):
         get_betas("sigmoid", 100)
-    with pytest.raises(UserError):
+    with pytest.raises(DiffusionSettingError):
         linear_betas(0)
-    with pytest.raises(UserError, match="more than 20"):
+    with pytest.raises(DiffusionSettingError, match="more than 20"):
         linear_betas(20)  # β_T would reach 1

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from guided_diffusion import train_util
-from guided_diffusion.train_util import main
+from guided_diffusion.training import loop as train_util
+from guided_diffusion.training.loop import main
 
 TINY = {
     "data": {"image_size": 16, "synthetic_count": 24},

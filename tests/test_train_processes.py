@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 import yaml
 from safetensors.torch import load_file
 
-from guided_diffusion.checkpoint import load_for_inference
-from guided_diffusion.factory import create_diffusion, create_model
-from guided_diffusion.train_step import forward_backward
-from guided_diffusion.train_util import params_sha256
-from pipeline.config import load_config
+from guided_diffusion.training.checkpoint import load_for_inference
+from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.loop import params_sha256
+from guided_diffusion.training.step import forward_backward
+from pipeline.common.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -53,7 +53,7 @@ def write_config(tmp_path: Path, **train) -> Path:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "guided_diffusion.train_util", *args, "--device", "cpu"]
+    return [sys.executable, "-m", "guided_diffusion.training.loop", *args, "--device", "cpu"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -111,7 +111,7 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path):
 
 def _ddp(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "guided_diffusion.train_util", "--device", "cpu", *extra]
+           "-m", "guided_diffusion.training.loop", "--device", "cpu", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

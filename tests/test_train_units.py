@@ -11,23 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guided_diffusion import checkpoint as ckpt_mod
-from guided_diffusion.checkpoint import (
+from guided_diffusion.training import checkpoint as ckpt_mod
+from guided_diffusion.training.checkpoint import (
     load_for_inference,
     load_training_checkpoint,
     read_train_state,
     resume_differences,
     save_checkpoint,
 )
-from guided_diffusion.ema import EMA, ema_decay, ema_file_name
-from guided_diffusion.factory import create_diffusion, create_model
-from guided_diffusion.lr_schedule import check_schedule, lr_at
-from guided_diffusion.train_stats import ACT_EPS, ActivationProbe, block_grad_norms, named_blocks
-from guided_diffusion.train_step import check_batching, forward_backward, resolve_precision
-from guided_diffusion.train_util import Dist, batch_indices, total_steps
-from pipeline.config import Config, TrainConfig, load_config
-from pipeline.data import iterate_batches
-from pipeline.errors import UserError
+from guided_diffusion.training.ema import EMA, ema_decay, ema_file_name
+from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.loop import Dist, batch_indices, total_steps
+from guided_diffusion.training.lr_schedule import check_schedule, lr_at
+from guided_diffusion.training.stats import ACT_EPS, ActivationProbe, block_grad_norms, named_blocks
+from guided_diffusion.training.step import check_batching, forward_backward, resolve_precision
+from pipeline.common.batches import iterate_batches
+from pipeline.common.config import Config, TrainConfig, load_config
+from pipeline.common.errors import UserError
 
 TINY = ["data.image_size=16", "model.model_channels=16", "model.num_res_blocks=1", "model.channel_mult=[1,2]",
         "model.attention_resolutions=[8]", "model.num_head_channels=16", "diffusion.steps=100"]

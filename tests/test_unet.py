@@ -7,12 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion.factory import create_diffusion, create_model, create_model_and_diffusion
+from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.nn import timestep_embedding
 from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.training.factory import (
+    create_diffusion,
+    create_model,
+    create_model_and_diffusion,
+)
 from guided_diffusion.unet import AttentionBlock, UNetModel, default_channel_mult
-from pipeline.config import load_config
-from pipeline.errors import UserError
+from pipeline.common.config import load_config
+from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +60,13 @@ def test_default_channel_mult_and_bad_configs():
     assert default_channel_mult(64) == (1, 2, 3, 4) and default_channel_mult(128) == (1, 1, 2, 3, 4)
     assert default_channel_mult(32) == (1, 2, 2) and default_channel_mult(256) == (1, 1, 2, 2, 4, 4)
     assert len(default_channel_mult(320)) == 6  # 320 → 10 at the bottom
-    with pytest.raises(UserError, match="channel_mult"):
+    with pytest.raises(DiffusionSettingError, match="channel_mult"):
         default_channel_mult(100)
-    with pytest.raises(UserError, match="feature-map sizes"):
+    with pytest.raises(DiffusionSettingError, match="feature-map sizes"):
         tiny(attention_resolutions=[4])  # 32 px with (1, 2, 2) has maps 32, 16, 8
-    with pytest.raises(UserError, match="divisible"):
+    with pytest.raises(DiffusionSettingError, match="divisible"):
         tiny(image_size=36, channel_mult=[1, 2, 2, 2])
-    with pytest.raises(UserError, match="heads"):
+    with pytest.raises(DiffusionSettingError, match="heads"):
         tiny(num_head_channels=-1, num_heads=3)
 
 
@@ -212,5 +217,5 @@ def test_factory_builds_from_config():
     for bad in (["diffusion.var_type=learned_range"], ["model.learn_sigma=true"]):
         with pytest.raises(UserError, match="learn_sigma"):
             create_diffusion(load_config("configs/tiny-cpu.yaml", bad))
-    with pytest.raises(UserError, match="linear, cosine"):
+    with pytest.raises(DiffusionSettingError, match="linear, cosine"):
         create_diffusion(load_config("configs/tiny-cpu.yaml", ["diffusion.noise_schedule=quad"]))

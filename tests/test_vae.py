@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 from vae.losses import kl_per_dim, kl_warmup_weight, kl_with_free_bits, reconstruction_loss
 from vae.model import IrisVAE, Sampling, build_vae, check_vae_matches
 from vae.priors import (
@@ -142,7 +142,7 @@ def test_save_load_gives_identical_outputs(tiny_vae, saved_vae):
 
 
 def test_config_check_names_the_mismatch(tiny_vae):
-    from pipeline.config import load_config
+    from pipeline.common.config import load_config
 
     cfg = load_config(None, ["data.image_size=64", "vae.latent_dim=6"])
     with pytest.raises(UserError, match="data.image_size"):

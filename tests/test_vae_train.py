@@ -59,7 +59,7 @@ def test_training_writes_the_run_folder(run_dir):
         assert (run_dir / name).stat().st_size > 0, name
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [f"epoch_00{i}.png" for i in range(3)]
     assert not list(run_dir.glob(".tmp-*")) and not list(run_dir.glob(".*.tmp"))  # no temp file left behind
-    from pipeline.config import load_config
+    from pipeline.common.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
     assert cfg.data.image_size == 32 and cfg.vae.epochs == 3

@@ -12,8 +12,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline.files import save_figure_atomic
-from pipeline.images import make_grid, nhwc_to_nchw, write_png
+from pipeline.common.files import save_figure_atomic
+from pipeline.common.images import make_grid, nhwc_to_nchw, write_png
 from vae.losses import kl_warmup_weight
 
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import keras
 from keras import layers, ops
 
-from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.common.config import Config
+from pipeline.common.errors import UserError
 from vae.losses import RECON_LOSSES, kl_per_dim, kl_with_free_bits, reconstruction_loss
 
 NORMS = ("group", "batch")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.images import nchw_to_nhwc, nhwc_to_nchw
+from pipeline.common.errors import UserError
+from pipeline.common.images import nchw_to_nhwc, nhwc_to_nchw
 
 
 def load_vae(path: str | Path):

@@ -17,17 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import (
-    add_config_args,
-    config_from_args,
-    prepare_out_dir,
-    replace_dir,
-    temp_dir_for,
-)
-from pipeline.config import Config, dump_config, load_config
-from pipeline.errors import UserError, cli_entry
-from pipeline.files import write_text_atomic
-from pipeline.images import make_grid, nchw_to_nhwc, write_png
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import Config, dump_config, load_config
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for, write_text_atomic
+from pipeline.common.images import make_grid, nchw_to_nhwc, write_png
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +60,14 @@ def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed:
 
 
 def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int):
-    """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.data.iterate_batches` order.
+    """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.common.batches.iterate_batches` order.
 
     Global batch i is batch i % steps of epoch start_epoch + i // steps, so the order depends only
     on (seed, epoch) and a resumed run sees the same epochs as an uninterrupted one.
     """
     import keras
 
-    from pipeline.data import iterate_batches
+    from pipeline.common.batches import iterate_batches
 
     class EpochBatches(keras.utils.PyDataset):
         def __init__(self):
@@ -126,7 +120,7 @@ def _load_checkpoint(path: Path):
 def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, overwrite: bool = False,
           verbose: int | str | None = None) -> Path:
     """Train (or resume) a VAE into the run folder `out`; returns the folder."""
-    from pipeline.data import load_image_array
+    from pipeline.data.folders import load_image_array
 
     _check_training_config(cfg)
     v, out = cfg.vae, Path(out)

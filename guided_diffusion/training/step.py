@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

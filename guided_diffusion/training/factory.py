@@ -8,8 +8,8 @@ from guided_diffusion.diffusion import GaussianDiffusion
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.schedules import get_betas
 from guided_diffusion.unet import UNetModel
-from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.common.config import Config
+from pipeline.common.errors import UserError
 
 
 def create_model(cfg: Config) -> UNetModel:

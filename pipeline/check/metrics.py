@@ -26,12 +26,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 INCEPTION_HELP = (
     "expected a TorchScript file mapping (N, 3, 299, 299) float images in [0, 1] to (N, 2048) "
     "Inception-v3 pool features; make one once from torchvision's inception_v3 weights "
-    "(see pipeline/metrics.py, load_inception_features) — nothing is downloaded"
+    "(see pipeline/check/metrics.py, load_inception_features) — nothing is downloaded"
 )
 PROXY_NOTE = "proxy features (random projection + histograms), not Inception: values are not FID/KID"
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import TrainConfig
-from pipeline.errors import UserError
+from pipeline.common.config import TrainConfig
+from pipeline.common.errors import UserError
 
 SCHEDULES = ("constant", "gear", "cosine")
 GEAR_UNITS = ("steps", "epochs")

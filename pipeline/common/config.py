@@ -15,7 +15,7 @@ from typing import Any, Union
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.common.errors import UserError
 
 
 @dataclass
@@ -30,7 +30,6 @@ class DataConfig:
     synthetic_count: int = 2000  # images drawn when path is "synthetic"
     synthetic_defects: float = 0.0  # fraction of synthetic images with a labelled defect
     seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass
@@ -137,7 +136,7 @@ class GenerateConfig:
 @dataclass
 class CircularityConfig:
     """Pass/fail thresholds of `circularity-check`: `min_<metric>` / `max_<metric>`, applied in
-    this order; an image's reason is the first that fails (see pipeline/circularity.py).
+    this order; an image's reason is the first that fails (see pipeline/check/circularity.py).
 
     Bleed comes first (dark tongues also make a pupil look irregular: name the cause), then the
     ellipse axis ratio before circularity and radial deviation (an oval also scores low on both:

@@ -32,10 +32,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from guided_diffusion.ema import ema_file_name
-from pipeline.config import Config, config_to_dict, dump_config, load_config
-from pipeline.errors import UserError
-from pipeline.files import fsync_file, sha256_file, write_text_atomic
+from guided_diffusion.training.ema import ema_file_name
+from pipeline.common.config import Config, config_to_dict, dump_config, load_config
+from pipeline.common.errors import UserError
+from pipeline.common.files import fsync_file, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def load_for_inference(run_or_ckpt_dir: str | Path, ema_rate: float | None = Non
     rate. Returns (model, config, info) where info has `checkpoint`, `step`, `weights` (file name),
     `ema_rate` (0.0 for raw weights) and `sha256` of that file.
     """
-    from guided_diffusion.factory import create_model
+    from guided_diffusion.training.factory import create_model
 
     ckpt = resolve_checkpoint(run_or_ckpt_dir)
     cfg = read_config(ckpt)

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.circularity import (
+from pipeline.check.circularity import (
     METRICS,
     NO_IRIS,
     NO_PUPIL,
@@ -48,16 +48,11 @@ from pipeline.circularity import (
     rules_from_config,
     to_grey_unit,
 )
-from pipeline.cli import (
-    add_config_args,
-    config_from_args,
-    prepare_out_dir,
-    replace_dir,
-    temp_dir_for,
-)
-from pipeline.config import CircularityConfig
-from pipeline.errors import UserError, cli_entry
-from pipeline.images import IMAGE_EXTENSIONS, write_png_uint
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import CircularityConfig
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.images import IMAGE_EXTENSIONS, write_png_uint
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +148,7 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
         out.parent.mkdir(parents=True, exist_ok=True)
         write_png_uint(out, draw_overlay(img, metrics, geometry))
     if want_features:
-        from pipeline.metrics import proxy_features
+        from pipeline.check.metrics import proxy_features
 
         row["_features"] = proxy_features(to_grey_unit(img)[None, None] * 2.0 - 1.0)[0]
     return row
@@ -184,7 +179,7 @@ def _pool_context():
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "pipeline.circularity_cli"])
+        ctx.set_forkserver_preload(["__main__", "pipeline.check.folder"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -295,7 +290,7 @@ def _badness(row: dict, cfg: CircularityConfig) -> float:
 
 def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, path: Path) -> None:
     """Contact sheet of the images furthest from passing, with their boundaries drawn."""
-    from pipeline.plots import contact_sheet
+    from pipeline.check.plots import contact_sheet
 
     worst = sorted(rows, key=lambda r: -_badness(r, cfg))[:WORST_COUNT]
     tiles, captions = [], []
@@ -308,7 +303,7 @@ def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, pa
 
 
 def _plot_groups(groups: dict[str, list[dict]], path: Path, cfg: CircularityConfig, title: str) -> None:
-    from pipeline.plots import plot_histograms
+    from pipeline.check.plots import plot_histograms
 
     thresholds: dict[str, list[float]] = {}
     for rule in rules_from_config(cfg):
@@ -346,7 +341,7 @@ def console_table(summaries: list[tuple[str, dict]]) -> str:
 def _distances(rows_a: list[dict], rows_b: list[dict], folder_a: Path, folder_b: Path,
                inception: str | None) -> dict:
     """Proxy FD/KID always; FID/KID on Inception features when a local weights file is given."""
-    from pipeline.metrics import PROXY_NOTE, fid_from_features, kid, load_inception_features
+    from pipeline.check.metrics import PROXY_NOTE, fid_from_features, kid, load_inception_features
 
     out: dict = {}
     fa = np.array([r["_features"] for r in rows_a])
@@ -410,7 +405,7 @@ def _inputs(args: argparse.Namespace) -> tuple[CircularityConfig, Path, Path | N
     if reference is not None and not reference.is_dir():
         raise UserError(f"reference folder not found: {reference}")
     if args.inception_weights and not Path(args.inception_weights).is_file():
-        from pipeline.metrics import INCEPTION_HELP
+        from pipeline.check.metrics import INCEPTION_HELP
 
         raise UserError(f"Inception weights not found: {args.inception_weights} ({INCEPTION_HELP})")
     resolved = folder.resolve()

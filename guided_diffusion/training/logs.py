@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.files import save_figure_atomic
+from pipeline.common.files import save_figure_atomic
 
 log = logging.getLogger(__name__)
 

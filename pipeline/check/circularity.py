@@ -60,8 +60,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.config import CircularityConfig
-from pipeline.images import to_unit
+from pipeline.common.config import CircularityConfig
+from pipeline.common.images import to_unit
 
 NO_PUPIL = "no dark pupil region"
 NO_IRIS = "no iris boundary"

@@ -39,9 +39,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cli import prepare_out_dir, replace_dir, temp_dir_for
-from pipeline.errors import UserError, cli_entry
-from pipeline.images import write_png
+from pipeline.cli.entry import cli_entry
+from pipeline.common.errors import UserError
+from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.images import write_png
 
 DEFECTS = ("bleed", "irregular", "oval", "offcenter")
 _LUT = 1024  # angular resolution of pupil-boundary lookup tables
@@ -467,8 +468,8 @@ def write_dataset(out: str | Path, n: int, size: int = 128, seed: int = 0, chann
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.synthetic OUT --n 1000 --size 128`: write synthetic irises as PNGs."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.splitlines()[0])
+    """`python -m pipeline.data.synthetic OUT --n 1000 --size 128`: write synthetic irises as PNGs."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline.data.synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")

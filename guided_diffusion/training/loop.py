@@ -2,7 +2,7 @@
 
     train-diffusion --config configs/tiny-cpu.yaml [--set train.max_steps=800] [--out runs/x]
     train-diffusion --resume runs/x [--set train.max_steps=1600]
-    torchrun --nproc_per_node=2 -m guided_diffusion.train_util --config …      (DDP)
+    torchrun --nproc_per_node=2 -m guided_diffusion.training.loop --config …      (DDP)
 
 One optimizer step (`train`, read it top to bottom): pick the step's images, timesteps and noise
 → micro-batched forward/backward → unscale, clip, check finite → AdamW + EMA update, or skip the
@@ -40,7 +40,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from guided_diffusion import samplers
-from guided_diffusion.checkpoint import (
+from guided_diffusion.timestep_sampler import create_timestep_sampler
+from guided_diffusion.training.checkpoint import (
     CHECKPOINTS,
     TrainingCheckpoint,
     capture_rng_state,
@@ -52,11 +53,9 @@ from guided_diffusion.checkpoint import (
     step_dir_name,
     write_text_atomic,
 )
-from guided_diffusion.ema import EMA
-from guided_diffusion.factory import create_diffusion, create_model
-from guided_diffusion.lr_schedule import check_schedule, lr_at
-from guided_diffusion.timestep_sampler import create_timestep_sampler
-from guided_diffusion.train_logging import (
+from guided_diffusion.training.ema import EMA
+from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.logs import (
     LOG_FIELDS,
     STATS_FIELDS,
     CsvLog,
@@ -64,19 +63,22 @@ from guided_diffusion.train_logging import (
     TensorBoard,
     plot_losses,
 )
-from guided_diffusion.train_stats import ActivationProbe, block_grad_norms, health_rows
-from guided_diffusion.train_step import (
+from guided_diffusion.training.lr_schedule import check_schedule, lr_at
+from guided_diffusion.training.stats import ActivationProbe, block_grad_norms, health_rows
+from guided_diffusion.training.step import (
     autocast_for,
     check_batching,
     forward_backward,
     grad_scaler_for,
     resolve_precision,
 )
-from pipeline.cli import add_config_args, config_from_args, pick_torch_device
-from pipeline.config import Config, TrainConfig, dump_config, load_config
-from pipeline.data import epoch_permutation, flip_mask, load_image_array
-from pipeline.errors import UserError, cli_entry
-from pipeline.images import make_grid, write_png
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.batches import epoch_permutation, flip_mask
+from pipeline.common.config import Config, TrainConfig, dump_config, load_config
+from pipeline.common.devices import pick_torch_device
+from pipeline.common.errors import UserError
+from pipeline.common.images import make_grid, write_png
+from pipeline.data.folders import load_image_array
 
 log = logging.getLogger(__name__)
 

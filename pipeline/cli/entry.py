@@ -1,0 +1,54 @@
+"""What every console script shares: `--config`/`--set`, and the wrapper that turns a user
+error into one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from guided_diffusion.errors import DiffusionSettingError
+from pipeline.common.config import Config, load_config
+from pipeline.common.errors import UserError
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """Add `--config FILE` and repeatable `--set key=value` to a parser."""
+    parser.add_argument(
+        "--config", default=default_config, metavar="FILE",
+        help="YAML config file" + (f" (default: {default_config})" if default_config else ""),
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the config named by `--config` with the `--set` overrides applied."""
+    return load_config(args.config, args.overrides)
+
+
+def cli_entry(func: F) -> F:
+    """Wrap a console-script `main`: a user error (ours or the diffusion core's) → `error: …` on
+    stderr, exit 2, no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            code = func(*args, **kwargs)
+        except (UserError, DiffusionSettingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code or 0)
+
+    return wrapper  # type: ignore[return-value]

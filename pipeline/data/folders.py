@@ -1,0 +1,141 @@
+"""Image datasets: a folder of images or the built-in synthetic irises, as [-1, 1] float arrays.
+
+Loaded arrays are cached per process (`data.cache`), so a second trainer in the same process does
+not decode the folder again. Batch order lives in `pipeline.common.batches`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.common.config import DataConfig
+from pipeline.common.errors import UserError
+from pipeline.common.images import from_uint
+from pipeline.data.synthetic import iter_irises
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Image files under `folder` (recursive, extensions case-insensitive), sorted; others are counted and skipped."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"data folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"data path is not a folder: {folder}")
+    images, skipped = [], 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            skipped += 1
+    if skipped:
+        log.warning("skipped %d non-image file(s) in %s", skipped, folder)
+    if not images:
+        what = "has no image files" if skipped else "is empty"
+        raise UserError(f"data folder {folder} {what} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode a file to HW or HWC uint8/uint16 (RGB order); UserError if unreadable."""
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # our error says it in one line
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+    if img is None or img.size == 0:
+        raise UserError(f"cannot decode image {path} (corrupt, truncated or unsupported)")
+    if img.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"unsupported pixel type {img.dtype} in image {path} (need 8- or 16-bit)")
+    if img.ndim == 3:
+        if img.shape[2] in (1, 2):  # grey, grey + alpha
+            img = img[:, :, 0]
+        elif img.shape[2] in (3, 4):  # BGR, BGRA → RGB
+            img = img[:, :, 2::-1]
+        else:
+            raise UserError(f"unsupported channel count {img.shape[2]} in image {path}")
+    return np.ascontiguousarray(img)
+
+
+def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """HW/HWC float image → (channels, H, W): grey → replicated, RGB → luminance (ITU-R BT.601)."""
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if channels == 1 and img.shape[2] == 3:
+        img = (img @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None]
+    elif channels == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return np.ascontiguousarray(np.transpose(img, (2, 0, 1)))
+
+
+def _resize_crop(img: np.ndarray, size: int, path: Path) -> np.ndarray:
+    """Resize so the shorter side equals `size` (INTER_AREA when shrinking), then centre-crop."""
+    h, w = img.shape[:2]
+    if min(h, w) < size:
+        raise UserError(f"image {path} is {w}x{h}, smaller than the target size {size}")
+    scale = size / min(h, w)
+    if scale != 1.0:
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top : top + size, left : left + size]
+
+
+def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
+    """One image file → (channels, size, size) float32 in [-1, 1]."""
+    path = Path(path)
+    img = from_uint(_decode(path))
+    return _to_channels(_resize_crop(img, size, path), channels)
+
+
+def _check(data: DataConfig) -> None:
+    if data.channels not in (1, 3):
+        raise UserError(f"data.channels must be 1 or 3, got {data.channels}")
+    if data.image_size < 8:
+        raise UserError(f"data.image_size must be >= 8, got {data.image_size}")
+
+
+def load_image_array(data: DataConfig) -> np.ndarray:
+    """All images of the dataset as float32 (N, C, H, W) in [-1, 1] (synthetic when data.path == 'synthetic')."""
+    _check(data)
+    synthetic = data.path == "synthetic"
+    key = (data.path, data.image_size, data.channels) + (
+        (data.synthetic_count, data.synthetic_defects, data.seed) if synthetic else ())
+    if data.cache and key in _CACHE:
+        return _CACHE[key]
+    if synthetic:
+        if data.synthetic_count < 1:
+            raise UserError(f"data.synthetic_count must be >= 1, got {data.synthetic_count}")
+        n = data.synthetic_count
+        items = (img for img, _ in iter_irises(n, data.image_size, data.seed, data.channels, data.synthetic_defects))
+        desc = "drawing synthetic irises"
+    else:
+        files = list_image_files(data.path)
+        n = len(files)
+        items = (read_image(path, data.image_size, data.channels) for path in files)
+        desc = f"loading {data.path}"
+    images = np.empty((n, data.channels, data.image_size, data.image_size), np.float32)
+    for i, img in enumerate(tqdm(items, total=n, desc=desc, unit="img", leave=False)):
+        images[i] = img
+    if data.cache:
+        images.flags.writeable = False
+        _CACHE[key] = images
+    return images
