@@ -6,9 +6,10 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.cli.synthetic_irises import main
 from pipeline.common.errors import UserError
 from pipeline.common.images import to_uint8
-from pipeline.data.synthetic import DEFECTS, generate_irises, main
+from pipeline.data.synthetic import DEFECTS, generate_irises
 
 DARK = 0.12  # a pixel is "pupil-dark" below pupil_value + DARK (pupil and iris floor differ by ≥ 0.29)
 
