@@ -39,15 +39,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.check.circularity import (
-    METRICS,
-    NO_IRIS,
-    NO_PUPIL,
-    Geometry,
-    analyze_with_geometry,
-    rules_from_config,
-    to_grey_unit,
-)
+from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_unit
+from pipeline.check.rules import METRICS, NO_IRIS, NO_PUPIL, rules_from_config
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
