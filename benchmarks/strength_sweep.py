@@ -101,9 +101,9 @@ class Evaluator:
 
     def __call__(self, images: np.ndarray) -> dict:
         from pipeline.check.analyze import analyze_batch
-        from pipeline.check.folder import failure_key
         from pipeline.check.metrics import kid
         from pipeline.check.rules import round_pupil_without_bleed
+        from pipeline.check.summary import failure_key
 
         rows = analyze_batch(images, self.cfg.circularity)
         n = len(rows)
