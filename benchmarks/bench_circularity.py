@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from results_io import headline, write_result
 
-from pipeline.check.circularity import analyze_image
+from pipeline.check.analyze import analyze_image
 from pipeline.check.folder import analyze_folder
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import to_unit, write_png

@@ -100,9 +100,10 @@ class Evaluator:
         self.heldout_features = self.features(heldout)
 
     def __call__(self, images: np.ndarray) -> dict:
-        from pipeline.check.circularity import analyze_batch, round_pupil_without_bleed
-        from pipeline.check.folder import failure_key
+        from pipeline.check.analyze import analyze_batch
         from pipeline.check.metrics import kid
+        from pipeline.check.rules import round_pupil_without_bleed
+        from pipeline.check.summary import failure_key
 
         rows = analyze_batch(images, self.cfg.circularity)
         n = len(rows)

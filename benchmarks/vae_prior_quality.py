@@ -12,7 +12,7 @@ circularity check:
   5. single = no other dark component of ≥ max(4 px, 10 % of the pupil) within 2.5·r.
 Pass: pupil found, circularity ≥ 0.9, bleed ≤ 0.02, single.
 
-The priors also go through the project's full check (`pipeline.check.circularity`, thresholds of
+The priors also go through the project's full check (`pipeline.check.analyze`, thresholds of
 `configs/circularity.yaml` defaults), reported beside this measure.
 
 `--calibrate N` also runs the measure on N training images (should nearly all pass) and on N
@@ -152,8 +152,9 @@ def summarise(images: np.ndarray) -> dict:
 
 
 def circularity_check(images: np.ndarray) -> dict:
-    """The same images through the project's full check (`pipeline.check.circularity`, default thresholds)."""
-    from pipeline.check.circularity import analyze_batch, round_pupil_without_bleed
+    """The same images through the project's full check (`pipeline.check.analyze`, default thresholds)."""
+    from pipeline.check.analyze import analyze_batch
+    from pipeline.check.rules import round_pupil_without_bleed
     from pipeline.common.config import CircularityConfig
 
     cfg = CircularityConfig()

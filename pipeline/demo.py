@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from guided_diffusion.training import loop as train_util
     from pipeline import generate
-    from pipeline.check import folder as circularity_cli
+    from pipeline.cli import circularity_check as circularity_cli
     from vae import train as vae_train
 
     timings: dict[str, float] = {}

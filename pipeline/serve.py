@@ -33,7 +33,7 @@ def run_models(run_dir: str | Path) -> tuple[Path, Path]:
 def render(cfg: Config, run_dir: str | Path, strength: float, seed: int, n: int, steps: int) -> tuple[np.ndarray, list[list]]:
     """Generate n images from VAE priors at `strength`; returns a uint8 grid (one row per image:
     prior | result, each TILE pixels) and one [image, pass, reason, pupil circularity, bleed] row per image."""
-    from pipeline.check.circularity import analyze_batch
+    from pipeline.check.analyze import analyze_batch
     from pipeline.common.images import enlarged_grid
     from pipeline.generate import generate
 

@@ -6,15 +6,13 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.check.circularity import (
+from pipeline.check.analyze import analyze_batch, analyze_image, to_grey_unit
+from pipeline.check.rules import (
     METRICS,
     NO_PUPIL,
-    analyze_batch,
-    analyze_image,
     evaluate_rules,
     round_pupil_without_bleed,
     rules_from_config,
-    to_grey_unit,
 )
 from pipeline.common.config import CircularityConfig, load_config
 from pipeline.common.images import to_unit

@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.check.folder import _guided_chunks, main
+from pipeline.check.folder import _guided_chunks
+from pipeline.cli.circularity_check import main
 from pipeline.common.images import to_uint8, to_uint16, write_png
 from pipeline.data.synthetic import generate_irises
 

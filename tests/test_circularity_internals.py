@@ -1,16 +1,14 @@
-"""The fast helpers of pipeline/check/circularity.py give what the slower standard routines they replace give."""
+"""The fast helpers of pipeline/check/ give what the slower standard routines they replace give."""
 
 import cv2
 import numpy as np
 import pytest
 from skimage.measure import find_contours
 
-from pipeline.check.circularity import (
-    _linear_quantile,
-    _longest_closed_contour,
-    _null_vectors,
-    _sharpness,
-)
+from pipeline.check.arrays import linear_quantile
+from pipeline.check.contour import longest_closed_contour
+from pipeline.check.fit import _null_vectors
+from pipeline.check.quality import sharpness
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -21,7 +19,7 @@ def test_contour_is_skimages_longest_closed_one(seed):
     img = cv2.copyMakeBorder(img, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=1.0)  # every contour closes
     level = float(np.quantile(img, rng.uniform(0.2, 0.6)))
     closed = [c for c in find_contours(img, level) if len(c) > 8 and np.array_equal(c[0], c[-1])]
-    ours = _longest_closed_contour(img, level)
+    ours = longest_closed_contour(img, level)
     if not closed:
         assert ours is None
         return
@@ -35,7 +33,7 @@ def test_sharpness_is_daugmans_kernel_power(shape):
     kernel = np.ones((8, 8), np.float32)
     kernel[2:6, 2:6] = -3.0  # Daugman's band-pass: +1 around, -3 in the central 4x4; zero sum
     resp = cv2.filter2D(g.astype(np.float64), -1, kernel.astype(np.float64))[4:-4, 4:-4]
-    assert _sharpness(g) == pytest.approx(float((resp**2).mean()) * 255.0**2, rel=1e-5)
+    assert sharpness(g) == pytest.approx(float((resp**2).mean()) * 255.0**2, rel=1e-5)
 
 
 def test_null_vectors_solve_the_systems():
@@ -50,4 +48,4 @@ def test_null_vectors_solve_the_systems():
 @pytest.mark.parametrize("q", [0.0, 0.4, 0.5, 0.93, 1.0])
 def test_linear_quantile_is_numpys(q):
     a = np.random.default_rng(1).normal(size=(7, 31))
-    assert np.array_equal(_linear_quantile(a, q), np.quantile(a, q, axis=-1))
+    assert np.array_equal(linear_quantile(a, q), np.quantile(a, q, axis=-1))

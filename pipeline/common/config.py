@@ -136,7 +136,7 @@ class GenerateConfig:
 @dataclass
 class CircularityConfig:
     """Pass/fail thresholds of `circularity-check`: `min_<metric>` / `max_<metric>`, applied in
-    this order; an image's reason is the first that fails (see pipeline/check/circularity.py).
+    this order; an image's reason is the first that fails (see pipeline/check/rules.py).
 
     Bleed comes first (dark tongues also make a pupil look irregular: name the cause), then the
     ellipse axis ratio before circularity and radial deviation (an oval also scores low on both:

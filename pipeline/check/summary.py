@@ -1,0 +1,170 @@
+"""What a folder check reports: the summary (counts, pass rate, statistics, failure reasons), the
+results CSV, the worst-images sheet, the histograms, the console table and, against a reference
+folder, the distribution distances."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.check.analyze import analyze_with_geometry, to_grey_unit
+from pipeline.check.folder import draw_overlay, read_image
+from pipeline.check.rules import METRICS, NO_IRIS, NO_PUPIL, rules_from_config
+from pipeline.common.config import CircularityConfig
+
+PLOT_METRICS = (
+    "pupil_circularity", "pupil_axis_ratio", "pupil_radial_dev", "bleed_fraction", "concentricity",
+    "iris_circularity", "pupil_iris_ratio", "pupil_r", "iris_r", "iris_pupil_contrast",
+    "iris_sclera_contrast", "grey_utilisation", "sharpness",
+)
+TABLE_METRICS = ("pupil_circularity", "pupil_axis_ratio", "pupil_radial_dev", "bleed_fraction",
+                 "concentricity", "iris_circularity", "pupil_iris_ratio")
+WORST_COUNT = 24
+
+
+def failure_key(reason: str) -> str:
+    """What a failure is counted under: the rule's metric, or the detection failure."""
+    return reason if reason in (NO_PUPIL, NO_IRIS) else reason.split(" ")[0]
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return {"n": 0, "mean": None, "median": None, "p5": None, "p95": None}
+    p5, med, p95 = np.percentile(a, [5, 50, 95])
+    return {"n": int(a.size), "mean": float(a.mean()), "median": float(med), "p5": float(p5), "p95": float(p95)}
+
+
+def summarize(folder: Path, rows: list[dict], unreadable: list[dict], cfg: CircularityConfig) -> dict:
+    """Counts, pass rate, per-metric statistics and failure reasons (the summary.json content)."""
+    n = len(rows)
+    passed = sum(bool(r["pass"]) for r in rows)
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if not r["pass"]:
+            key = failure_key(r["reason"])
+            reasons[key] = reasons.get(key, 0) + 1
+    numeric = [m for m in METRICS if m not in ("pupil_found", "iris_found")]
+    return {
+        "folder": str(folder),
+        "n_files": n + len(unreadable),
+        "n_analysed": n,
+        "n_unreadable": len(unreadable),
+        "unreadable": unreadable,
+        "n_pass": passed,
+        "n_fail": n - passed,
+        "pass_rate": passed / n if n else 0.0,
+        "pupil_found_rate": sum(bool(r["pupil_found"]) for r in rows) / n if n else 0.0,
+        "iris_found_rate": sum(bool(r["iris_found"]) for r in rows) / n if n else 0.0,
+        "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "metrics": {m: _stats([r[m] for r in rows]) for m in numeric},
+        "rules": [{"metric": r.metric, "kind": r.kind, "threshold": r.threshold} for r in rules_from_config(cfg)],
+    }
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """results.csv: file, width, height, pass, reason, then every metric (NaN → empty)."""
+    columns = ["file", "width", "height", "pass", "reason", *METRICS]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for r in rows:
+            writer.writerow(["" if isinstance(r[c], float) and not math.isfinite(r[c])
+                             else f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns])
+
+
+def _badness(row: dict, cfg: CircularityConfig) -> float:
+    """How far an image is from passing (largest relative rule violation; detection failures worst)."""
+    if not row["pupil_found"]:
+        return math.inf
+    if not row["iris_found"]:
+        return 1e9
+    worst = -math.inf
+    for rule in rules_from_config(cfg):
+        v = row[rule.metric]
+        if not math.isfinite(v):
+            return 1e8
+        excess = (rule.threshold - v) if rule.kind == "min" else (v - rule.threshold)
+        worst = max(worst, excess / max(abs(rule.threshold), 1e-6))
+    return worst
+
+
+def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, path: Path) -> None:
+    """Contact sheet of the images furthest from passing, with their boundaries drawn."""
+    from pipeline.check.plots import contact_sheet
+
+    worst = sorted(rows, key=lambda r: -_badness(r, cfg))[:WORST_COUNT]
+    tiles, captions = [], []
+    for r in worst:
+        img = read_image(folder / r["file"])
+        metrics, geometry = analyze_with_geometry(img, cfg)
+        tiles.append(draw_overlay(img, metrics, geometry))
+        captions.append(f"{r['file'][-28:]}\n{r['reason'] or 'pass'}")
+    contact_sheet(tiles, captions, path, title=f"{folder.name}: {len(worst)} worst of {len(rows)}")
+
+
+def plot_groups(groups: dict[str, list[dict]], path: Path, cfg: CircularityConfig, title: str) -> None:
+    """Histograms of `PLOT_METRICS`, one colour per group of rows, with the rules' thresholds."""
+    from pipeline.check.plots import plot_histograms
+
+    thresholds: dict[str, list[float]] = {}
+    for rule in rules_from_config(cfg):
+        thresholds.setdefault(rule.metric, []).append(rule.threshold)
+    data = {label: {m: [r[m] for r in rows] for m in PLOT_METRICS} for label, rows in groups.items()}
+    plot_histograms(data, path, PLOT_METRICS, thresholds, title=title)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def console_table(summaries: list[tuple[str, dict]]) -> str:
+    """A few lines: counts, pass rate, key medians, top failure reasons, one column per folder."""
+    width = max(12, *(len(label) for label, _ in summaries))
+    head = f"{'':24s}" + "".join(f"{label[:width]:>{width + 2}s}" for label, _ in summaries)
+    lines = [head]
+
+    def row(name: str, values: list[str]) -> None:
+        lines.append(f"{name:24s}" + "".join(f"{v:>{width + 2}s}" for v in values))
+
+    row("images (unreadable)", [f"{s['n_analysed']} ({s['n_unreadable']})" for _, s in summaries])
+    row("pass rate", [f"{100 * s['pass_rate']:.1f}%" for _, s in summaries])
+    row("pupil / iris found", [f"{100 * s['pupil_found_rate']:.0f}% / {100 * s['iris_found_rate']:.0f}%" for _, s in summaries])
+    for m in TABLE_METRICS:
+        row(f"median {m}", [_fmt(s["metrics"][m]["median"]) for _, s in summaries])
+    for label, s in summaries:
+        top = ", ".join(f"{k} {v}" for k, v in list(s["failure_reasons"].items())[:4]) or "none"
+        lines.append(f"failures ({label}): {top}")
+    return "\n".join(lines)
+
+
+def distances(rows_a: list[dict], rows_b: list[dict], folder_a: Path, folder_b: Path,
+              inception: str | None) -> dict:
+    """Proxy FD/KID always; FID/KID on Inception features when a local weights file is given."""
+    from pipeline.check.metrics import PROXY_NOTE, fid_from_features, kid, load_inception_features
+
+    out: dict = {}
+    fa = np.array([r["_features"] for r in rows_a])
+    fb = np.array([r["_features"] for r in rows_b])
+    if min(len(fa), len(fb)) >= 2:
+        mean, std = kid(fa, fb, subsets=100, subset_size=1000)
+        out.update(proxy_fd=fid_from_features(fa, fb), proxy_kid_mean=mean, proxy_kid_std=std, proxy_note=PROXY_NOTE)
+    if inception:
+        extract = load_inception_features(inception)
+
+        def feats(folder: Path, rows: list[dict]) -> np.ndarray:
+            batch = [cv2.resize(to_grey_unit(read_image(folder / r["file"])), (299, 299), interpolation=cv2.INTER_AREA)
+                     for r in rows]
+            return extract(np.stack(batch)[:, None] * 2.0 - 1.0)
+
+        ia, ib = feats(folder_a, rows_a), feats(folder_b, rows_b)
+        mean, std = kid(ia, ib, subsets=100, subset_size=1000)
+        out.update(fid=fid_from_features(ia, ib), kid_mean=mean, kid_std=std, inception_weights=str(inception))
+    return out
