@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from guided_diffusion.samplers import strength_to_t_start
-from guided_diffusion.training import loop as train_util
 from guided_diffusion.training.checkpoint import load_for_inference
 from guided_diffusion.training.factory import create_diffusion
 from pipeline import generate as gen_mod
+from pipeline.cli import train_diffusion
 from pipeline.common.config import load_config
 from vae import train as vae_train
 
@@ -25,8 +25,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text("{}\n")
-    train_util.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
-                                 "--out", str(root / "diffusion"), "--device", "cpu"])
+    train_diffusion.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
+                                      "--out", str(root / "diffusion"), "--device", "cpu"])
     cfg = load_config(cfg_path, TINY)
     vae_train.train(cfg, root / "vae", verbose=0)
     return root, cfg
