@@ -136,14 +136,13 @@ class Evaluator:
 
 def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str, Path]:
     """Train the VAE, the diffusion model and (control_defects > 0) the control model under out/models."""
-    from pipeline.cli import train_diffusion
-    from vae import train as vae_train
+    from pipeline.cli import train_diffusion, train_vae
 
     models = out / "models"
     common = ["--config", str(cfg_path)]
     paths = {"vae": models / "vae" / "vae.keras", "clean": models / "diffusion"}
     log.info("training the VAE → %s", paths["vae"].parent)
-    vae_train.main.__wrapped__([*common, "--out", str(paths["vae"].parent), "--overwrite"])
+    train_vae.main.__wrapped__([*common, "--out", str(paths["vae"].parent), "--overwrite"])
     log.info("training the diffusion model → %s", paths["clean"])
     train_diffusion.main.__wrapped__([*common, "--out", str(paths["clean"]), "--overwrite", "--device", "cpu"])
     if control_defects > 0:

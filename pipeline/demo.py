@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import generate
     from pipeline.check import folder as circularity_cli
-    from pipeline.cli import train_diffusion
-    from vae import train as vae_train
+    from pipeline.cli import train_diffusion, train_vae
 
     timings: dict[str, float] = {}
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = time.perf_counter() - t0
 
     common = ["--config", str(config_path)]
-    stage("train VAE", vae_train.main, [*common, "--out", str(out / "vae"), "--overwrite"])
+    stage("train VAE", train_vae.main, [*common, "--out", str(out / "vae"), "--overwrite"])
     stage("train diffusion", train_diffusion.main, [*common, "--out", str(out / "diffusion"), "--overwrite",
                                                     "--device", "cpu"])
     gen_args = ["--diffusion", str(out / "diffusion"), "--n", str(n), "--seed", "0", "--device", "cpu",
