@@ -24,10 +24,11 @@ sys.path.insert(0, str(REPO))
 from results_io import headline, write_result  # noqa: E402
 
 from guided_diffusion.samplers import STEPS, run_loop, sample, sampler_nfe  # noqa: E402
-from guided_diffusion.training import loop as train_util  # noqa: E402
 from guided_diffusion.training.checkpoint import load_for_inference  # noqa: E402
 from guided_diffusion.training.factory import create_diffusion  # noqa: E402
+from pipeline.cli import train_diffusion  # noqa: E402
 from pipeline.common.config import load_config  # noqa: E402
+from pipeline.data.folders import load_image_array  # noqa: E402
 from vae import train as vae_train  # noqa: E402
 from vae.priors import load_vae, sample_priors  # noqa: E402
 
@@ -54,10 +55,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config = REPO / "configs" / "tiny-cpu.yaml"
-        train_util.main.__wrapped__(["--config", str(config), *sum((["--set", s] for s in TINY), []),
-                                     "--out", str(tmp / "diffusion"), "--device", "cpu"])
+        train_diffusion.main.__wrapped__(["--config", str(config), *sum((["--set", s] for s in TINY), []),
+                                          "--out", str(tmp / "diffusion"), "--device", "cpu"])
         cfg = load_config(config, TINY)
-        vae_train.train(cfg, tmp / "vae", verbose=0)
+        vae_train.train(cfg, load_image_array(cfg.data), tmp / "vae", verbose=0)
         model, train_cfg, _ = load_for_inference(tmp / "diffusion")
         vae = load_vae(tmp / "vae" / "vae.keras")
         shape = (n, train_cfg.data.channels, train_cfg.data.image_size, train_cfg.data.image_size)

@@ -127,7 +127,9 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
     so load changes on a shared machine hit both alike.
     """
     import guided_diffusion.training.loop as train_util
+    from guided_diffusion.training.distributed import Dist
     from pipeline.common.config import load_config
+    from pipeline.data.folders import load_image_array
 
     starts: list[tuple[float, float]] = []
     inner: list[list[float]] = []
@@ -158,8 +160,8 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
                              "train.sample_every=100000", "train.stats_every=100000", "train.sample_count=1",
                              "train.sample_steps=2", "train.precision=fp32"])
     with tempfile.TemporaryDirectory() as tmp:
-        s = train_util.prepare(cfg, device, train_util.Dist())
-        train_util.train(s, Path(tmp), train_util.Dist())
+        s = train_util.prepare(cfg, load_image_array(cfg.data), device, Dist())
+        train_util.train(s, Path(tmp), Dist())
     first = 3  # skip warm-up; the last iteration has no successor (and ends in the final save)
     out = {}
     for k, clock in enumerate(("wall", "cpu")):

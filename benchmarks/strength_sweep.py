@@ -137,21 +137,20 @@ class Evaluator:
 
 def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str, Path]:
     """Train the VAE, the diffusion model and (control_defects > 0) the control model under out/models."""
-    from guided_diffusion.training import loop as train_util
-    from vae import train as vae_train
+    from pipeline.cli import train_diffusion, train_vae
 
     models = out / "models"
     common = ["--config", str(cfg_path)]
     paths = {"vae": models / "vae" / "vae.keras", "clean": models / "diffusion"}
     log.info("training the VAE → %s", paths["vae"].parent)
-    vae_train.main.__wrapped__([*common, "--out", str(paths["vae"].parent), "--overwrite"])
+    train_vae.main.__wrapped__([*common, "--out", str(paths["vae"].parent), "--overwrite"])
     log.info("training the diffusion model → %s", paths["clean"])
-    train_util.main.__wrapped__([*common, "--out", str(paths["clean"]), "--overwrite", "--device", "cpu"])
+    train_diffusion.main.__wrapped__([*common, "--out", str(paths["clean"]), "--overwrite", "--device", "cpu"])
     if control_defects > 0:
         paths["defects"] = models / "diffusion_defects"
         log.info("training the control model on %.0f%% defective pupils → %s", 100 * control_defects, paths["defects"])
-        train_util.main.__wrapped__([*common, "--set", f"data.synthetic_defects={control_defects}", "--out",
-                                     str(paths["defects"]), "--overwrite", "--device", "cpu"])
+        train_diffusion.main.__wrapped__([*common, "--set", f"data.synthetic_defects={control_defects}", "--out",
+                                          str(paths["defects"]), "--overwrite", "--device", "cpu"])
     return paths
 
 

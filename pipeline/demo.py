@@ -96,10 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     config_path = out / "config.yaml"
     write_text_atomic(config_path, dump_config(cfg))
 
-    from guided_diffusion.training import loop as train_util
     from pipeline import generate
     from pipeline.cli import circularity_check as circularity_cli
-    from vae import train as vae_train
+    from pipeline.cli import train_diffusion, train_vae
 
     timings: dict[str, float] = {}
 
@@ -109,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         timings[name] = time.perf_counter() - t0
 
     common = ["--config", str(config_path)]
-    stage("train VAE", vae_train.main, [*common, "--out", str(out / "vae"), "--overwrite"])
-    stage("train diffusion", train_util.main, [*common, "--out", str(out / "diffusion"), "--overwrite",
-                                               "--device", "cpu"])
+    stage("train VAE", train_vae.main, [*common, "--out", str(out / "vae"), "--overwrite"])
+    stage("train diffusion", train_diffusion.main, [*common, "--out", str(out / "diffusion"), "--overwrite",
+                                                    "--device", "cpu"])
     gen_args = ["--diffusion", str(out / "diffusion"), "--n", str(n), "--seed", "0", "--device", "cpu",
                 "--overwrite", *common]
     stage("generate from VAE", generate.main,

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from guided_diffusion.samplers import strength_to_t_start
-from guided_diffusion.training import loop as train_util
 from guided_diffusion.training.checkpoint import load_for_inference
 from guided_diffusion.training.factory import create_diffusion
 from pipeline import generate as gen_mod
+from pipeline.cli import train_diffusion
 from pipeline.common.config import load_config
+from pipeline.data.folders import load_image_array
 from vae import train as vae_train
 
 TINY = ["data.image_size=32", "data.synthetic_count=32", "model.model_channels=16", "model.num_res_blocks=1",
@@ -25,10 +26,10 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
     cfg_path = root / "tiny.yaml"
     cfg_path.write_text("{}\n")
-    train_util.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
-                                 "--out", str(root / "diffusion"), "--device", "cpu"])
+    train_diffusion.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
+                                      "--out", str(root / "diffusion"), "--device", "cpu"])
     cfg = load_config(cfg_path, TINY)
-    vae_train.train(cfg, root / "vae", verbose=0)
+    vae_train.train(cfg, load_image_array(cfg.data), root / "vae", verbose=0)
     return root, cfg
 
 
@@ -95,7 +96,7 @@ def test_batching_does_not_change_ddim_images(models):
 def test_size_mismatch_between_vae_and_diffusion(models, tmp_path):
     root, cfg = models
     small = load_config(None, [*TINY, "data.image_size=16"])
-    vae_train.train(small, tmp_path / "vae16", verbose=0)
+    vae_train.train(small, load_image_array(small.data), tmp_path / "vae16", verbose=0)
     cfg16 = load_config(None, [*TINY, "generate.n=2", "generate.steps=5"])
     with pytest.raises(gen_mod.UserError, match="expects"):
         gen_mod.generate(cfg16, root / "diffusion", source="vae", vae_path=tmp_path / "vae16" / "vae.keras",

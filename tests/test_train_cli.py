@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from guided_diffusion.training import loop as train_util
-from guided_diffusion.training.loop import main
+from pipeline.cli.train_diffusion import main
 
 TINY = {
     "data": {"image_size": 16, "synthetic_count": 24},

@@ -53,7 +53,7 @@ def write_config(tmp_path: Path, **train) -> Path:
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "guided_diffusion.training.loop", *args, "--device", "cpu"]
+    return [sys.executable, "-m", "pipeline.cli.train_diffusion", *args, "--device", "cpu"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -111,7 +111,7 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path):
 
 def _ddp(tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "guided_diffusion.training.loop", "--device", "cpu", *extra]
+           "-m", "pipeline.cli.train_diffusion", "--device", "cpu", *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vae.train import main
+from pipeline.cli.train_vae import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SETS = [

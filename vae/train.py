@@ -1,4 +1,5 @@
-"""`train-vae`: train the stage-1 Keras VAE, or (`--sample N --from VAE.keras`) write priors as PNGs.
+"""Train the stage-1 Keras VAE into a run folder, and write priors sampled from one as PNGs
+(the library side of `train-vae`; its command line is `pipeline.cli.train_vae`).
 
 A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the monitored ELBO),
 `last.keras` (latest, with optimizer state, for `--resume`), `log.csv`, `loss.png` and
@@ -7,7 +8,6 @@ A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the mon
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
-from pipeline.common.config import Config, dump_config, load_config
+from pipeline.common.config import Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for, write_text_atomic
 from pipeline.common.images import make_grid, nchw_to_nhwc, write_png
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = "runs/vae"
 GRID_SAMPLES = 64
 LR_SCHEDULES = ("constant", "cosine")
 PRIORS = ("fitted", "standard")
@@ -117,18 +115,15 @@ def _load_checkpoint(path: Path):
     return model
 
 
-def train(cfg: Config, out: str | Path = DEFAULT_OUT, resume: bool = False, overwrite: bool = False,
+def train(cfg: Config, images: np.ndarray, out: str | Path, resume: bool = False, overwrite: bool = False,
           verbose: int | str | None = None) -> Path:
-    """Train (or resume) a VAE into the run folder `out`; returns the folder."""
-    from pipeline.data.folders import load_image_array
-
+    """Train (or resume) a VAE on `images` (N, C, H, W) into the run folder `out`; returns the folder."""
     _check_training_config(cfg)
     v, out = cfg.vae, Path(out)
     if resume and not (out / "last.keras").is_file():
         raise UserError(f"nothing to resume: {out / 'last.keras'} not found")
     if not resume:
         prepare_out_dir(out, overwrite)
-    images = load_image_array(cfg.data)
     train_x, val_x = split_images(images, v.val_fraction, v.batch_size, v.seed)
 
     import keras  # after the cheap checks: importing TensorFlow is slow
@@ -200,50 +195,3 @@ def write_priors(vae_path: str | Path, out: str | Path, n: int, seed: int, tempe
         raise
     replace_dir(tmp, out)
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train-vae", description="Train the stage-1 Keras VAE on iris images, or sample priors from one.")
-    add_config_args(parser)
-    parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {DEFAULT_OUT}); with --sample, "
-                        "the folder for the prior PNGs")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--sample", type=int, metavar="N", help="instead of training, write N priors as PNGs")
-    parser.add_argument("--from", dest="from_path", metavar="VAE.keras", help="the VAE to sample (with --sample)")
-    parser.add_argument("--seed", type=int, help="latent seed for --sample (default: generate.seed)")
-    parser.add_argument("--temperature", type=float, help="latent temperature for --sample "
-                        "(default: generate.temperature)")
-    return parser
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `train-vae`."""
-    args = _parser().parse_args(argv)
-    if args.sample is not None:
-        if args.resume:
-            raise UserError("--sample and --resume cannot be combined")
-        if not args.from_path or not args.out:
-            raise UserError("--sample needs --from VAE.keras and --out DIR")
-        cfg = config_from_args(args)
-        seed = cfg.generate.seed if args.seed is None else args.seed
-        temperature = cfg.generate.temperature if args.temperature is None else args.temperature
-        explicit = cfg if args.config or args.overrides else None
-        out = write_priors(args.from_path, args.out, args.sample, seed, temperature, args.overwrite, explicit)
-        print(f"wrote {args.sample} priors and grid.png to {out}")
-        return 0
-    if args.from_path or args.seed is not None or args.temperature is not None:
-        raise UserError("--from, --seed and --temperature only apply with --sample")
-    out = Path(args.out or DEFAULT_OUT)
-    if args.resume and not args.config:
-        saved = out / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"nothing to resume: {saved} not found")
-        cfg = load_config(saved, args.overrides)
-    else:
-        cfg = config_from_args(args)
-    train(cfg, out, resume=args.resume, overwrite=args.overwrite)
-    print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
-    return 0

@@ -1,0 +1,121 @@
+"""`train-diffusion`: train the stage-2 diffusion U-Net, resumable bit for bit.
+
+    train-diffusion --config configs/tiny-cpu.yaml [--set train.max_steps=800] [--out runs/x]
+    train-diffusion --resume runs/x [--set train.max_steps=1600]
+    torchrun --nproc_per_node=2 -m pipeline.cli.train_diffusion --config …      (DDP)
+
+Picks the run directory (new, or the one to resume and its latest checkpoint), loads the images
+and runs `guided_diffusion.training.loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from guided_diffusion.training.checkpoint import (
+    TrainingCheckpoint,
+    latest_checkpoint,
+    load_training_checkpoint,
+    resume_differences,
+)
+from guided_diffusion.training.distributed import init_distributed
+from guided_diffusion.training.loop import prepare, train
+from guided_diffusion.training.session import Setup
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import Config, dump_config, load_config
+from pipeline.common.devices import pick_torch_device
+from pipeline.common.errors import UserError
+from pipeline.common.files import write_text_atomic
+from pipeline.data.folders import load_image_array
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "runs/diffusion"
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, TrainingCheckpoint | None]:
+    """The config, run directory and (when resuming) checkpoint named by the command line."""
+    if args.resume is None:
+        run_dir = Path(args.out or DEFAULT_OUT)
+        if run_dir.exists() and not args.overwrite:
+            raise UserError(f"run directory '{run_dir}' already exists; pass --resume {run_dir} to continue it "
+                            "or --overwrite to start again")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"output '{run_dir}' exists and is not a directory")
+        return config_from_args(args), run_dir, None
+    run_dir = Path(args.resume)
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise UserError("--resume continues in the run directory itself; drop --out (or give the same path)")
+    if args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pick one")
+    ckpt = load_training_checkpoint(latest_checkpoint(run_dir))
+    cfg = load_config(args.config or ckpt.path / "config.yaml", args.overrides)
+    fixed, free = resume_differences(ckpt.cfg, cfg)
+    if fixed:
+        raise UserError(f"cannot resume {run_dir}: the config differs from its checkpoint in "
+                        f"{'; '.join(fixed)} (only training settings such as max_steps, epochs, lr may change)")
+    for line in free:
+        log.info("resuming with a changed setting: %s", line)
+    return cfg, run_dir, ckpt
+
+
+def check_resumable(s: Setup, run_dir: Path, ckpt: TrainingCheckpoint) -> None:
+    """UserError unless the checkpoint was trained on as many images and has steps left to train."""
+    done = ckpt.train_state["step"]
+    if ckpt.train_state.get("num_images") != len(s.images):
+        raise UserError(f"cannot resume {run_dir}: the dataset now has {len(s.images)} images, "
+                        f"the checkpoint was trained on {ckpt.train_state.get('num_images')}")
+    if done >= s.total_steps:
+        raise UserError(f"{run_dir} has already trained {done} of {s.total_steps} steps; raise "
+                        "train.max_steps or train.epochs (--set) to continue")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train-diffusion", description="Train the stage-2 diffusion U-Net.")
+    add_config_args(parser)
+    parser.add_argument("--out", help=f"run directory to create (default: {DEFAULT_OUT})")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    return parser.parse_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train-diffusion`."""
+    args = parse_args(argv)
+    dist, device = init_distributed(pick_torch_device(args.device))
+    try:
+        cfg, run_dir, ckpt = resolve_run(args)
+        s = prepare(cfg, load_image_array(cfg.data), device, dist)
+        if ckpt is not None:
+            check_resumable(s, run_dir, ckpt)
+        dist.barrier()  # every rank has checked the run directory before rank 0 changes it
+        if dist.main:
+            if ckpt is None and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+            where = f"resuming at step {ckpt.train_state['step']}" if ckpt else "starting"
+            log.info("train-diffusion: %s, %d steps on %s (%s, %d process%s) → %s", where, s.total_steps, device,
+                     s.precision, dist.world_size, "es" if dist.world_size > 1 else "", run_dir)
+        dist.barrier()
+        summary = train(s, run_dir, dist, ckpt)
+    finally:
+        dist.close()
+    if dist.main:
+        session = timedelta(seconds=round(summary["session_s"]))
+        rate = summary["session_steps"] / max(summary["session_s"], 1e-9)
+        print(f"wrote {run_dir} (log.csv, loss.png, samples/, checkpoints/)")
+        print(f"trained to step {summary['steps']} ({summary['session_steps']} steps this session in {session}, "
+              f"{rate:.2f} it/s); best loss {summary['best_loss']:.4g} at step {summary['best_step']}; "
+              f"checkpoint {summary['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

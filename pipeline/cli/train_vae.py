@@ -1,0 +1,77 @@
+"""`train-vae`: train the stage-1 Keras VAE, or (`--sample N --from VAE.keras`) write priors as PNGs.
+
+    train-vae --config configs/vae.yaml [--set vae.epochs=20] [--out runs/vae]
+    train-vae --out runs/vae --resume [--set vae.epochs=40]
+    train-vae --sample 16 --from runs/vae/vae.keras --out runs/priors
+
+Loads the images and runs `vae.train`; the run folder's contents are described there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.common.config import load_config
+from pipeline.common.errors import UserError
+from pipeline.data.folders import load_image_array
+from vae.train import train, write_priors
+
+DEFAULT_OUT = "runs/vae"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train-vae", description="Train the stage-1 Keras VAE on iris images, or sample priors from one.")
+    add_config_args(parser)
+    parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {DEFAULT_OUT}); with --sample, "
+                        "the folder for the prior PNGs")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--sample", type=int, metavar="N", help="instead of training, write N priors as PNGs")
+    parser.add_argument("--from", dest="from_path", metavar="VAE.keras", help="the VAE to sample (with --sample)")
+    parser.add_argument("--seed", type=int, help="latent seed for --sample (default: generate.seed)")
+    parser.add_argument("--temperature", type=float, help="latent temperature for --sample "
+                        "(default: generate.temperature)")
+    return parser
+
+
+def _sample(args: argparse.Namespace) -> int:
+    """`--sample N --from VAE.keras --out DIR`."""
+    if args.resume:
+        raise UserError("--sample and --resume cannot be combined")
+    if not args.from_path or not args.out:
+        raise UserError("--sample needs --from VAE.keras and --out DIR")
+    cfg = config_from_args(args)
+    seed = cfg.generate.seed if args.seed is None else args.seed
+    temperature = cfg.generate.temperature if args.temperature is None else args.temperature
+    explicit = cfg if args.config or args.overrides else None
+    out = write_priors(args.from_path, args.out, args.sample, seed, temperature, args.overwrite, explicit)
+    print(f"wrote {args.sample} priors and grid.png to {out}")
+    return 0
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `train-vae`."""
+    args = _parser().parse_args(argv)
+    if args.sample is not None:
+        return _sample(args)
+    if args.from_path or args.seed is not None or args.temperature is not None:
+        raise UserError("--from, --seed and --temperature only apply with --sample")
+    out = Path(args.out or DEFAULT_OUT)
+    if args.resume and not args.config:
+        saved = out / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"nothing to resume: {saved} not found")
+        cfg = load_config(saved, args.overrides)
+    else:
+        cfg = config_from_args(args)
+    train(cfg, load_image_array(cfg.data), out, resume=args.resume, overwrite=args.overwrite)
+    print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
