@@ -13,6 +13,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def main() -> None:
         train_diffusion.main.__wrapped__(["--config", str(config), *sum((["--set", s] for s in TINY), []),
                                           "--out", str(tmp / "diffusion"), "--device", "cpu"])
         cfg = load_config(config, TINY)
-        vae_train.train(cfg, load_image_array(cfg.data), tmp / "vae", verbose=0)
+        vae_train.train(cfg, partial(load_image_array, cfg.data), tmp / "vae", verbose=0)
         model, train_cfg, _ = load_for_inference(tmp / "diffusion")
         vae = load_vae(tmp / "vae" / "vae.keras")
         shape = (n, train_cfg.data.channels, train_cfg.data.image_size, train_cfg.data.image_size)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -160,7 +161,7 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
                              "train.sample_every=100000", "train.stats_every=100000", "train.sample_count=1",
                              "train.sample_steps=2", "train.precision=fp32"])
     with tempfile.TemporaryDirectory() as tmp:
-        s = train_util.prepare(cfg, load_image_array(cfg.data), device, Dist())
+        s = train_util.prepare(cfg, partial(load_image_array, cfg.data), device, Dist())
         train_util.train(s, Path(tmp), Dist())
     first = 3  # skip warm-up; the last iteration has no successor (and ends in the final save)
     out = {}

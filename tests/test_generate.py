@@ -1,6 +1,7 @@
 """generate: the two-stage contracts on tiny models trained here (a few steps; quality is not the point)."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ def models(tmp_path_factory):
     train_diffusion.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
                                       "--out", str(root / "diffusion"), "--device", "cpu"])
     cfg = load_config(cfg_path, TINY)
-    vae_train.train(cfg, load_image_array(cfg.data), root / "vae", verbose=0)
+    vae_train.train(cfg, partial(load_image_array, cfg.data), root / "vae", verbose=0)
     return root, cfg
 
 
@@ -96,7 +97,7 @@ def test_batching_does_not_change_ddim_images(models):
 def test_size_mismatch_between_vae_and_diffusion(models, tmp_path):
     root, cfg = models
     small = load_config(None, [*TINY, "data.image_size=16"])
-    vae_train.train(small, load_image_array(small.data), tmp_path / "vae16", verbose=0)
+    vae_train.train(small, partial(load_image_array, small.data), tmp_path / "vae16", verbose=0)
     cfg16 = load_config(None, [*TINY, "generate.n=2", "generate.steps=5"])
     with pytest.raises(gen_mod.UserError, match="expects"):
         gen_mod.generate(cfg16, root / "diffusion", source="vae", vae_path=tmp_path / "vae16" / "vae.keras",

@@ -142,6 +142,8 @@ def _bad_folder(tmp_path: Path) -> str:
     (["data.path=/no/such/folder"], "data folder not found: /no/such/folder"),
     (["data.path=EMPTY"], "is empty"),
     (["train.precision=fp16"], "fp16 needs a CUDA device"),
+    # a bad setting is reported before the data is read (a slow folder never delays the mistake)
+    (["train.microbatch=3", "data.path=/no/such/folder"], "not divisible by train.microbatch 3"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, capsys, overrides, message):
     overrides = [o.replace("EMPTY", _bad_folder(tmp_path)) for o in overrides]

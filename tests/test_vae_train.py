@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli.train_vae import main
+from pipeline.common.config import load_config
+from pipeline.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SETS = [
@@ -218,3 +220,20 @@ def test_tensorflow_and_torch_share_one_gpu():
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "gpu ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _never_loaded():
+    raise AssertionError("the dataset was loaded before the run folder was checked")
+
+
+def test_run_folder_mistakes_fail_before_the_data_is_loaded(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    code, err = _exit_code(["--out", str(tmp_path / "run"), *_args("data.path=/no/such/folder")], capsys)
+    assert code == 2 and "already exists" in err
+    from vae.train import train
+
+    cfg = load_config(None, TINY_SETS)
+    with pytest.raises(UserError, match="already exists"):
+        train(cfg, _never_loaded, tmp_path / "run")
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(cfg, _never_loaded, tmp_path / "run", resume=True)

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
@@ -115,16 +116,17 @@ def _load_checkpoint(path: Path):
     return model
 
 
-def train(cfg: Config, images: np.ndarray, out: str | Path, resume: bool = False, overwrite: bool = False,
+def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, resume: bool = False, overwrite: bool = False,
           verbose: int | str | None = None) -> Path:
-    """Train (or resume) a VAE on `images` (N, C, H, W) into the run folder `out`; returns the folder."""
+    """Train (or resume) a VAE into the run folder `out`; returns the folder. The images come from
+    `load_images()` ((N, C, H, W) in [-1, 1]), called after the cheap checks so mistakes fail fast."""
     _check_training_config(cfg)
     v, out = cfg.vae, Path(out)
     if resume and not (out / "last.keras").is_file():
         raise UserError(f"nothing to resume: {out / 'last.keras'} not found")
     if not resume:
         prepare_out_dir(out, overwrite)
-    train_x, val_x = split_images(images, v.val_fraction, v.batch_size, v.seed)
+    train_x, val_x = split_images(load_images(), v.val_fraction, v.batch_size, v.seed)
 
     import keras  # after the cheap checks: importing TensorFlow is slow
 

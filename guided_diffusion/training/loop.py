@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
@@ -56,14 +57,18 @@ class TrainingDiverged(UserError):
 # ------------------------------------------------------------------------------ small helpers
 
 
-def total_steps(tc: TrainConfig, steps_per_epoch: int) -> int:
-    """Steps to train: max_steps or epochs × steps_per_epoch, whichever comes first."""
+def check_length(tc: TrainConfig) -> None:
+    """UserError unless train.max_steps or train.epochs sets how long to train (both >= 0, not both 0)."""
     if tc.max_steps < 0 or tc.epochs < 0:
         raise UserError("train.max_steps and train.epochs must be >= 0")
-    limits = [n for n in (tc.max_steps, tc.epochs * steps_per_epoch) if n > 0]
-    if not limits:
+    if tc.max_steps == 0 and tc.epochs == 0:
         raise UserError("set train.max_steps or train.epochs (both are 0)")
-    return min(limits)
+
+
+def total_steps(tc: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps to train: max_steps or epochs × steps_per_epoch (≥ 1), whichever comes first."""
+    check_length(tc)
+    return min(n for n in (tc.max_steps, tc.epochs * steps_per_epoch) if n > 0)
 
 
 def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
@@ -118,10 +123,11 @@ def write_sample_grid(path: Path, cfg: Config, sample_model: nn.Module, ema_stat
 # ------------------------------------------------------------------------------------- set-up
 
 
-def prepare(cfg: Config, images: np.ndarray, device: torch.device, dist: Dist) -> Setup:
-    """Check every setting against the dataset `images` (N, C, H, W) and build the networks;
-    `UserError` on bad input."""
+def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.device, dist: Dist) -> Setup:
+    """Check every setting, then load the dataset (`load_images()` → (N, C, H, W) in [-1, 1]: called
+    after the cheap checks, so a bad setting fails fast) and build the networks; `UserError` on bad input."""
     tc = cfg.train
+    check_length(tc)
     check_schedule(tc)
     microbatch = check_batching(tc.batch_size, tc.microbatch, dist.world_size)
     precision = resolve_precision(tc.precision, device)
@@ -134,6 +140,7 @@ def prepare(cfg: Config, images: np.ndarray, device: torch.device, dist: Dist) -
             raise UserError(f"train.{key} must be >= 1, got {getattr(tc, key)}")
     if tc.sample_steps > cfg.diffusion.steps:
         raise UserError(f"train.sample_steps {tc.sample_steps} exceeds diffusion.steps {cfg.diffusion.steps}")
+    images = load_images()
     if len(images) < tc.batch_size:
         raise UserError(f"the dataset has {len(images)} images, fewer than one batch (train.batch_size {tc.batch_size})")
     steps_per_epoch = len(images) // tc.batch_size

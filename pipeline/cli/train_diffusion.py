@@ -14,6 +14,7 @@ import argparse
 import logging
 import shutil
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from guided_diffusion.training.checkpoint import (
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     dist, device = init_distributed(pick_torch_device(args.device))
     try:
         cfg, run_dir, ckpt = resolve_run(args)
-        s = prepare(cfg, load_image_array(cfg.data), device, dist)
+        s = prepare(cfg, partial(load_image_array, cfg.data), device, dist)
         if ckpt is not None:
             check_resumable(s, run_dir, ckpt)
         dist.barrier()  # every rank has checked the run directory before rank 0 changes it

@@ -10,6 +10,7 @@ Loads the images and runs `vae.train`; the run folder's contents are described t
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(saved, args.overrides)
     else:
         cfg = config_from_args(args)
-    train(cfg, load_image_array(cfg.data), out, resume=args.resume, overwrite=args.overwrite)
+    train(cfg, partial(load_image_array, cfg.data), out, resume=args.resume, overwrite=args.overwrite)
     print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
     return 0
 
