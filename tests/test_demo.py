@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import demo, serve
+from pipeline.cli import demo as demo_cli
 from pipeline.common.config import Config
 
 FAST = ["model.model_channels=16", "model.num_head_channels=16", "train.max_steps=6", "train.save_every=6",
@@ -17,7 +18,7 @@ FAST = ["model.model_channels=16", "model.num_head_channels=16", "train.max_step
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     with pytest.raises(SystemExit) as exc:
-        demo.main(["--quick", "--n", "4", "--out", str(out), *sum((["--set", s] for s in FAST), [])])
+        demo_cli.main(["--quick", "--n", "4", "--out", str(out), *sum((["--set", s] for s in FAST), [])])
     assert exc.value.code == 0
     return out
 
@@ -66,16 +67,16 @@ def test_serve_render_at_strength_zero_returns_the_priors(quick_demo):
 
 def test_serve_errors_exit_2(quick_demo, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
-        demo.main(["--serve", "--out", str(tmp_path / "nothing")])
+        demo_cli.main(["--serve", "--out", str(tmp_path / "nothing")])
     assert exc.value.code == 2 and "run 'iris-demo --out" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if Gradio were not installed
     with pytest.raises(SystemExit) as exc:
-        demo.main(["--serve", "--out", str(quick_demo)])
+        demo_cli.main(["--serve", "--out", str(quick_demo)])
     assert exc.value.code == 2 and "pip install gradio" in capsys.readouterr().err
 
 
 def test_demo_refuses_existing_out(tmp_path, capsys):
     (tmp_path / "demo").mkdir()
     with pytest.raises(SystemExit) as exc:
-        demo.main(["--quick", "--out", str(tmp_path / "demo")])
+        demo_cli.main(["--quick", "--out", str(tmp_path / "demo")])
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
