@@ -151,3 +151,15 @@ def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     if np.sin(omega) < 1e-6:
         return (1.0 - t) * a + t * b
     return (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+def interpolate(vae, seed_a: int, seed_b: int, steps: int, batch_size: int = 64) -> np.ndarray:
+    """`steps` priors between the prior samples of seeds a and b: (steps, C, H, W).
+
+    The slerp runs between the standard-normal draws ε_a, ε_b, which are then mapped into the prior.
+    """
+    if steps < 2:
+        raise UserError(f"interpolation needs at least 2 steps, got {steps}")
+    ea = prior_latents(vae.latent_dim, 1, seed_a)[0]
+    eb = prior_latents(vae.latent_dim, 1, seed_b)[0]
+    return decode_draws(vae, np.stack([slerp(ea, eb, t) for t in np.linspace(0.0, 1.0, steps)]), batch_size)
