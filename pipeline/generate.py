@@ -110,11 +110,12 @@ def _image_files(folder: str, n: int) -> list[Path]:
     return files
 
 
-def _image_priors(files: list[Path], indices: list[int], shape: tuple[int, int, int]) -> tuple[np.ndarray, dict]:
+def _image_priors(folder: str, files: list[Path], indices: list[int],
+                  shape: tuple[int, int, int]) -> tuple[np.ndarray, dict]:
     from pipeline.data import read_image
 
     priors = np.stack([read_image(files[i], shape[1], shape[0]) for i in indices])
-    return priors, {"folder": str(files[0].parent) if files else None, "files": [str(f) for f in files]}
+    return priors, {"folder": folder, "files": [str(f) for f in files]}
 
 
 def _check_indices(indices: Sequence[int] | None, n: int) -> list[int]:
@@ -154,7 +155,7 @@ def generate(
     network evaluations; strength 0 returns the priors unchanged and strength 1 starts from pure
     noise (identical to `source="noise"` with the same seed). Image i's randomness comes only from
     its own (seed, i, purpose) streams (pipeline/seeding.py), so `indices` re-makes some images of
-    the run alone, bit for bit. With `interpolate` every frame shares image 0's diffusion noise,
+    the run alone (up to the float rounding of a different batch size). With `interpolate` every frame shares image 0's diffusion noise,
     so neighbouring frames differ only through their priors.
     """
     import torch
@@ -199,7 +200,7 @@ def generate(
         files = _image_files(str(images_dir), gen.n)
         n = len(files)
         indices = _check_indices(indices, n)
-        priors, prior_info = _image_priors(files, indices, shape)
+        priors, prior_info = _image_priors(str(images_dir), files, indices, shape)
     else:
         n = gen.n
         indices = _check_indices(indices, n)
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --from-vae: slerp between the latents of seeds S and S+1, n frames")
     parser.add_argument("--png16", action="store_true", default=None, help="write 16-bit PNGs")
     parser.add_argument("--index", type=int, nargs="+", default=None, metavar="I",
-                        help="re-make only image(s) I of the run given by the other arguments, bit for bit")
+                        help="re-make only image(s) I of the run given by the other arguments")
     return parser
 
 

@@ -280,3 +280,18 @@ def test_cuda_mixed_precision_is_close_to_fp32(models):
         images[precision] = result.images
         assert result.metadata["batch_size"] == 64
     assert np.abs(images["auto"] - images["fp32"]).mean() < 0.02
+
+
+def test_image_priors_and_index(models, tmp_path):
+    from pipeline.images import write_png
+
+    for i in range(3):
+        write_png(tmp_path / f"p{i}.png", np.full((1, 32, 32), 0.3 * i - 0.3, np.float32))
+    root, _ = models
+    cfg = load_config(None, [*TINY, "generate.n=5", "generate.steps=3", "generate.sampler=ddpm"])
+    runs = [gen_mod.generate(cfg, root / "diffusion", source="images", images_dir=tmp_path, device="cpu",
+                             progress=False, indices=indices) for indices in (None, [1])]
+    assert runs[0].metadata["n"] == 3 and runs[0].metadata["prior"]["folder"] == str(tmp_path)
+    assert runs[1].indices == [1]
+    np.testing.assert_allclose(runs[1].images[0], runs[0].images[1], atol=1e-5)  # batch of 1 vs 3: float rounding
+    np.testing.assert_array_equal(runs[1].priors[0], runs[0].priors[1])
