@@ -127,7 +127,7 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
     forward_backward + optimizer.step is the loop's overhead. Both are measured in the same run,
     so load changes on a shared machine hit both alike.
     """
-    import guided_diffusion.training.loop as train_util
+    from guided_diffusion.training import loop
     from guided_diffusion.training.distributed import Dist
     from pipeline.common.config import load_config
     from pipeline.data.folders import load_image_array
@@ -146,14 +146,14 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
             return out
         return wrapper
 
-    forward_backward = timed(train_util.forward_backward)
+    forward_backward = timed(loop.forward_backward)
 
     def counted_forward_backward(*args, **kwargs):
         starts.append(tuple(c() for c in clocks))
         inner.append([0.0, 0.0])
         return forward_backward(*args, **kwargs)
 
-    train_util.forward_backward = counted_forward_backward
+    loop.forward_backward = counted_forward_backward
     torch.optim.AdamW.step = timed(torch.optim.AdamW.step)
     cfg = load_config(None, [*MODELS[mode], f"train.batch_size={LOOP_BATCH}", f"train.max_steps={steps}",
                              "data.synthetic_count=64", "train.ema_rates=[0.9999,0.999]",
@@ -161,8 +161,8 @@ def variant_loop(mode: str, device: torch.device, steps: int) -> dict:
                              "train.sample_every=100000", "train.stats_every=100000", "train.sample_count=1",
                              "train.sample_steps=2", "train.precision=fp32"])
     with tempfile.TemporaryDirectory() as tmp:
-        s = train_util.prepare(cfg, partial(load_image_array, cfg.data), device, Dist())
-        train_util.train(s, Path(tmp), Dist())
+        s = loop.prepare(cfg, partial(load_image_array, cfg.data), device, Dist())
+        loop.train(s, Path(tmp), Dist())
     first = 3  # skip warm-up; the last iteration has no successor (and ends in the final save)
     out = {}
     for k, clock in enumerate(("wall", "cpu")):

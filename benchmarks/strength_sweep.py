@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
 import shutil
 import time
@@ -40,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from sweep_scoring import Evaluator, heldout_images
 from tqdm import tqdm
 
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
@@ -53,83 +53,9 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sweep-cpu.yaml"
 STRENGTHS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 GRID_STRENGTHS = (0.0, 0.1, 0.3, 0.5, 0.7, 1.0)
 GRID_SEEDS = 6
-HELDOUT_SEED_OFFSET = 100_003  # held-out images: a seed far from the training data's
 QUICK = {"n": 12, "strengths": (0.0, 0.3, 0.7, 1.0), "ddpm_steps": 40,
          "overrides": ["data.synthetic_count=64", "vae.epochs=1", "train.max_steps=10", "train.save_every=10",
                        "train.sample_every=10", "train.log_every=5", "train.stats_every=5"]}
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% for the default z)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # rounding never excludes p
-
-
-def mean_pairwise_distance(x: np.ndarray) -> float:
-    """Mean Euclidean distance over all pairs of rows of x (N, D), from the Gram matrix."""
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    if len(x) < 2:
-        return float("nan")
-    sq = (x * x).sum(axis=1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
-    iu = np.triu_indices(len(x), k=1)
-    return float(np.sqrt(d2[iu]).mean())
-
-
-# ------------------------------------------------------------------------------------------ measuring
-
-
-class Evaluator:
-    """Circularity rules, KID against held-out images and diversity for one set of images."""
-
-    def __init__(self, cfg: Config, heldout: np.ndarray, inception_weights: str | None, seed: int):
-        from pipeline.check.metrics import PROXY_NOTE, load_inception_features, proxy_features
-
-        self.cfg, self.seed = cfg, seed
-        if inception_weights:
-            self.features, self.feature_kind = load_inception_features(inception_weights), "inception-v3"
-        else:
-            self.features, self.feature_kind = proxy_features, PROXY_NOTE
-        self.heldout_features = self.features(heldout)
-
-    def __call__(self, images: np.ndarray) -> dict:
-        from pipeline.check.analyze import analyze_batch
-        from pipeline.check.metrics import kid
-        from pipeline.check.rules import round_pupil_without_bleed
-        from pipeline.check.summary import failure_key
-
-        rows = analyze_batch(images, self.cfg.circularity)
-        n = len(rows)
-        passed = sum(r["pass"] for r in rows)
-        pupil_ok = sum(round_pupil_without_bleed(r, self.cfg.circularity) for r in rows)
-        reasons: dict[str, int] = {}
-        for r in rows:
-            key = "pass" if r["pass"] else failure_key(r["reason"])
-            reasons[key] = reasons.get(key, 0) + 1
-        feats = self.features(images)
-        kid_mean, kid_std = kid(feats, self.heldout_features, subsets=50, subset_size=min(100, n), seed=self.seed)
-
-        def mean_of(key: str) -> float:
-            values = np.array([r[key] for r in rows], np.float64)
-            values = values[np.isfinite(values)]
-            return float(values.mean()) if values.size else float("nan")
-
-        return {
-            "n": n, "pass_rate": passed / n, "pass_ci95": wilson_interval(passed, n),
-            "pupil_ok_rate": pupil_ok / n, "pupil_ok_ci95": wilson_interval(pupil_ok, n),
-            "bleed_mean": mean_of("bleed_fraction"), "pupil_circularity_mean": mean_of("pupil_circularity"),
-            "kid": kid_mean, "kid_std": kid_std,
-            "diversity_pixel_rms": mean_pairwise_distance(images) / math.sqrt(images[0].size),
-            "diversity_feature": mean_pairwise_distance(feats),
-            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
-        }
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -152,14 +78,6 @@ def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str,
         train_diffusion.main.__wrapped__([*common, "--set", f"data.synthetic_defects={control_defects}", "--out",
                                           str(paths["defects"]), "--overwrite", "--device", "cpu"])
     return paths
-
-
-def heldout_images(cfg: Config, n: int) -> np.ndarray:
-    """n clean synthetic images from a seed the training data never used."""
-    from pipeline.data.synthetic import generate_irises
-
-    images, _ = generate_irises(n, cfg.data.image_size, cfg.data.seed + HELDOUT_SEED_OFFSET, cfg.data.channels)
-    return images
 
 
 # ------------------------------------------------------------------------------------------ the sweep

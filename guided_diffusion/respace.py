@@ -19,7 +19,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
 
     "ddimN": N steps with one integer stride from 0 (DDIM's uniform spacing).
     "N" or N: N steps spread evenly over [0, T−1], both ends included.
-    "a,b,c": T split into equal sections (the first T mod k one longer); a, b, c steps in each.
+    "a,b,c": T split into equal sections (the first T mod k one longer); a, b, c steps in each,
+    placed exactly as openai's improved/guided-diffusion `space_timesteps` places them.
     """
     spec = str(section_counts).strip()
     if spec.startswith("ddim"):
@@ -42,9 +43,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | int) -> list[int]:
         length = size + (1 if i < extra else 0)
         if not 1 <= count <= length:
             raise DiffusionSettingError(f"respacing '{spec}': section {i} has {length} steps, cannot keep {count}")
-        # count points from start to start+length−1 inclusive, evenly spaced, rounded
-        stride = (length - 1) / (count - 1) if count > 1 else 0.0
-        kept.extend(start + round(j * stride) for j in range(count))
+        # openai's rule, float for float: a fractional stride accumulated count times, each
+        # position rounded half to even (Python round), so settings carry over between code bases
+        stride = (length - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += length
     return sorted(set(kept))
 

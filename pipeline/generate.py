@@ -1,34 +1,33 @@
 """`generate`: VAE priors (or the user's images, or pure noise) → partial noising → diffusion denoising.
 
-The Python API is `generate(...)`, returning arrays and metadata; `main` is the console script.
+The Python API is `generate(...)`, returning arrays and metadata, and `write_generation`; the
+console script is `pipeline.cli.generate`.
 Priors are made first (Keras/TensorFlow), handed over as NumPy arrays, then denoised with PyTorch,
 so the two frameworks meet only at NumPy.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, GenerateConfig, config_to_dict
 from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
 from pipeline.common.images import make_grid, write_png
+from pipeline.common.seeding import describe, numpy_stream, stream_seed
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("vae", "images", "noise")
-SAMPLERS = ("ddim", "ddpm")
 
 
 @dataclass
@@ -38,36 +37,44 @@ class Generation:
     images: np.ndarray  # (N, C, H, W) float32 in [-1, 1]
     priors: np.ndarray | None  # same shape, or None for --from-noise
     metadata: dict
+    indices: list[int]  # the run's image index of each row (all of range(n) unless --index)
 
 
 def validate(gen: GenerateConfig, num_timesteps: int) -> None:
     """Reject sampling settings that cannot work, before anything is computed or written."""
     if gen.n <= 0:
         raise UserError(f"--n must be positive, got {gen.n}")
-    if not 0.0 <= gen.strength <= 1.0:
-        raise UserError(f"--strength must be in [0, 1], got {gen.strength}")
-    if gen.sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler '{gen.sampler}'; valid: {', '.join(SAMPLERS)}")
     if not 1 <= gen.steps <= num_timesteps:
         raise UserError(f"--steps must be in [1, {num_timesteps}] (the model's T), got {gen.steps}")
-    if gen.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {gen.batch_size}")
+    if gen.batch_size < 0:
+        raise UserError(f"--batch-size must be positive (or 0 = auto), got {gen.batch_size}")
+    if gen.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {gen.seed}")
     if gen.eta < 0:
         raise UserError(f"--eta must be >= 0, got {gen.eta}")
     if gen.temperature <= 0:
         raise UserError(f"temperature must be positive, got {gen.temperature}")
 
 
-def _vae_priors(vae_path: str, gen: GenerateConfig, interpolate: bool, vae_device: str) -> tuple[np.ndarray, dict]:
-    from vae.priors import interpolate as vae_interpolate
-    from vae.priors import load_vae, sample_priors
+def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,
+                vae_device: str) -> tuple[np.ndarray, dict]:
+    """Priors of images `indices`: image i decodes temperature · ε_i, ε_i from its own (seed, i, "vae")
+    stream; with `interpolate`, frame k decodes the slerp from ε_0 to ε_1 at k / (n − 1)."""
+    from vae.priors import decode_draws, load_vae, slerp
 
     vae = load_vae(vae_path)
 
+    def eps(i: int) -> np.ndarray:
+        return numpy_stream(gen.seed, i, "vae").standard_normal(vae.latent_dim) * gen.temperature
+
+    if interpolate:
+        ends = eps(0), eps(1)
+        draws = np.stack([slerp(*ends, k / (gen.n - 1)) for k in indices])
+    else:
+        draws = np.stack([eps(i) for i in indices])
+
     def draw() -> np.ndarray:
-        if interpolate:
-            return vae_interpolate(vae, gen.seed, gen.seed + 1, gen.n)
-        return sample_priors(vae, gen.n, gen.seed, temperature=gen.temperature)
+        return decode_draws(vae, draws)
 
     if vae_device == "cpu":
         import keras
@@ -86,14 +93,38 @@ def _vae_priors(vae_path: str, gen: GenerateConfig, interpolate: bool, vae_devic
     return priors, info
 
 
-def _image_priors(folder: str, n: int, size: int, channels: int) -> tuple[np.ndarray, dict]:
-    from pipeline.data.folders import list_image_files, read_image
+def _image_files(folder: str, n: int) -> list[Path]:
+    from pipeline.data.folders import list_image_files
 
     files = list_image_files(folder)[:n]
-    priors = np.stack([read_image(f, size, channels) for f in files])
     if len(files) < n:
         log.warning("only %d prior images in %s; generating %d images", len(files), folder, len(files))
-    return priors, {"folder": str(folder), "files": [str(f) for f in files]}
+    return files
+
+
+def _image_priors(folder: str, files: list[Path], indices: list[int],
+                  shape: tuple[int, int, int]) -> tuple[np.ndarray, dict]:
+    from pipeline.data.folders import read_image
+
+    priors = np.stack([read_image(files[i], shape[1], shape[0]) for i in indices])
+    return priors, {"folder": folder, "files": [str(f) for f in files]}
+
+
+def _check_indices(indices: Sequence[int] | None, n: int) -> list[int]:
+    if indices is None:
+        return list(range(n))
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad or not indices:
+        raise UserError(f"--index must be image numbers in [0, {n - 1}] of the run, got {list(indices)}")
+    return sorted(set(indices))
+
+
+def _start_noise(seed: int, keys: list[int], shape: tuple[int, ...]):
+    """Starting noise (x_T, or the SDEdit noise) of each key's image, drawn on the CPU (same on every device)."""
+    import torch
+
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(stream_seed(seed, k, "start")))
+                        for k in keys])
 
 
 def generate(
@@ -106,19 +137,25 @@ def generate(
     interpolate: bool = False,
     vae_device: str = "auto",
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> Generation:
     """Generate `cfg.generate.n` images with the diffusion checkpoint in `diffusion_dir`.
 
     `source` is "vae" (priors sampled from the VAE at `vae_path`), "images" (priors read from
-    `images_dir`) or "noise" (the vanilla pure-noise path). Priors are noised to the respaced step
-    nearest `strength · T` and denoised from there; strength 0 returns the priors unchanged and
-    strength 1 starts from pure noise (identical to `source="noise"` with the same seed).
+    `images_dir`) or "noise" (the vanilla pure-noise path). Priors are noised to the kept step
+    nearest `strength · T` (T the model's training steps) and denoised from there with t_start + 1
+    network evaluations; strength 0 returns the priors unchanged and strength 1 starts from pure
+    noise (identical to `source="noise"` with the same seed). Image i's randomness comes only from
+    its own (seed, i, purpose) streams (pipeline/common/seeding.py), so `indices` re-makes some images of
+    the run alone (up to the float rounding of a different batch size). With `interpolate` every frame shares image 0's diffusion noise,
+    so neighbouring frames differ only through their priors.
     """
     import torch
 
-    from guided_diffusion.samplers import sample, sampler_nfe, strength_to_t_start
+    from guided_diffusion.samplers import sample, step_for, strength_to_t_start, with_autocast
     from guided_diffusion.training.checkpoint import load_for_inference
     from guided_diffusion.training.factory import create_diffusion
+    from guided_diffusion.training.step import autocast_for, resolve_precision
 
     if source not in SOURCES:
         raise UserError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")
@@ -128,7 +165,17 @@ def generate(
     ema_rate = None if gen.use_ema < 0 else gen.use_ema
     model, train_cfg, ckpt_info = load_for_inference(diffusion_dir, ema_rate=ema_rate, device=torch_device)
     validate(gen, train_cfg.diffusion.steps)
+    step_for(gen.sampler)
+    precision = resolve_precision(gen.precision, torch_device, "generate.precision")
+    if interpolate and gen.n < 2:
+        raise UserError(f"--interpolate needs --n >= 2, got {gen.n}")
     diffusion = create_diffusion(train_cfg, respacing=str(gen.steps))
+    t_index = strength_to_t_start(diffusion, gen.strength)  # the one strength → t_start conversion (validates)
+    pure_noise = source == "noise" or gen.strength == 1.0  # strength 1 is the from-noise path
+    strength = 1.0 if pure_noise else gen.strength
+    if pure_noise:
+        t_index = diffusion.num_timesteps - 1
+    t_start = int(diffusion.timestep_map[t_index]) if t_index >= 0 else 0
     shape = (train_cfg.data.channels, train_cfg.data.image_size, train_cfg.data.image_size)
 
     priors, prior_info = None, {}
@@ -136,38 +183,42 @@ def generate(
     if source == "vae":
         if vae_path is None:
             raise UserError("--from-vae needs a VAE file")
-        priors, prior_info = _vae_priors(str(vae_path), gen, interpolate, vae_device)
+        n = gen.n
+        indices = _check_indices(indices, n)
+        priors, prior_info = _vae_priors(str(vae_path), gen, indices, interpolate, vae_device)
     elif source == "images":
         if images_dir is None:
             raise UserError("--from-images needs a folder")
-        priors, prior_info = _image_priors(str(images_dir), gen.n, shape[1], shape[0])
+        files = _image_files(str(images_dir), gen.n)
+        n = len(files)
+        indices = _check_indices(indices, n)
+        priors, prior_info = _image_priors(str(images_dir), files, indices, shape)
+    else:
+        n = gen.n
+        indices = _check_indices(indices, n)
     prior_seconds = time.perf_counter() - t_prior
     if priors is not None and tuple(priors.shape[1:]) != shape:
         raise UserError(
             f"prior images are {tuple(priors.shape[1:])} (C, H, W) but the diffusion model expects {shape}; "
             "train both stages at the same data.image_size and data.channels"
         )
-    n = gen.n if priors is None else len(priors)
-    strength = 1.0 if source == "noise" else gen.strength
-    t_index = strength_to_t_start(diffusion, strength)
-    t_start = int(diffusion.timestep_map[t_index]) if t_index >= 0 else 0
+    batch_size = gen.batch_size or (64 if torch_device.type == "cuda" else 16)
+    net = model if precision == "fp32" else with_autocast(model, autocast_for(precision, torch_device))
+    keys = [0 if interpolate else i for i in indices]  # whose noise streams each image uses
 
     results = []
     t_sample = time.perf_counter()
-    for lo in range(0, n, gen.batch_size):
-        hi = min(n, lo + gen.batch_size)
-        # Each image's starting noise comes from its own seed, so it does not depend on batching.
-        noise = torch.stack([
-            torch.randn(shape, generator=torch.Generator().manual_seed(gen.seed + i)) for i in range(lo, hi)
-        ]).to(torch_device)
-        step_gen = torch.Generator(device=torch_device).manual_seed(gen.seed + lo)
-        x_start = None if priors is None else torch.from_numpy(priors[lo:hi]).to(torch_device)
-        with torch.no_grad():
-            out = sample(
-                model, diffusion, (hi - lo, *shape), sampler=gen.sampler, eta=gen.eta, x_start=x_start,
-                strength=strength, noise=noise, generator=step_gen, clip_denoised=gen.clip_denoised,
-                progress=progress, device=torch_device,
-            )
+    for lo in range(0, len(indices), batch_size):
+        batch_keys = keys[lo : lo + batch_size]
+        noise = _start_noise(gen.seed, batch_keys, shape).to(torch_device)
+        step_gens = [torch.Generator(device=torch_device).manual_seed(stream_seed(gen.seed, k, "step"))
+                     for k in batch_keys]
+        x_start = None if pure_noise else torch.from_numpy(priors[lo : lo + batch_size]).to(torch_device)
+        out = sample(
+            net, diffusion, (len(batch_keys), *shape), sampler=gen.sampler, eta=gen.eta, x_start=x_start,
+            t_start=None if pure_noise else t_index, noise=noise, generator=step_gens,
+            clip_denoised=gen.clip_denoised, progress=progress, device=torch_device,
+        )
         results.append(out.float().cpu().numpy())
     sample_seconds = time.perf_counter() - t_sample
     images = np.clip(np.concatenate(results), -1.0, 1.0).astype(np.float32)
@@ -175,17 +226,19 @@ def generate(
     metadata = {
         "source": source,
         "n": int(n),
-        "seeds": {"noise": [gen.seed + i for i in range(n)],
-                  "step_noise_per_batch": [gen.seed + lo for lo in range(0, n, gen.batch_size)],
-                  "vae_latents": gen.seed if source == "vae" else None},
+        "indices": indices,
+        "seeds": {**describe(gen.seed),
+                  "noise_streams_of": "image 0 for every frame (--interpolate)" if interpolate else "each image",
+                  "remake": "the same arguments with --index I re-make image I alone"},
         "strength": strength,
         "t_start": t_start,
         "t_start_index": t_index,
         "sampler": gen.sampler,
         "eta": gen.eta,
         "steps": gen.steps,
-        "nfe_per_image": sampler_nfe(diffusion, strength),
-        "batch_size": gen.batch_size,
+        "nfe_per_image": t_index + 1,
+        "batch_size": batch_size,
+        "precision": precision,
         "clip_denoised": gen.clip_denoised,
         "diffusion_checkpoint": ckpt_info,
         "prior": prior_info,
@@ -196,7 +249,7 @@ def generate(
         "config": config_to_dict(cfg),
         "train_config": config_to_dict(train_cfg),
     }
-    return Generation(images=images, priors=priors, metadata=metadata)
+    return Generation(images=images, priors=priors, metadata=metadata, indices=indices)
 
 
 def library_versions() -> dict:
@@ -217,11 +270,11 @@ def write_generation(result: Generation, out: Path, overwrite: bool, png16: bool
     out = prepare_out_dir(out, overwrite)
     tmp = temp_dir_for(out)
     bits = 16 if png16 else 8
-    for i, img in enumerate(result.images):
+    for i, img in zip(result.indices, result.images, strict=True):
         write_png(tmp / f"{i:06d}.png", img, bits=bits)
     if result.priors is not None:
         (tmp / "priors").mkdir()
-        for i, img in enumerate(result.priors):
+        for i, img in zip(result.indices, result.priors, strict=True):
             write_png(tmp / "priors" / f"{i:06d}.png", img, bits=bits)
         pairs = np.stack([result.priors, result.images], axis=1).reshape(-1, *result.images.shape[1:])
         write_png(tmp / "grid.png", make_grid(pairs, ncol=2 * min(4, len(result.images))))
@@ -231,71 +284,3 @@ def write_generation(result: Generation, out: Path, overwrite: bool, png16: bool
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     replace_dir(tmp, out)
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="generate",
-        description="Generate iris images: VAE priors → partial noising → diffusion denoising "
-        "(or from your own prior images, or from pure noise for comparison).",
-    )
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from-vae", metavar="VAE.keras", help="sample priors from this trained VAE")
-    src.add_argument("--from-images", metavar="DIR", help="use the images in DIR as priors")
-    src.add_argument("--from-noise", action="store_true", help="vanilla diffusion from pure noise")
-    parser.add_argument("--diffusion", required=True, metavar="RUN_DIR", help="train-diffusion run or checkpoint dir")
-    parser.add_argument("--out", default="runs/generate", help="output folder (default: runs/generate)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_args(parser)
-    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
-    for name, kind, text in (
-        ("n", int, "number of images"),
-        ("strength", float, "noise level the priors are raised to: 0 = priors unchanged, 1 = pure noise"),
-        ("sampler", str, "ddim | ddpm"),
-        ("steps", int, "respaced sampling steps over the full schedule"),
-        ("eta", float, "DDIM stochasticity (0 = deterministic)"),
-        ("seed", int, "random seed"),
-        ("batch_size", int, "images per network batch"),
-        ("temperature", float, "VAE latent temperature"),
-    ):
-        default = fields[name].default
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default: {default})")
-    parser.add_argument("--use-ema", type=float, default=None, metavar="RATE",
-                        help="EMA rate of the weights to use; 0 = raw weights (default: the slowest EMA saved)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps")
-    parser.add_argument("--vae-device", default="auto", choices=["auto", "cpu"],
-                        help="run the VAE decoder on the CPU to leave the GPU to PyTorch")
-    parser.add_argument("--clip-denoised", dest="clip_denoised", action=argparse.BooleanOptionalAction, default=None,
-                        help="clip predicted x0 to [-1, 1] at each step (default: on)")
-    parser.add_argument("--save-priors", action="store_true", help="save each prior and a prior | result grid")
-    parser.add_argument("--interpolate", action="store_true",
-                        help="with --from-vae: slerp between the latents of seeds S and S+1, n frames")
-    parser.add_argument("--png16", action="store_true", default=None, help="write 16-bit PNGs")
-    return parser
-
-
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    """Console script `generate`."""
-    args = build_parser().parse_args(argv)
-    cfg = config_from_args(args)
-    for name in ("n", "strength", "sampler", "steps", "eta", "seed", "batch_size", "temperature",
-                 "clip_denoised", "png16", "use_ema"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(cfg.generate, name, value)
-    if args.interpolate and not args.from_vae:
-        raise UserError("--interpolate needs --from-vae")
-    out = prepare_out_dir(args.out, args.overwrite)
-    source = "vae" if args.from_vae else "images" if args.from_images else "noise"
-    result = generate(
-        cfg, args.diffusion, source=source, vae_path=args.from_vae, images_dir=args.from_images,
-        device=args.device, interpolate=args.interpolate, vae_device=args.vae_device,
-    )
-    if not args.save_priors:
-        result.priors = None
-    write_generation(result, out, args.overwrite, png16=cfg.generate.png16)
-    meta = result.metadata
-    print(f"wrote {meta['n']} images ({meta['source']}, strength {meta['strength']}, t_start {meta['t_start']}, "
-          f"{meta['nfe_per_image']} network evaluations each) to {out}")
-    return 0

@@ -10,6 +10,7 @@ from guided_diffusion.samplers import strength_to_t_start
 from guided_diffusion.training.checkpoint import load_for_inference
 from guided_diffusion.training.factory import create_diffusion
 from pipeline import generate as gen_mod
+from pipeline.cli import generate as gen_cli
 from pipeline.cli import train_diffusion
 from pipeline.common.config import load_config
 from pipeline.data.folders import load_image_array
@@ -73,19 +74,24 @@ def test_cli_writes_reproducible_outputs(models, tmp_path):
     args = ["--from-vae", str(root / "vae" / "vae.keras"), "--diffusion", str(root / "diffusion"), "--n", "3",
             "--steps", "5", "--strength", "0.6", "--seed", "7", "--device", "cpu", "--save-priors",
             *sum((["--set", s] for s in TINY), [])]
-    with pytest.raises(SystemExit) as first:
-        gen_mod.main([*args, "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit) as second:
-        gen_mod.main([*args, "--out", str(tmp_path / "b")])
-    assert first.value.code == second.value.code == 0
+    for out, extra in (("a", []), ("b", []), ("one", ["--index", "2"])):
+        with pytest.raises(SystemExit) as exc:
+            gen_cli.main([*args, "--out", str(tmp_path / out), *extra])
+        assert exc.value.code == 0
     for name in ("000000.png", "000002.png", "grid.png", "priors/000001.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    # --index re-makes image 2 of the run alone, bit for bit (its VAE latent and noise are its own)
+    assert sorted(p.name for p in (tmp_path / "one").glob("0*.png")) == ["000002.png"]
+    for name in ("000002.png", "priors/000002.png"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
     for key in ("config", "train_config", "seeds", "strength", "t_start", "sampler", "steps", "nfe_per_image",
-                "timings_s", "versions", "diffusion_checkpoint", "prior"):
+                "timings_s", "versions", "diffusion_checkpoint", "prior", "precision", "indices"):
         assert key in meta
     assert len(meta["prior"]["sha256"]) == 64 and len(meta["diffusion_checkpoint"]["sha256"]) == 64
-    assert meta["seeds"]["noise"] == [7, 8, 9]
+    assert meta["seeds"]["seed"] == 7 and "SeedSequence" in meta["seeds"]["scheme"]
+    assert meta["seeds"]["purposes"] == {"start": 0, "step": 1, "vae": 2} and meta["precision"] == "fp32"
+    assert json.loads((tmp_path / "one" / "metadata.json").read_text())["indices"] == [2]
 
 
 def test_batching_does_not_change_ddim_images(models):
@@ -110,12 +116,17 @@ def test_size_mismatch_between_vae_and_diffusion(models, tmp_path):
     (["--steps", "101"], "steps"),
     (["--sampler", "euler"], "sampler"),
     (["--n", "0"], "--n"),
+    (["--strength", "-0.1"], "strength"),
+    (["--precision", "fp8"], "precision"),
+    (["--precision", "fp16"], "fp16 needs a CUDA"),
+    (["--seed", "-1"], "seed"),
+    (["--n", "3", "--index", "3"], "--index"),
 ])
 def test_bad_arguments_exit_2_and_write_nothing(models, tmp_path, capsys, extra, message):
     root, _ = models
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
-        gen_mod.main(["--from-noise", "--diffusion", str(root / "diffusion"), "--device", "cpu",
+        gen_cli.main(["--from-noise", "--diffusion", str(root / "diffusion"), "--device", "cpu",
                       "--out", str(out), *extra])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,14 +142,14 @@ def test_missing_inputs_and_existing_out(models, tmp_path, capsys):
     ]
     for argv in cases:
         with pytest.raises(SystemExit) as exc:
-            gen_mod.main([*argv, "--device", "cpu", "--out", str(tmp_path / "o")])
+            gen_cli.main([*argv, "--device", "cpu", "--out", str(tmp_path / "o")])
         assert exc.value.code == 2
         assert capsys.readouterr().err.startswith("error:")
         assert not (tmp_path / "o").exists()
     (tmp_path / "exists").mkdir()
     (tmp_path / "exists" / "keep.txt").write_text("mine")
     with pytest.raises(SystemExit) as exc:
-        gen_mod.main(["--from-noise", "--diffusion", str(root / "diffusion"), "--out", str(tmp_path / "exists")])
+        gen_cli.main(["--from-noise", "--diffusion", str(root / "diffusion"), "--out", str(tmp_path / "exists")])
     assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "exists" / "keep.txt").read_text() == "mine"
 
@@ -149,3 +160,142 @@ def test_ddim_is_deterministic_given_seed(models):
     c = _run(models, strength=0.8, seed=4)
     np.testing.assert_array_equal(a.images, b.images)
     assert not np.array_equal(a.images, c.images)
+
+
+def _noise_run(models, **overrides):
+    return _run(models, source="noise", **{"steps": 3, **overrides})
+
+
+def test_step_noise_is_independent_of_the_starting_noise(models, monkeypatch):
+    """Defect 1: the first DDPM step of each batch used to draw its own x_T again."""
+    import torch
+
+    from guided_diffusion import samplers
+
+    starts, draws = [], []
+    real_sample, real_randn = samplers.sample, samplers._randn
+
+    def spy_randn(shape, generator, device):
+        z = real_randn(shape, generator, device)
+        if len(shape) == 4:
+            draws.append(z)
+        return z
+
+    def spy_sample(*args, **kwargs):
+        starts.append(kwargs["noise"])
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(samplers, "_randn", spy_randn)
+    monkeypatch.setattr(samplers, "sample", spy_sample)
+    _noise_run(models, sampler="ddpm")
+    start, step = torch.cat(starts).flatten(1), torch.cat(draws).flatten(1)
+    assert len(start) == 3 and len(step) == 3 * 3
+    corr = torch.corrcoef(torch.cat([start, step]))[: len(start), len(start):]
+    assert corr.abs().max() < 0.2, corr
+
+
+def test_adjacent_seeds_share_no_image(models):
+    """Defect 2: image i of seed s used to be image i − 1 of seed s + 1."""
+    a, b = (_noise_run(models, seed=s).images for s in (5, 6))
+    for x in a:
+        assert not any(np.array_equal(x, y) for y in b)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.7)])
+def test_stochastic_samplers_do_not_depend_on_the_batch_size(models, sampler, eta):
+    runs = [_run(models, source="noise", n=5, steps=3, sampler=sampler, eta=eta, batch_size=b).images
+            for b in (1, 4, 16)]
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-6)
+    np.testing.assert_allclose(runs[0], runs[2], atol=1e-6)
+
+
+def test_t_start_is_computed_once_and_nfe_counted_on_the_model(models, monkeypatch):
+    """Defect 4: one strength → t_start conversion; the recorded NFE is what the network did."""
+    from guided_diffusion import samplers
+    from guided_diffusion.training import checkpoint
+
+    conversions, rows = [], []
+    real_convert, real_load = samplers.strength_to_t_start, checkpoint.load_for_inference
+
+    def convert(*args):
+        conversions.append(args)
+        return real_convert(*args)
+
+    def load(*args, **kwargs):
+        model, *rest = real_load(*args, **kwargs)
+        return (lambda x, t: rows.append(len(x)) or model(x, t)), *rest
+
+    monkeypatch.setattr(samplers, "strength_to_t_start", convert)
+    monkeypatch.setattr(checkpoint, "load_for_inference", load)
+    meta = _noise_run(models, strength=0.5).metadata  # source noise: strength 1, all 3 steps
+    assert len(conversions) == 1 and sum(rows) == 3 * meta["nfe_per_image"] == 3 * 3
+
+
+def test_interpolation_shares_diffusion_noise_and_uses_the_temperature(models, monkeypatch):
+    """Defect 5: frames differ only through their priors, and --temperature scales the latents."""
+    import vae.priors as priors_mod
+
+    root, _ = models
+    decoded = []
+
+    def fake_decode(vae, z, batch_size):  # record the latents, decode every frame to one image
+        decoded.append(np.asarray(z))
+        return np.full((len(z), *priors_mod.vae_image_shape(vae)), 0.2, np.float32)
+
+    monkeypatch.setattr(priors_mod, "_decode", fake_decode)
+
+    def run(temperature, interpolate):
+        cfg = load_config(None, [*TINY, "generate.n=3", "generate.steps=4", "generate.strength=0.5",
+                                 "generate.sampler=ddpm", f"generate.temperature={temperature}"])
+        return gen_mod.generate(cfg, root / "diffusion", source="vae", vae_path=root / "vae" / "vae.keras",
+                                device="cpu", progress=False, interpolate=interpolate).images
+
+    frames = run(0.5, True)
+    np.testing.assert_array_equal(frames[0], frames[1])
+    np.testing.assert_array_equal(frames[0], frames[2])
+    run(1.0, True)
+    run(0.5, False)
+    half, full, plain = decoded
+    assert not np.allclose(half, full)
+    np.testing.assert_allclose(half[[0, 2]], plain[:2], rtol=1e-6)  # the ends are images 0 and 1 of the run
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32(models):
+    fp32 = _noise_run(models, n=2, precision="fp32")
+    bf16 = _noise_run(models, n=2, precision="bf16")
+    assert bf16.metadata["precision"] == "bf16" and fp32.metadata["precision"] == "fp32"
+    assert np.abs(bf16.images - fp32.images).mean() < 0.02
+    assert not np.array_equal(bf16.images, fp32.images)  # autocast really ran
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
+def test_cuda_mixed_precision_is_close_to_fp32(models):
+    root, _ = models
+    images = {}
+    for precision in ("fp32", "auto"):
+        cfg = load_config(None, [*TINY, "generate.n=4", "generate.steps=10", f"generate.precision={precision}"])
+        result = gen_mod.generate(cfg, root / "diffusion", source="noise", device="cuda", progress=False)
+        images[precision] = result.images
+        assert result.metadata["batch_size"] == 64
+    assert np.abs(images["auto"] - images["fp32"]).mean() < 0.02
+
+
+def test_image_priors_and_index(models, tmp_path):
+    from pipeline.common.images import write_png
+
+    for i in range(3):
+        write_png(tmp_path / f"p{i}.png", np.full((1, 32, 32), 0.3 * i - 0.3, np.float32))
+    root, _ = models
+    cfg = load_config(None, [*TINY, "generate.n=5", "generate.steps=3", "generate.sampler=ddpm"])
+    runs = [gen_mod.generate(cfg, root / "diffusion", source="images", images_dir=tmp_path, device="cpu",
+                             progress=False, indices=indices) for indices in (None, [1])]
+    assert runs[0].metadata["n"] == 3 and runs[0].metadata["prior"]["folder"] == str(tmp_path)
+    assert runs[1].indices == [1]
+    np.testing.assert_allclose(runs[1].images[0], runs[0].images[1], atol=1e-5)  # batch of 1 vs 3: float rounding
+    np.testing.assert_array_equal(runs[1].priors[0], runs[0].priors[1])

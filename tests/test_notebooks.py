@@ -247,7 +247,7 @@ def test_notebook_03_generates_and_checks(smoke):
         assert len(list((samples / sub).glob("[0-9]*.png"))) == 4, sub
         meta = json.loads((samples / sub / "metadata.json").read_text())
         assert (meta["source"], meta["n"], meta["steps"], meta["sampler"]) == (source, 4, 5, "ddim")
-        assert meta["seeds"]["noise"] == [0, 1, 2, 3]
+        assert meta["seeds"]["seed"] == 0 and meta["indices"] == [0, 1, 2, 3]
     check = samples / "check"
     for name in ("results.csv", "summary.json", "histograms.png", "comparison.png", "worst.png"):
         assert (check / name).is_file(), name

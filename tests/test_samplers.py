@@ -16,7 +16,7 @@ from gaussian_oracle import GaussianOracle
 from guided_diffusion.diffusion import GaussianDiffusion
 from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-from guided_diffusion.samplers import ddim_reverse, sample, sampler_nfe, strength_to_t_start
+from guided_diffusion.samplers import ddim_reverse, sample, strength_to_t_start
 from guided_diffusion.schedules import cosine_betas, linear_betas
 
 MU, S = 0.3, 0.4
@@ -76,8 +76,8 @@ def test_oracle_samples_have_the_expected_law(label, T, schedule, respacing, sam
     model = GaussianOracle(betas, MU, S, learned_frac=0.5 if var_type == "learned_range" else None)
     g = torch.Generator().manual_seed(0)
     x0 = MU + S * torch.randn(SHAPE, generator=g) if strength < 1 else None
-    x = sample(model, d, SHAPE, sampler=sampler, generator=g, clip_denoised=False, x_start=x0, strength=strength)
     start = strength_to_t_start(d, strength)
+    x = sample(model, d, SHAPE, sampler=sampler, generator=g, clip_denoised=False, x_start=x0, t_start=start)
     var = {"fixed_small": "small", "fixed_large": "large", "learned_range": "geo"}[var_type]
     mean, std = _expected_law(betas, kept, sampler, var, start, from_noise=strength == 1.0)
     _check(x, mean, std)
@@ -135,34 +135,33 @@ def test_ddim_reverse_then_forward_reconstructs():
     assert (other - x0).abs().max() > 0.5  # unlike an unrelated noise
 
 
-def test_strength_semantics_and_nfe():
+def test_t_start_semantics_and_nfe():
+    """The caller owns the schedule: t_start −1 returns the prior, else t_start + 1 evaluations
+    at the kept steps t_start … 0; pure noise starts at the last index."""
     betas = cosine_betas(1000)
     d = SpacedDiffusion(space_timesteps(1000, "ddim50"), betas)  # kept 0, 20, …, 980
     model = GaussianOracle(betas, MU, S)
     x0 = torch.rand(2, 1, 8, 8) * 2 - 1
-    out = sample(model, d, x0.shape, x_start=x0, strength=0.0, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, x0) and model.calls == 0 and sampler_nfe(d, 0.0) == 0
+    out = sample(model, d, x0.shape, x_start=x0, t_start=-1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, x0) and model.calls == 0
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    a = sample(model, d, x0.shape, x_start=x0, strength=1.0, noise=noise)
+    a = sample(model, d, x0.shape, noise=noise, t_start=49)
     b = sample(model, d, x0.shape, noise=noise)
-    assert torch.equal(a, b)
-    assert model.calls == 2 * 50 == 2 * sampler_nfe(d, 1.0)
-    # strength → nearest kept timestep to strength · 1000
-    assert d.timestep_map[strength_to_t_start(d, 0.5)] == 500
-    assert d.timestep_map[strength_to_t_start(d, 0.31)] == 300  # 310 → nearest of 300/320 is 300
-    assert strength_to_t_start(GaussianDiffusion(betas), 0.25) == 250
-    model.calls = 0
-    x, steps = sample(model, d, x0.shape, x_start=x0, strength=0.5, return_intermediates=True,
+    assert torch.equal(a, b) and model.calls == 2 * 50
+    model.calls, model.seen_t = 0, []
+    x, steps = sample(model, d, x0.shape, x_start=x0, t_start=25, return_intermediates=True,
                       generator=torch.Generator().manual_seed(2))
-    assert model.calls == sampler_nfe(d, 0.5) == 26
+    assert model.calls == 26 and [t[0].item() for t in model.seen_t] == list(range(500, -1, -20))
     assert len(steps) == 27 and torch.equal(steps[-1], x)
-    for bad in (-0.1, 1.5):
-        with pytest.raises(DiffusionSettingError):
-            strength_to_t_start(d, bad)
-    with pytest.raises(DiffusionSettingError, match="ddpm, ddim"):
+    with pytest.raises(DiffusionSettingError, match="ddim, ddpm, dpm"):
         sample(model, d, x0.shape, sampler="euler")
     with pytest.raises(DiffusionSettingError):
-        sample(model, d, (3, 1, 8, 8), x_start=x0, strength=0.5)
+        sample(model, d, (3, 1, 8, 8), x_start=x0, t_start=10)
+    for bad in (-2, 50):
+        with pytest.raises(DiffusionSettingError, match="t_start"):
+            sample(model, d, x0.shape, x_start=x0, t_start=bad)
+    with pytest.raises(DiffusionSettingError, match="needs x_start"):
+        sample(model, d, x0.shape, t_start=10)
 
 
 def test_progress_bar_runs():
@@ -170,3 +169,55 @@ def test_progress_bar_runs():
     d = GaussianDiffusion(betas)
     x = sample(GaussianOracle(betas, MU, S), d, (1, 1, 4, 4), progress=True, generator=torch.Generator())
     assert torch.isfinite(x).all()
+
+
+def _ode_exact(x_t, abar):
+    """Where the probability-flow ODE takes x_t for N(MU, S²) data: it keeps the standardised value,
+    x_0 = MU + S (x_t − √ᾱ MU)/√(ᾱ S² + 1 − ᾱ) (the monotone map between two Gaussians)."""
+    return MU + S * (x_t.double() - math.sqrt(abar) * MU) / math.sqrt(abar * S**2 + 1 - abar)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_dpmpp_2m_is_closer_to_the_ode_solution_than_ddim(schedule):
+    """With the exact x̂_0 of Gaussian data, DPM-Solver++(2M) at 10-20 steps beats DDIM at the same
+    steps, from noise and from a partial t_start, and converges at second order."""
+    betas = linear_betas(1000) if schedule == "linear" else cosine_betas(1000)
+    abar = np.cumprod(1 - betas)
+    model = GaussianOracle(betas, MU, S)
+    g = torch.Generator().manual_seed(0)
+    x_T, x0, noise = (torch.randn(2, 1, 16, 16, generator=g) for _ in range(3))
+    x0 = MU + S * x0
+    errors = {}
+    for steps in ("10", "20", "40"):
+        d = SpacedDiffusion(space_timesteps(1000, steps), betas)
+        k = len(d.timestep_map) // 2
+        a_k = abar[d.timestep_map[k]]
+        x_t = math.sqrt(a_k) * x0 + math.sqrt(1 - a_k) * noise
+        for sampler in ("ddim", "dpm++2m"):
+            full = sample(model, d, x_T.shape, sampler=sampler, noise=x_T, clip_denoised=False)
+            part = sample(model, d, x0.shape, sampler=sampler, x_start=x0, t_start=k, noise=noise,
+                          clip_denoised=False)
+            errors[sampler, steps] = max((full - _ode_exact(x_T, abar[d.timestep_map[-1]])).abs().mean().item(),
+                                         (part - _ode_exact(x_t, a_k)).abs().mean().item())
+    for steps in ("10", "20", "40"):
+        assert errors["dpm++2m", steps] < 0.9 * errors["ddim", steps], errors
+    assert errors["dpm++2m", "40"] < errors["dpm++2m", "20"] / 3 < errors["dpm++2m", "10"] / 6, errors  # ≈ h²
+    assert errors["ddim", "40"] > errors["ddim", "20"] / 2.5  # DDIM: first order, ≈ h
+
+
+def test_dpmpp_2m_first_step_is_ddim_and_sees_each_step_once():
+    betas = cosine_betas(400)
+    d = SpacedDiffusion(space_timesteps(400, "ddim20"), betas)
+    model = GaussianOracle(betas, MU, S)
+    x0 = MU + S * torch.randn(2, 1, 8, 8)
+    noise = torch.randn(2, 1, 8, 8)
+    runs = {s: sample(model, d, x0.shape, sampler=s, x_start=x0, t_start=12, noise=noise, return_intermediates=True)
+            for s in ("ddim", "dpm++2m")}
+    torch.testing.assert_close(runs["dpm++2m"][1][1], runs["ddim"][1][1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(runs["dpm++2m"][1][3], runs["ddim"][1][3], atol=1e-4)  # then second order
+    assert model.calls == 2 * 13
+    # no randomness: a generator is never drawn from
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    sample(model, d, x0.shape, sampler="dpm++2m", x_start=x0, t_start=12, noise=noise, generator=g)
+    assert torch.equal(g.get_state(), state)

@@ -11,13 +11,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import strength_sweep as sweep  # noqa: E402
+import sweep_scoring as scoring  # noqa: E402
 
 Z = 1.959964
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 10), (3, 10), (10, 10), (37, 200), (190, 200)])
 def test_wilson_bounds_solve_the_score_equation(k, n):
-    lo, hi = sweep.wilson_interval(k, n)
+    lo, hi = scoring.wilson_interval(k, n)
     p = k / n
     assert 0.0 <= lo <= p <= hi <= 1.0
     for bound in (lo, hi):  # a Wilson bound p0 satisfies (p - p0)² = z² p0 (1 - p0) / n
@@ -33,8 +34,8 @@ def test_mean_pairwise_distance_matches_brute_force():
     x = np.random.default_rng(1).normal(size=(9, 2, 3, 3))
     flat = x.reshape(9, -1)
     brute = np.mean([np.linalg.norm(flat[i] - flat[j]) for i in range(9) for j in range(i + 1, 9)])
-    assert sweep.mean_pairwise_distance(x) == pytest.approx(brute, rel=1e-9)
-    assert sweep.mean_pairwise_distance(np.repeat(x[:1], 4, axis=0)) == pytest.approx(0.0, abs=1e-6)
+    assert scoring.mean_pairwise_distance(x) == pytest.approx(brute, rel=1e-9)
+    assert scoring.mean_pairwise_distance(np.repeat(x[:1], 4, axis=0)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_points_put_the_noise_baselines_first():
@@ -82,8 +83,8 @@ def test_quick_sweep_rows_agree(tmp_path):
 def _row(label: str, mode: str, strength: float, rate: float) -> dict:
     return {"label": label, "mode": mode, "strength": strength, "sampler": "ddim", "steps": 20, "n": 10,
             "nfe_per_image": round(20 * strength), "seconds_per_image": 0.1, "pass_rate": rate,
-            "pass_ci95": list(sweep.wilson_interval(round(10 * rate), 10)), "pupil_ok_rate": rate,
-            "pupil_ok_ci95": list(sweep.wilson_interval(round(10 * rate), 10)), "bleed_mean": 0.01,
+            "pass_ci95": list(scoring.wilson_interval(round(10 * rate), 10)), "pupil_ok_rate": rate,
+            "pupil_ok_ci95": list(scoring.wilson_interval(round(10 * rate), 10)), "bleed_mean": 0.01,
             "pupil_circularity_mean": 0.9, "kid": 0.1, "kid_std": 0.01, "diversity_pixel_rms": 0.3,
             "diversity_feature": 3.0, "reasons": {}}
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from guided_diffusion.training import loop as train_util
+from guided_diffusion.training import loop
 from pipeline.cli.train_diffusion import main
 
 TINY = {
@@ -82,7 +82,7 @@ def test_run_writes_every_output_and_resumes(tmp_path, capsys):
 def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, capsys, monkeypatch):
     bad_steps = {3, 6, 7, 8}  # 1-based optimizer steps whose forward pass returns NaN
     seen = {"hooked": False, "forwards": 0}
-    original = train_util.create_model
+    original = loop.create_model
 
     def poisoned_model(cfg):
         model = original(cfg)
@@ -94,7 +94,7 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, capsys, monkey
             seen["hooked"] = True
         return model
 
-    monkeypatch.setattr(train_util, "create_model", poisoned_model)
+    monkeypatch.setattr(loop, "create_model", poisoned_model)
     out = tmp_path / "run"
     cfg = write_config(tmp_path, train={"max_steps": 20, "max_bad_steps": 3, "save_every": 1, "keep_last": 0})
     assert run("--config", str(cfg), "--out", str(out)) == 2

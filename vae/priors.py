@@ -81,9 +81,14 @@ def to_prior(vae, eps: np.ndarray) -> np.ndarray:
     return (mean + np.asarray(eps, np.float64) @ scale.T).astype(np.float32)
 
 
+def decode_draws(vae, eps: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Standard-normal (temperature-scaled) draws ε (N, D) → priors (N, C, H, W) float32 in [-1, 1]."""
+    return _decode(vae, to_prior(vae, eps), batch_size)
+
+
 def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64) -> np.ndarray:
     """n priors decoded from prior latents (temperature-scaled ε drawn with `seed`): (n, C, H, W) float32 in [-1, 1]."""
-    return _decode(vae, to_prior(vae, prior_latents(vae.latent_dim, n, seed, temperature)), batch_size)
+    return decode_draws(vae, prior_latents(vae.latent_dim, n, seed, temperature), batch_size)
 
 
 def encode(vae, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -157,5 +162,4 @@ def interpolate(vae, seed_a: int, seed_b: int, steps: int, batch_size: int = 64)
         raise UserError(f"interpolation needs at least 2 steps, got {steps}")
     ea = prior_latents(vae.latent_dim, 1, seed_a)[0]
     eb = prior_latents(vae.latent_dim, 1, seed_b)[0]
-    eps = np.stack([slerp(ea, eb, t) for t in np.linspace(0.0, 1.0, steps)])
-    return _decode(vae, to_prior(vae, eps), batch_size)
+    return decode_draws(vae, np.stack([slerp(ea, eb, t) for t in np.linspace(0.0, 1.0, steps)]), batch_size)

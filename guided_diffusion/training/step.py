@@ -40,21 +40,21 @@ def check_batching(batch_size: int, microbatch: int, world_size: int = 1) -> int
     return microbatch
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device, setting: str = "train.precision") -> str:
     """fp32 | bf16 | fp16 for this device. auto: fp32 on CPU/MPS (CPU bf16 is far slower), bf16 on
-    CUDA where supported, else fp16."""
+    CUDA where supported, else fp16. `setting` names the option in error messages."""
     if requested not in PRECISIONS:
-        raise UserError(f"unknown train.precision '{requested}'; valid: {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown {setting} '{requested}'; valid: {', '.join(PRECISIONS)}")
     if requested == "auto":
         if device.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and device.type != "cuda":
-        raise UserError(f"train.precision fp16 needs a CUDA device (got {device.type}); use fp32 or bf16")
+        raise UserError(f"{setting} fp16 needs a CUDA device (got {device.type}); use fp32 or bf16")
     if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("train.precision bf16 is not supported by this GPU; use fp16 or fp32")
+        raise UserError(f"{setting} bf16 is not supported by this GPU; use fp16 or fp32")
     if requested == "bf16" and device.type == "mps":
-        raise UserError("train.precision bf16 is not supported on MPS here; use fp32")
+        raise UserError(f"{setting} bf16 is not supported on MPS here; use fp32")
     return requested
 
 

@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path = out / "config.yaml"
     write_text_atomic(config_path, dump_config(cfg))
 
-    from pipeline import generate
-    from pipeline.cli import circularity_check as circularity_cli
-    from pipeline.cli import train_diffusion, train_vae
+    from pipeline.cli import circularity_check, generate, train_diffusion, train_vae
 
     timings: dict[str, float] = {}
 
@@ -81,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     stage("generate from VAE", generate.main,
           ["--from-vae", str(out / "vae" / "vae.keras"), "--save-priors", "--out", str(out / "from_vae"), *gen_args])
     stage("generate from noise", generate.main, ["--from-noise", "--out", str(out / "from_noise"), *gen_args])
-    stage("circularity check", circularity_cli.main,
+    stage("circularity check", circularity_check.main,
           [str(out / "from_vae"), "--reference", str(out / "from_noise"), "--out", str(out / "check"),
            "--overwrite", "--workers", "1", *common])
 

@@ -121,11 +121,12 @@ class GenerateConfig:
     """Sampling: from VAE priors, the user's images, or pure noise."""
 
     n: int = 64
-    strength: float = 0.5  # t_start = strength · T, snapped onto the respaced grid
-    sampler: str = "ddim"  # ddim | ddpm
+    strength: float = 0.5  # t_start = the kept step nearest strength · T; t_start + 1 network evaluations
+    sampler: str = "ddim"  # ddim | ddpm | dpm++2m (DPM-Solver++(2M), good at 10-20 steps)
     steps: int = 50  # respaced steps over the full schedule
     eta: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 0  # 0 → auto: 64 on CUDA (mixed precision fills the GPU), 16 elsewhere
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     clip_denoised: bool = True
     use_ema: float = -1.0  # -1 → the slowest EMA rate saved with the checkpoint; 0 → raw weights

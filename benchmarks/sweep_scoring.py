@@ -1,0 +1,88 @@
+"""How the strength sweep scores a set of images: circularity pass rates with Wilson 95 % intervals,
+bleed and pupil circularity, KID against held-out images, and pixel/feature diversity.
+(Used by `strength_sweep.py` and `bench_generate.py`.)"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.common.config import Config
+
+HELDOUT_SEED_OFFSET = 100_003  # held-out images: a seed far from the training data's
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for the default z)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # rounding never excludes p
+
+
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """Mean Euclidean distance over all pairs of rows of x (N, D), from the Gram matrix."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    if len(x) < 2:
+        return float("nan")
+    sq = (x * x).sum(axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0)
+    iu = np.triu_indices(len(x), k=1)
+    return float(np.sqrt(d2[iu]).mean())
+
+
+class Evaluator:
+    """Circularity rules, KID against held-out images and diversity for one set of images."""
+
+    def __init__(self, cfg: Config, heldout: np.ndarray, inception_weights: str | None, seed: int):
+        from pipeline.check.metrics import PROXY_NOTE, load_inception_features, proxy_features
+
+        self.cfg, self.seed = cfg, seed
+        if inception_weights:
+            self.features, self.feature_kind = load_inception_features(inception_weights), "inception-v3"
+        else:
+            self.features, self.feature_kind = proxy_features, PROXY_NOTE
+        self.heldout_features = self.features(heldout)
+
+    def __call__(self, images: np.ndarray) -> dict:
+        from pipeline.check.analyze import analyze_batch
+        from pipeline.check.metrics import kid
+        from pipeline.check.rules import round_pupil_without_bleed
+        from pipeline.check.summary import failure_key
+
+        rows = analyze_batch(images, self.cfg.circularity)
+        n = len(rows)
+        passed = sum(r["pass"] for r in rows)
+        pupil_ok = sum(round_pupil_without_bleed(r, self.cfg.circularity) for r in rows)
+        reasons: dict[str, int] = {}
+        for r in rows:
+            key = "pass" if r["pass"] else failure_key(r["reason"])
+            reasons[key] = reasons.get(key, 0) + 1
+        feats = self.features(images)
+        kid_mean, kid_std = kid(feats, self.heldout_features, subsets=50, subset_size=min(100, n), seed=self.seed)
+
+        def mean_of(key: str) -> float:
+            values = np.array([r[key] for r in rows], np.float64)
+            values = values[np.isfinite(values)]
+            return float(values.mean()) if values.size else float("nan")
+
+        return {
+            "n": n, "pass_rate": passed / n, "pass_ci95": wilson_interval(passed, n),
+            "pupil_ok_rate": pupil_ok / n, "pupil_ok_ci95": wilson_interval(pupil_ok, n),
+            "bleed_mean": mean_of("bleed_fraction"), "pupil_circularity_mean": mean_of("pupil_circularity"),
+            "kid": kid_mean, "kid_std": kid_std,
+            "diversity_pixel_rms": mean_pairwise_distance(images) / math.sqrt(images[0].size),
+            "diversity_feature": mean_pairwise_distance(feats),
+            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        }
+
+
+def heldout_images(cfg: Config, n: int) -> np.ndarray:
+    """n clean synthetic images from a seed the training data never used."""
+    from pipeline.data.synthetic import generate_irises
+
+    images, _ = generate_irises(n, cfg.data.image_size, cfg.data.seed + HELDOUT_SEED_OFFSET, cfg.data.channels)
+    return images
