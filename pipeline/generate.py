@@ -146,9 +146,10 @@ def generate(
     nearest `strength · T` (T the model's training steps) and denoised from there with t_start + 1
     network evaluations; strength 0 returns the priors unchanged and strength 1 starts from pure
     noise (identical to `source="noise"` with the same seed). Image i's randomness comes only from
-    its own (seed, i, purpose) streams (pipeline/common/seeding.py), so `indices` re-makes some images of
-    the run alone (up to the float rounding of a different batch size). With `interpolate` every frame shares image 0's diffusion noise,
-    so neighbouring frames differ only through their priors.
+    its own (seed, i, purpose) streams (pipeline/common/seeding.py), so `indices` re-makes some
+    images of the run alone (up to the float rounding of a different batch size). With
+    `interpolate` every frame shares image 0's diffusion noise, so neighbouring frames differ only
+    through their priors.
     """
     import torch
 
@@ -244,7 +245,7 @@ def generate(
         "prior": prior_info,
         "device": str(torch_device),
         "timings_s": {"total": time.perf_counter() - t0, "priors": prior_seconds, "sampling": sample_seconds,
-                      "sampling_per_image": sample_seconds / max(n, 1)},
+                      "sampling_per_image": sample_seconds / max(len(indices), 1)},
         "versions": library_versions(),
         "config": config_to_dict(cfg),
         "train_config": config_to_dict(train_cfg),

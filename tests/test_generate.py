@@ -299,3 +299,6 @@ def test_image_priors_and_index(models, tmp_path):
     assert runs[1].indices == [1]
     np.testing.assert_allclose(runs[1].images[0], runs[0].images[1], atol=1e-5)  # batch of 1 vs 3: float rounding
     np.testing.assert_array_equal(runs[1].priors[0], runs[0].priors[1])
+    for run in runs:  # per image: the images this call made, not the run's n
+        timings = run.metadata["timings_s"]
+        assert timings["sampling_per_image"] == pytest.approx(timings["sampling"] / len(run.indices))
