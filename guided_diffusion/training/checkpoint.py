@@ -53,6 +53,7 @@ RESUME_FIXED = (
     "data.synthetic_defects", "data.hflip", "train.batch_size", "train.seed", "train.ema_rates",
 )
 RESUME_IGNORED = ("vae.", "generate.", "circularity.")
+RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the same arithmetic
 
 
 def step_dir_name(step: int) -> str:
@@ -274,7 +275,7 @@ def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]
         if old.get(key) == cur[key] or key.startswith(RESUME_IGNORED):
             continue
         line = f"{key}: {old.get(key)!r} → {cur[key]!r}"
-        (fixed if key.startswith(RESUME_FIXED) else free).append(line)
+        (fixed if key.startswith(RESUME_FIXED) and key not in RESUME_FREE else free).append(line)
     return fixed, free
 
 

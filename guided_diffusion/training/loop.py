@@ -17,6 +17,7 @@ of every batch, so a config means the same optimisation on one GPU or several.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from guided_diffusion.training.checkpoint import CHECKPOINTS, TrainingCheckpoint
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
+from guided_diffusion.training.memory_plan import resolve_settings, suggestion
 from guided_diffusion.training.session import Session, Setup, open_session, save
 from guided_diffusion.training.stats import ActivationProbe, block_grad_norms, health_rows
 from guided_diffusion.training.step import check_batching, forward_backward, resolve_precision
@@ -106,18 +108,34 @@ def params_sha256(model: nn.Module) -> str:
 
 
 @torch.no_grad()
-def write_sample_grid(path: Path, cfg: Config, sample_model: nn.Module, ema_state: dict, device: torch.device,
-                      autocast) -> None:
-    """A grid of `sample_count` samples of the EMA weights, always from the same seed."""
-    sample_model.load_state_dict(ema_state)
-    sample_model.eval()
+def write_sample_grid(path: Path, cfg: Config, model: nn.Module, weights: dict[str, torch.Tensor],
+                      device: torch.device, autocast, batch: int) -> None:
+    """A grid of `sample_count` samples of `weights` (the slowest EMA), always from the same seed.
+
+    The weights are swapped into the training model for the grid and the training weights put
+    back bit for bit afterwards (a copy on the CPU meanwhile), so no second network lives on the
+    GPU. Sampled under `autocast`, `batch` images at a time; DDIM with η = 0 draws only the
+    starting noise, so the grid does not depend on `batch` (beyond float rounding).
+    """
+    training_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    was_training = model.training
     diffusion = create_diffusion(cfg, respacing=str(cfg.train.sample_steps))
     shape = (cfg.train.sample_count, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    with autocast():
-        x = samplers.sample(sample_model, diffusion, shape, sampler="ddim", generator=generator, device=device)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.train.seed))
+    try:
+        model.load_state_dict(weights)
+        model.eval()
+        chunks = []
+        for start in range(0, shape[0], batch):
+            chunk = noise[start : start + batch].to(device)
+            with autocast():
+                chunks.append(samplers.sample(model, diffusion, tuple(chunk.shape), sampler="ddim", noise=chunk,
+                                              device=device).float().cpu())
+    finally:
+        model.load_state_dict(training_weights)
+        model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(path, make_grid(x.float().clamp(-1, 1).cpu().numpy()))
+    write_png(path, make_grid(torch.cat(chunks).clamp(-1, 1).numpy()))
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -129,8 +147,9 @@ def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.de
     tc = cfg.train
     check_length(tc)
     check_schedule(tc)
-    microbatch = check_batching(tc.batch_size, tc.microbatch, dist.world_size)
+    check_batching(tc.batch_size, tc.microbatch, dist.world_size)
     precision = resolve_precision(tc.precision, device)
+    settings, plan = resolve_settings(cfg, device, tc.batch_size // dist.world_size, precision)
     if tc.seed < 0:
         raise UserError(f"train.seed must be >= 0, got {tc.seed}")
     if any(not 0.0 < r < 1.0 for r in tc.ema_rates) or len(set(tc.ema_rates)) != len(tc.ema_rates):
@@ -146,11 +165,12 @@ def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.de
     steps_per_epoch = len(images) // tc.batch_size
     total = total_steps(tc, steps_per_epoch)
     torch.manual_seed(tc.seed)  # the initial weights
-    model = create_model(cfg).to(device)
+    model = create_model(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, use_checkpoint=settings.use_checkpoint))).to(device)
     diffusion = create_diffusion(cfg)
     timestep_sampler = create_timestep_sampler(cfg.diffusion.timestep_sampler, diffusion)
-    return Setup(cfg, device, precision, torch.tensor(images), model, diffusion, timestep_sampler, microbatch,
-                 steps_per_epoch, total)
+    return Setup(cfg, device, precision, torch.tensor(images), model, diffusion, timestep_sampler,
+                 settings, plan, steps_per_epoch, total)
 
 
 # -------------------------------------------------------------------------------------- train
@@ -168,27 +188,50 @@ class Batch(NamedTuple):
 def train(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint | None = None) -> dict:
     """Train `s.model` from scratch or from `resume`, writing into `run_dir` (rank 0). Returns a summary."""
     r, tc = open_session(s, run_dir, dist, resume), s.cfg.train
-    with logging_redirect_tqdm(), tqdm(total=s.total_steps, initial=r.start, desc="train", unit="step",
-                                       dynamic_ncols=True, disable=not dist.main) as bar:
-        for step in range(r.start, s.total_steps):
-            done = step + 1
-            batch = draw_batch(s, dist, step)  # 1.
-            lr = anneal_lr(r.optimizer, s, step)
-            probing = dist.main and done % tc.stats_every == 0
-            losses, grad_norm, health = gradient(r, batch, probing)  # 2.
-            update_or_skip(r, batch.t, losses, grad_norm, done)  # 3.
-            r.window_steps += 1
-            bar.update(1)
+    step = r.start
+    try:
+        with logging_redirect_tqdm(), tqdm(total=s.total_steps, initial=r.start, desc="train", unit="step",
+                                           dynamic_ncols=True, disable=not dist.main) as bar:
+            for step in range(r.start, s.total_steps):
+                done = step + 1
+                batch = draw_batch(s, dist, step)  # 1.
+                lr = anneal_lr(r.optimizer, s, step)
+                probing = dist.main and done % tc.stats_every == 0
+                losses, grad_norm, health = gradient(r, batch, probing)  # 2.
+                update_or_skip(r, batch.t, losses, grad_norm, done)  # 3.
+                r.window_steps += 1
+                bar.update(1)
 
-            # 4. Logs, health probes, checkpoints, samples (rank 0).
-            if dist.main and (done % tc.log_every == 0 or done == s.total_steps):
-                log_window(r, step, lr, bar)
-            if health is not None:
-                r.outputs.stats_csv.write_rows(health_rows(done, *health))
-            stop_if_diverged(r, done)
-            if dist.main:
-                checkpoint_and_sample(r, done)
+                # 4. Logs, health probes, checkpoints, samples (rank 0).
+                if dist.main and (done % tc.log_every == 0 or done == s.total_steps):
+                    log_window(r, step, lr, bar)
+                if health is not None:
+                    r.outputs.stats_csv.write_rows(health_rows(done, *health))
+                stop_if_diverged(r, done)
+                if dist.main:
+                    checkpoint_and_sample(r, done)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(r, step + 1) from None
+    finally:
+        r.ema.close()
     return finish(r)
+
+
+def out_of_memory(r: Session, done: int) -> UserError:
+    """The one-line error for a CUDA out-of-memory error during step `done`: what ran, what the
+    memory plan suggests, and the (intact) checkpoint to resume from."""
+    s = r.s
+    fix = suggestion(s.plan, s.settings)
+    ran = (f"micro-batch {s.microbatch}, EMA {'on the CPU' if s.settings.ema_device == 'cpu' else 'on the GPU'}, "
+           f"checkpointing {'on' if s.settings.use_checkpoint else 'off'}")
+    if s.device.type == "cuda":
+        total = torch.cuda.get_device_properties(s.device).total_memory
+        ran += f"; peak {torch.cuda.max_memory_allocated(s.device) / 2**30:.2f} of {total / 2**30:.2f} GiB"
+    if r.last_ckpt is None:
+        then = f"no checkpoint was written yet; start again with {fix} --overwrite"
+    else:
+        then = f"the last checkpoint {r.last_ckpt} is intact: train-diffusion --resume {r.run_dir} {fix}"
+    return UserError(f"out of GPU memory at step {done} ({ran}); the memory plan suggests {fix}; {then}")
 
 
 def draw_batch(s: Setup, dist: Dist, step: int) -> Batch:
@@ -290,8 +333,9 @@ def checkpoint_and_sample(r: Session, done: int) -> None:
     if done % tc.sample_every == 0 or last:
         slowest = max(tc.ema_rates) if tc.ema_rates else None
         weights = r.ema.shadows[slowest] if slowest else r.s.model.state_dict()
-        write_sample_grid(r.run_dir / "samples" / f"step_{done:07d}.png", r.s.cfg, r.outputs.sample_model,
-                          weights, r.s.device, r.autocast)
+        r.optimizer.zero_grad(set_to_none=True)  # the next step starts from zero anyway: free the memory
+        write_sample_grid(r.run_dir / "samples" / f"step_{done:07d}.png", r.s.cfg, r.s.model, weights,
+                          r.s.device, r.autocast, r.s.microbatch)
 
 
 def finish(r: Session) -> dict:
@@ -308,6 +352,7 @@ def finish(r: Session) -> dict:
         "session_s": time.perf_counter() - r.started,
         "best_loss": progress["best_loss"], "best_step": progress["best_step"], "bad_steps": progress["bad_total"],
         "checkpoint": str(r.last_ckpt), "world_size": dist.world_size, "rank_weights_sha256": digests,
+        "gpu_peak_gib": torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None,
     }
     if dist.main:
         r.outputs.close()

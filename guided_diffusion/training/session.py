@@ -23,7 +23,6 @@ from guided_diffusion.training.checkpoint import (
 )
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.ema import EMA
-from guided_diffusion.training.factory import create_model
 from guided_diffusion.training.logs import (
     LOG_FIELDS,
     STATS_FIELDS,
@@ -32,6 +31,7 @@ from guided_diffusion.training.logs import (
     TensorBoard,
     plot_losses,
 )
+from guided_diffusion.training.memory_plan import Plan, Settings
 from guided_diffusion.training.step import autocast_for, grad_scaler_for
 from pipeline.common.config import Config
 
@@ -47,27 +47,30 @@ class Setup:
     model: nn.Module
     diffusion: object
     timestep_sampler: object
-    microbatch: int  # per process
+    settings: Settings  # micro-batch per process, EMA place, checkpointing (the memory plan's on CUDA)
+    plan: Plan | None  # the memory plan (CUDA only)
     steps_per_epoch: int
     total_steps: int
+
+    @property
+    def microbatch(self) -> int:
+        return self.settings.microbatch
 
 
 @dataclass
 class Outputs:
-    """What rank 0 writes as it trains, and the network copy it draws sample grids with."""
+    """What rank 0 writes as it trains."""
 
     log_csv: CsvLog
     stats_csv: CsvLog
     board: TensorBoard
-    sample_model: nn.Module
 
     @classmethod
-    def open(cls, run_dir: Path, cfg: Config, device: torch.device, resume_step: int | None) -> Outputs:
+    def open(cls, run_dir: Path, resume_step: int | None) -> Outputs:
         """Open (or, resuming at `resume_step`, truncate and reopen) the logs of `run_dir`."""
         return cls(CsvLog(run_dir / "log.csv", LOG_FIELDS, resume_step=resume_step),
                    CsvLog(run_dir / "stats.csv", STATS_FIELDS, resume_step=resume_step),
-                   TensorBoard(run_dir / "tensorboard", purge_step=resume_step),
-                   create_model(cfg).to(device))
+                   TensorBoard(run_dir / "tensorboard", purge_step=resume_step))
 
     def close(self) -> None:
         for f in (self.log_csv, self.stats_csv, self.board):
@@ -108,7 +111,7 @@ def open_session(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint
     optimizer = torch.optim.AdamW(list(s.model.parameters()), lr=tc.lr, betas=tuple(tc.adam_betas),
                                   weight_decay=tc.weight_decay)
     r = Session(s, dist, run_dir, s.model, optimizer, grad_scaler_for(s.precision, s.device),
-                autocast_for(s.precision, s.device), EMA(s.model, tc.ema_rates, tc.ema_warmup),
+                autocast_for(s.precision, s.device), EMA(s.model, tc.ema_rates, tc.ema_warmup, offload=s.settings.ema_device == "cpu", every=tc.ema_every),
                 LossWindow(s.diffusion.num_timesteps))
     if resume is not None:
         restore(r, resume)
@@ -116,7 +119,7 @@ def open_session(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint
         device_ids = [s.device.index] if s.device.type == "cuda" else None
         r.net = nn.parallel.DistributedDataParallel(s.model, device_ids=device_ids)
     if dist.main:
-        r.outputs = Outputs.open(run_dir, s.cfg, s.device, r.start if resume else None)
+        r.outputs = Outputs.open(run_dir, r.start if resume else None)
     r.started = r.accounted_at = r.window_start = time.perf_counter()
     return r
 

@@ -20,13 +20,18 @@ from pipeline.common.errors import UserError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def check_batching(batch_size: int, microbatch: int, world_size: int = 1) -> int:
-    """Validate batch settings; return the per-rank micro-batch size (0 → the whole rank batch)."""
+def check_batching(batch_size: int, microbatch: int | str, world_size: int = 1) -> int:
+    """Validate batch settings; return the per-rank micro-batch size (0 → the whole rank batch;
+    "auto" → the whole rank batch here, for the memory plan to lower)."""
     if batch_size < 1:
         raise UserError(f"train.batch_size must be >= 1, got {batch_size}")
     if batch_size % world_size:
         raise UserError(f"train.batch_size {batch_size} must be divisible by the number of processes ({world_size})")
     per_rank = batch_size // world_size
+    if microbatch == "auto":
+        return per_rank
+    if isinstance(microbatch, str):
+        raise UserError(f"train.microbatch must be an integer >= 0 or auto, got '{microbatch}'")
     if microbatch < 0:
         raise UserError(f"train.microbatch must be >= 0 (0 = off), got {microbatch}")
     if microbatch == 0:

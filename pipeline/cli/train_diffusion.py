@@ -2,6 +2,7 @@
 
     train-diffusion --config configs/tiny-cpu.yaml [--set train.max_steps=800] [--out runs/x]
     train-diffusion --resume runs/x [--set train.max_steps=1600]
+    train-diffusion --config configs/hp2-128.yaml --plan [--gpu-memory 15]   (memory plan, no training)
     torchrun --nproc_per_node=2 -m pipeline.cli.train_diffusion --config …      (DDP)
 
 Picks the run directory (new, or the one to resume and its latest checkpoint), loads the images
@@ -25,6 +26,7 @@ from guided_diffusion.training.checkpoint import (
 )
 from guided_diffusion.training.distributed import init_distributed
 from guided_diffusion.training.loop import prepare, train
+from guided_diffusion.training.memory_plan import format_plan, plan_for_gpu
 from guided_diffusion.training.session import Setup
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config, load_config
@@ -82,13 +84,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the GPU memory plan of the config (peak estimate, settings that fit) and exit")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="with --plan: plan for a GPU with this much memory (default: this machine's GPU)")
     return parser.parse_args(argv)
+
+
+def print_plan(args: argparse.Namespace) -> None:
+    """`--plan`: the memory plan of the config (or of the run to resume), without training."""
+    if args.resume is not None:
+        cfg = load_config(args.config or latest_checkpoint(Path(args.resume)) / "config.yaml", args.overrides)
+    else:
+        cfg = config_from_args(args)
+    plan = plan_for_gpu(cfg, pick_torch_device(args.device), args.gpu_memory)
+    print(format_plan(plan, args.config or args.resume or "the default config"))
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train-diffusion`."""
     args = parse_args(argv)
+    if args.gpu_memory is not None and not args.plan:
+        raise UserError("--gpu-memory only goes with --plan")
+    if args.plan:
+        print_plan(args)
+        return 0
     dist, device = init_distributed(pick_torch_device(args.device))
     try:
         cfg, run_dir, ckpt = resolve_run(args)
@@ -114,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {run_dir} (log.csv, loss.png, samples/, checkpoints/)")
         print(f"trained to step {summary['steps']} ({summary['session_steps']} steps this session in {session}, "
               f"{rate:.2f} it/s); best loss {summary['best_loss']:.4g} at step {summary['best_step']}; "
-              f"checkpoint {summary['checkpoint']}")
+              f"checkpoint {summary['checkpoint']}"
+              + (f"; GPU peak {summary['gpu_peak_gib']:.2f} GiB" if summary["gpu_peak_gib"] is not None else ""))
     return 0
 
 

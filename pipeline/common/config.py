@@ -68,7 +68,7 @@ class TrainConfig:
     """The diffusion training loop."""
 
     batch_size: int = 32
-    microbatch: int = 0  # 0 → no micro-batching (one pass of batch_size)
+    microbatch: int | str = 0  # 0 → no micro-batching (one pass of batch_size); auto → the memory plan's choice
     lr: float = 1e-4
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -81,6 +81,8 @@ class TrainConfig:
     max_steps: int = 0  # 0 → limited by epochs only
     ema_rates: list[float] = field(default_factory=lambda: [0.9999])
     ema_warmup: bool = True  # effective rate min(rate, (1+n)/(10+n)) so early EMA is not noise
+    ema_device: str = "auto"  # auto (the memory plan's choice on a GPU) | cpu (off the GPU) | same (beside the model)
+    ema_every: int = 1  # fold the weights into the EMA every k steps (with the k steps' decay)
     grad_clip: float = 1.0  # 0 → off
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on capable GPUs) | fp32 | bf16 | fp16
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
@@ -178,7 +180,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key)
+        for arg in args[:-1]:  # the first type that takes the value, e.g. int | str: 3 → 3, "auto" → "auto"
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                continue
+        return _coerce(value, args[-1], key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be a list of {_type_name(typing.get_args(tp)[0])}, got {value!r}")
