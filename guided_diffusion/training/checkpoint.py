@@ -7,7 +7,7 @@ Layout of a run directory:
     RUN_DIR/checkpoints/step_0001000/
         config.yaml                         the config it was trained with
         model.safetensors                   raw weights
-        ema_<rate>.safetensors              fp32 EMA weights, one file per rate, same keys
+        ema_<rate>.safetensors              EMA weights, one file per rate, same keys (train.save_dtype)
         state.pt                            optimizer, grad scaler, timestep sampler, position, RNG
         hashes.json                         sha256 of every file above, checked when loading
 
@@ -15,6 +15,12 @@ A checkpoint is written into a hidden temp directory and `os.replace`d into plac
 `latest` pointer is replaced the same way, so a crash (or kill -9) at any moment leaves either the
 old or the new checkpoint, never half of one. `state.pt` holds only tensors and plain Python
 values, so it loads with `torch.load(..., weights_only=True)`.
+
+Model weights and optimizer state are fp32, so a resume is bit-exact for them; the EMA files are
+in train.save_dtype (fp16/bf16 halve them, and a resume continues the EMAs from the rounded
+values). A run's final checkpoint with train.final_optimizer false has no optimizer state
+(`"optimizer": None`) and its model weights in save_dtype too: made for sampling and sharing, it
+still resumes, with fresh AdamW moments (`warn_lossy_resume` says so).
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from guided_diffusion.training.ema import ema_file_name
+from guided_diffusion.training.save_policy import (
+    SAVE_DTYPES,
+    CheckpointSize,
+    cast_floats,
+    estimate_size,
+    warn_if_short_of_space,
+)
 from pipeline.common.config import Config, config_to_dict, dump_config, load_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import fsync_file, sha256_file, write_text_atomic
@@ -45,6 +58,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 HASHES_FILE = "hashes.json"
+HASHES_BYTES = 512  # about the size of hashes.json (for size estimates)
 
 # Settings a resumed run must share with its checkpoint: they define the network, the diffusion
 # process, or the data order. Everything else in `train` (limits, lr, logging …) may change.
@@ -59,10 +73,6 @@ RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the sa
 def step_dir_name(step: int) -> str:
     """`step_0001000` for step 1000."""
     return f"step_{step:07d}"
-
-
-def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 # ----------------------------------------------------------------------------------------- RNG
@@ -95,22 +105,29 @@ def restore_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, cfg: Config, model_state: dict[str, torch.Tensor],
                     ema_states: dict[float, dict[str, torch.Tensor]], train_state: dict,
-                    keep_last: int) -> Path:
+                    keep_last: int, model_dtype: str = "fp32", ema_dtype: str = "fp32") -> Path:
     """Write `RUN_DIR/checkpoints/step_XXXXXXX/` atomically, point `latest` at it, prune old ones.
 
-    `keep_last` ≤ 0 keeps every checkpoint. Returns the checkpoint directory.
+    `keep_last` ≤ 0 keeps every checkpoint; the old ones are removed only after the new one is
+    complete, so even `keep_last` 1 always leaves one. Floating-point weights are written in
+    `model_dtype` / `ema_dtype` (train.save_dtype names). Warns first when the disk looks too full
+    for it; logs its size after. Returns the checkpoint directory.
     """
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
+    config_text = dump_config(cfg)
+    warn_if_short_of_space(root, final.name, estimate_size(model_state, ema_states, train_state, model_dtype,
+                                                           ema_dtype, len(config_text) + HASHES_BYTES))
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {"step": str(step)}
-    (tmp / CONFIG_FILE).write_text(dump_config(cfg))
-    save_file(_cpu_tensors(model_state), str(tmp / MODEL_FILE), metadata=meta)
+    (tmp / CONFIG_FILE).write_text(config_text)
+    save_file(cast_floats(model_state, model_dtype), str(tmp / MODEL_FILE), metadata=meta)
     for rate, shadow in ema_states.items():
-        save_file(_cpu_tensors(shadow), str(tmp / ema_file_name(rate)), metadata={**meta, "ema_rate": repr(rate)})
+        save_file(cast_floats(shadow, ema_dtype), str(tmp / ema_file_name(rate)),
+                  metadata={**meta, "ema_rate": repr(rate)})
     torch.save(train_state, tmp / STATE_FILE)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for path in files:
@@ -127,7 +144,16 @@ def save_checkpoint(run_dir: Path, step: int, cfg: Config, model_state: dict[str
         os.replace(tmp, final)
     write_text_atomic(root / LATEST, final.name + "\n")
     _prune(root, keep_last, keep=final)
+    log.info("checkpoint %s: %s", final.name, checkpoint_size(final).describe())
     return final
+
+
+def checkpoint_size(ckpt_dir: Path) -> CheckpointSize:
+    """The sizes of a written checkpoint's files."""
+    return CheckpointSize((ckpt_dir / MODEL_FILE).stat().st_size,
+                          [(ckpt_dir / ema_file_name(r)).stat().st_size for r in saved_ema_rates(ckpt_dir)],
+                          (ckpt_dir / STATE_FILE).stat().st_size,
+                          sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file()))
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -255,6 +281,27 @@ def load_training_checkpoint(ckpt_dir: Path) -> TrainingCheckpoint:
     for rate in cfg.train.ema_rates:
         emas[float(rate)], _ = read_weights(ckpt_dir, ema_file_name(rate))
     return TrainingCheckpoint(ckpt_dir, cfg, model_state, emas, read_train_state(ckpt_dir))
+
+
+def warn_lossy_resume(ckpt: TrainingCheckpoint) -> None:
+    """Log what a resume from `ckpt` cannot restore exactly: weights saved in half precision, or
+    no optimizer state (a final checkpoint of train.final_optimizer false)."""
+    names = {dtype: name for name, dtype in SAVE_DTYPES.items()}
+
+    def half(state: dict[str, torch.Tensor]) -> str | None:
+        dtypes = {names.get(v.dtype, str(v.dtype)) for v in state.values() if v.is_floating_point()} - {"fp32"}
+        return ", ".join(sorted(dtypes)) or None
+
+    emas = {half(s) for s in ckpt.ema_states.values()} - {None}
+    if emas:
+        log.warning("resuming: the EMA weights of %s are saved in %s; the EMAs continue from those rounded values",
+                    ckpt.path, ", ".join(sorted(emas)))
+    if half(ckpt.model_state):
+        log.warning("resuming: the model weights of %s are saved in %s; training continues from those rounded "
+                    "values", ckpt.path, half(ckpt.model_state))
+    if ckpt.train_state.get("optimizer") is None:
+        log.warning("resuming: %s has no optimizer state (saved with train.final_optimizer false); AdamW starts "
+                    "with fresh moments, so the run is not bit-exact from here", ckpt.path)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -41,6 +41,7 @@ from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
 from guided_diffusion.training.memory_plan import resolve_settings, suggestion
+from guided_diffusion.training.save_policy import check_save_settings
 from guided_diffusion.training.session import Session, Setup, open_session, save
 from guided_diffusion.training.stats import ActivationProbe, block_grad_norms, health_rows
 from guided_diffusion.training.step import check_batching, forward_backward, resolve_precision
@@ -147,6 +148,7 @@ def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.de
     tc = cfg.train
     check_length(tc)
     check_schedule(tc)
+    check_save_settings(tc)
     check_batching(tc.batch_size, tc.microbatch, dist.world_size)
     precision = resolve_precision(tc.precision, device)
     settings, plan = resolve_settings(cfg, device, tc.batch_size // dist.world_size, precision)
@@ -323,10 +325,10 @@ def stop_if_diverged(r: Session, done: int) -> None:
 
 
 def checkpoint_and_sample(r: Session, done: int) -> None:
-    """4. Rank 0: a checkpoint every save_every steps, a grid of EMA samples every sample_every,
-    and both after the last step."""
+    """4. Rank 0: a checkpoint every save_every steps (and save_every_minutes after the last one), a
+    grid of EMA samples every sample_every, and both after the last step."""
     tc, last = r.s.cfg.train, done == r.s.total_steps
-    if done % tc.save_every == 0 or last:
+    if done % tc.save_every == 0 or last or r.save_timer.due(tc.save_every_minutes):
         r.progress["elapsed_s"] += time.perf_counter() - r.accounted_at
         r.accounted_at = time.perf_counter()
         r.last_ckpt = save(r, done)

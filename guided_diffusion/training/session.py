@@ -20,6 +20,7 @@ from guided_diffusion.training.checkpoint import (
     capture_rng_state,
     restore_rng_state,
     save_checkpoint,
+    warn_lossy_resume,
 )
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.ema import EMA
@@ -32,6 +33,7 @@ from guided_diffusion.training.logs import (
     plot_losses,
 )
 from guided_diffusion.training.memory_plan import Plan, Settings
+from guided_diffusion.training.save_policy import SaveTimer
 from guided_diffusion.training.step import autocast_for, grad_scaler_for
 from pipeline.common.config import Config
 
@@ -99,6 +101,7 @@ class Session:
     outputs: Outputs | None = None
     start: int = 0  # the step this session starts at
     last_ckpt: Path | None = None
+    save_timer: SaveTimer = field(default_factory=SaveTimer)  # train.save_every_minutes, from the last save
     started: float = 0.0  # perf_counter() when the first step began
     accounted_at: float = 0.0  # time up to here is in progress["elapsed_s"]
     window_start: float = 0.0
@@ -127,8 +130,11 @@ def open_session(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint
 def restore(r: Session, resume: TrainingCheckpoint) -> None:
     """Continue from a checkpoint: weights, optimizer, EMAs, scaler, timestep sampler, RNGs, progress."""
     tc, state = r.s.cfg.train, resume.train_state
+    if r.dist.main:
+        warn_lossy_resume(resume)
     r.s.model.load_state_dict(resume.model_state)
-    r.optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: a final checkpoint of train.final_optimizer false
+        r.optimizer.load_state_dict(state["optimizer"])
     for group in r.optimizer.param_groups:  # settings from the (possibly edited) config win
         group.update(betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
     for rate, shadow in resume.ema_states.items():
@@ -145,17 +151,23 @@ def restore(r: Session, resume: TrainingCheckpoint) -> None:
 
 
 def save(r: Session, done: int) -> Path:
-    """Rank 0: checkpoint the state after `done` steps, flush the logs, redraw loss.png."""
-    s = r.s
+    """Rank 0: checkpoint the state after `done` steps, flush the logs, redraw loss.png.
+
+    EMA weights are saved in train.save_dtype. The run's final checkpoint, with train.final_optimizer
+    false, leaves out the optimizer state and saves the model weights in save_dtype too.
+    """
+    s, tc = r.s, r.s.cfg.train
+    slim = done == s.total_steps and not tc.final_optimizer
     train_state = {
         "step": done, "epoch": done // s.steps_per_epoch, "batch_in_epoch": done % s.steps_per_epoch,
-        "optimizer": r.optimizer.state_dict(), "scaler": r.scaler.state_dict() if r.scaler else None,
+        "optimizer": None if slim else r.optimizer.state_dict(), "scaler": r.scaler.state_dict() if r.scaler else None,
         "timestep_sampler": s.timestep_sampler.state_dict(), "ema_num_updates": r.ema.num_updates,
         "rng": capture_rng_state(), "progress": dict(r.progress), "num_images": len(s.images),
         "world_size": r.dist.world_size, "torch_version": str(torch.__version__),
     }
-    path = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state,
-                           s.cfg.train.keep_last)
+    path = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state, tc.keep_last,
+                           model_dtype=tc.save_dtype if slim else "fp32", ema_dtype=tc.save_dtype)
+    r.save_timer.reset()
     r.outputs.log_csv.flush()
     r.outputs.stats_csv.flush()
     plot_losses(r.run_dir / "log.csv", r.run_dir / "loss.png")

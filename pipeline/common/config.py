@@ -90,7 +90,10 @@ class TrainConfig:
     save_every: int = 1000
     sample_every: int = 1000
     stats_every: int = 500  # dead-activation fraction and per-block grad norms
-    keep_last: int = 2
+    keep_last: int = 2  # checkpoints kept, newest first (0 → all); old ones go only once the new one is complete
+    save_every_minutes: float = 0.0  # also save at the first step this long after the last save; 0 → off
+    save_dtype: str = "fp32"  # fp32 | fp16 | bf16: the EMA weight files (model and optimizer stay fp32)
+    final_optimizer: bool = True  # false → the run's last checkpoint drops the optimizer state, model in save_dtype
     sample_count: int = 16
     sample_steps: int = 25  # DDIM steps for the periodic sample grid
     seed: int = 0
