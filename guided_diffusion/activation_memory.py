@@ -10,9 +10,11 @@ batch 2, split the count into a part per image and a fixed part:
     per_image = count(batch 2) − count(batch 1),    fixed = count(batch 1) − per_image.
 
 fixed is what does not grow with the batch: under autocast, the half-precision copies of the
-weights that the convolutions and linear layers save. (The issue-17 figures "ours bf16 autocast:
-105.0 / 1563.6 MiB/img" were count(batch 1), 47.8 / 712.8 MiB of them weight copies; per_image
-was 57.3 / 850.8. The fp32 figures 114.5 / 1701.2 are both: fp32 has nothing fixed.)
+weights that the convolutions and linear layers save. (The issue-17 figures for the code before
+the half-precision GroupNorm, "ours bf16 autocast: 105.0 / 1563.6 MiB/img" for the small / HP2
+U-Nets, were count(batch 1) on the CPU's lists: 47.8 / 712.8 MiB of weight copies and a
+per_image of 57.2 / 850.8; under CUDA's lists that code's per_image was 102.2 / 1515.9. The fp32
+figures 114.5 / 1701.2 are both: fp32 has nothing fixed.)
 
 Gradient checkpointing. A module with a true `use_checkpoint` attribute (the U-Net's ResBlock
 and AttentionBlock) runs under non-reentrant torch.utils.checkpoint: the checkpoint saves the
@@ -27,14 +29,16 @@ carry shapes, dtypes and devices only, so a 374 M-parameter model is counted on 
 seconds, whatever the device of its parameters (meta included). Autocast and the saved-tensor
 hooks act on fake tensors as on real ones.
 
-device_type picks whose autocast op lists and kernels apply. 'cuda' needs a CUDA device: a
-CPU-only PyTorch aborts the process when autograd meets a fake CUDA tensor. Without one, 'cuda'
-is counted with the CPU's lists and kernels, which give the U-Net the same dtypes: the lists
-differ on group_norm (float32 on CUDA, unlisted on the CPU), which our GroupNorm runs with
-autocast off, and on exp (the timestep embedding's, float32 either way). The kernels differ in
-two places: dropout with 0 < p < 1 saves a mask of the input's dtype on the CPU but of bool on
-CUDA, and attention saves q, k, v, the output and a float32 log-sum-exp on both (the CPU's flash
-kernel, CUDA's flash or memory-efficient one), the last padded differently.
+device_type picks whose autocast op lists and kernels apply. 'cuda' with a CUDA device counts
+on fake CUDA tensors. Without one (a CPU-only PyTorch aborts the process when autograd meets a
+fake CUDA tensor) 'cuda' is counted with the CPU's lists and kernels, which give this U-Net the
+same bytes: of the ops it runs, CUDA's lists put group_norm and upsample_nearest2d in float32
+and the CPU's do not, and our GroupNorm and NearestUpsample run both with autocast off (exp,
+float32 on CUDA only, gets float32 anyway). Checked on an H200 (torch 2.11, 2026-11-26): for the
+small and HP2 U-Nets in bf16 and fp16, and checkpointed in bf16, fake CUDA, CPU lists and a real
+CUDA forward's hooks gave the same per_image and fixed. Kernels that differ: dropout with
+0 < p < 1 saves a mask of the input's dtype on the CPU but of bool on CUDA, and attention saves
+q, k, v, the output and a float32 log-sum-exp on both, the last padded differently.
 """
 
 from __future__ import annotations

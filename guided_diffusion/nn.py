@@ -1,4 +1,5 @@
-"""Small building blocks of the U-Net: normalisation, zero-initialised layers, timestep embedding."""
+"""Small building blocks of the U-Net: normalisation, upsampling, zero-initialised layers,
+timestep embedding."""
 
 from __future__ import annotations
 
@@ -39,6 +40,22 @@ class GroupNorm(nn.GroupNorm):
 def group_norm(channels: int) -> GroupNorm:
     """GroupNorm with up to 32 groups (ADM's normalisation), half precision in and out under autocast."""
     return GroupNorm(norm_groups(channels), channels, eps=1e-5)
+
+
+class NearestUpsample(nn.Module):
+    """Nearest-neighbour ×2 in the input's dtype, even under autocast.
+
+    CUDA's autocast runs upsample_nearest in float32 (the CPU's does not): a half input came back
+    float32, and so did the residual sum after it, the skip concatenation and the next block's
+    norm, all saved for backward. Nearest only copies values, so running it in half precision
+    loses nothing. A float32 input gives what nn.Upsample(scale_factor=2) gives, bit for bit.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in HALF_DTYPES:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        with torch.autocast(x.device.type, enabled=False):
+            return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def zero_module(module: nn.Module) -> nn.Module:
