@@ -1,11 +1,15 @@
-"""Small building blocks of the U-Net: normalisation, zero-initialised layers, timestep embedding."""
+"""Small building blocks of the U-Net: normalisation, upsampling, zero-initialised layers,
+timestep embedding."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def norm_groups(channels: int, max_groups: int = 32) -> int:
@@ -13,9 +17,45 @@ def norm_groups(channels: int, max_groups: int = 32) -> int:
     return math.gcd(max_groups, channels)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with up to 32 groups (ADM's normalisation)."""
-    return nn.GroupNorm(norm_groups(channels), channels, eps=1e-5)
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that keeps a half-precision input in half precision, even under autocast.
+
+    Autocast runs group_norm in float32 on CUDA (its fp32 op list), so the norm and everything
+    after it up to the next convolution would save float32 activations for backward. Here a
+    float16/bfloat16 input is normalised with autocast off, by the half kernel (it accumulates the
+    mean and variance in float32), with γ, β cast to the input's dtype (CUDA's kernel reads them as
+    the input type; the cast is differentiable, so the float32 parameters still get gradients), and
+    the output has the input's dtype, as openai's GroupNorm32 returns x.dtype. Any other input
+    (float32, without autocast) takes nn.GroupNorm's path unchanged, bit for bit. Same parameters
+    and state_dict keys (`weight`, `bias`) as nn.GroupNorm.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in HALF_DTYPES:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def group_norm(channels: int) -> GroupNorm:
+    """GroupNorm with up to 32 groups (ADM's normalisation), half precision in and out under autocast."""
+    return GroupNorm(norm_groups(channels), channels, eps=1e-5)
+
+
+class NearestUpsample(nn.Module):
+    """Nearest-neighbour ×2 in the input's dtype, even under autocast.
+
+    CUDA's autocast runs upsample_nearest in float32 (the CPU's does not): a half input came back
+    float32, and so did the residual sum after it, the skip concatenation and the next block's
+    norm, all saved for backward. Nearest only copies values, so running it in half precision
+    loses nothing. A float32 input gives what nn.Upsample(scale_factor=2) gives, bit for bit.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in HALF_DTYPES:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        with torch.autocast(x.device.type, enabled=False):
+            return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -34,5 +74,5 @@ def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0)
     args = timesteps.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
-        emb = torch.nn.functional.pad(emb, (0, 1))
+        emb = F.pad(emb, (0, 1))
     return emb

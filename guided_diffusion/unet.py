@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from guided_diffusion.errors import DiffusionSettingError
-from guided_diffusion.nn import group_norm, timestep_embedding, zero_module
+from guided_diffusion.nn import NearestUpsample, group_norm, timestep_embedding, zero_module
 
 # Channel multiplier per resolution level, by image size. 320 px uses six levels
 # (320, 160, 80, 40, 20, 10) with the 256-px multipliers.
@@ -53,7 +53,7 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_norm = group_norm(channels)
-        self.resample = nn.Upsample(scale_factor=2, mode="nearest") if up else nn.AvgPool2d(2) if down else None
+        self.resample = NearestUpsample() if up else nn.AvgPool2d(2) if down else None
         self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         self.out_norm = group_norm(out_channels)
@@ -128,10 +128,11 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
+        self.up = NearestUpsample()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return self.conv(self.up(x))
 
 
 class InputConv(nn.Conv2d):
