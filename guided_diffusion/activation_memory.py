@@ -31,10 +31,12 @@ hooks act on fake tensors as on real ones.
 
 device_type picks whose autocast op lists and kernels apply. 'cuda' with a CUDA device counts
 on fake CUDA tensors. Without one (a CPU-only PyTorch aborts the process when autograd meets a
-fake CUDA tensor) 'cuda' is counted with the CPU's lists and kernels, which give this U-Net the
-same bytes: of the ops it runs, CUDA's lists put group_norm and upsample_nearest2d in float32
-and the CPU's do not, and our GroupNorm and NearestUpsample run both with autocast off (exp,
-float32 on CUDA only, gets float32 anyway). Checked on an H200 (torch 2.11, 2026-11-26): for the
+fake CUDA tensor) 'cuda' is counted with the CPU's lists and kernels plus CUDA's rules for the
+two ops a U-Net runs that the lists treat differently (CUDA_ONLY_FLOAT32_OPS: group_norm and
+upsample_nearest2d run in float32 on CUDA, not on the CPU), emulated by a temporary AutocastCPU
+kernel. Our GroupNorm and NearestUpsample run both with autocast off, so for today's U-Net the
+two device types count the same; torch's nn.GroupNorm and nn.Upsample (the code before issue 17)
+count what they saved on a GPU (exp, float32 on CUDA only, gets float32 anyway). Checked on an H200 (torch 2.11, 2026-11-26): for the
 small and HP2 U-Nets in bf16 and fp16, and checkpointed in bf16, fake CUDA, CPU lists and a real
 CUDA forward's hooks gave the same per_image and fixed. Kernels that differ: dropout with
 0 < p < 1 saves a mask of the input's dtype on the CPU but of bool on CUDA, and attention saves
@@ -85,13 +87,14 @@ def count_activation_bytes(model: nn.Module, image_size: int, channels: int, pre
     if device_type not in DEVICE_TYPES:
         raise DiffusionSettingError(f"unknown device type '{device_type}'; valid: {', '.join(DEVICE_TYPES)}")
     device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available() else "cpu")
+    emulate = device_type == "cuda" and device.type == "cpu" and precision != "fp32"
     dtype = AUTOCAST_DTYPES[precision]
     blocks = [m for m in model.modules() if getattr(m, "use_checkpoint", False)]
 
     def saves(batch: int, per_block: bool) -> _SavedStorages:
         return _forward_saves(model, batch, image_size, channels, dtype, device, blocks if per_block else [])
 
-    with _training_mode(model):
+    with _training_mode(model), _cuda_float32_rules() if emulate else contextlib.nullcontext():
         one, two = saves(1, False), saves(2, False)
         recompute = 0
         if blocks:
@@ -183,3 +186,30 @@ def _checkpointing_off(blocks: list[nn.Module]) -> Iterator[None]:
     finally:
         for b in blocks:
             b.use_checkpoint = True
+
+
+# Ops CUDA's autocast runs in float32 that the CPU's does not list (torch 2.11-2.13); the only
+# difference between the two lists among the ops a U-Net runs.
+CUDA_ONLY_FLOAT32_OPS = ("group_norm", "upsample_nearest2d.vec")
+
+
+@contextlib.contextmanager
+def _cuda_float32_rules() -> Iterator[None]:
+    """Emulate CUDA's autocast rules for CUDA_ONLY_FLOAT32_OPS on the CPU: an AutocastCPU kernel
+    that casts the op's floating tensors to float32 (removed afterwards). With it the pre-issue-17
+    U-Net counts here, per image, exactly what it saved on an H200."""
+    lib = torch.library.Library("aten", "IMPL")
+    autocast_key = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+    for op in CUDA_ONLY_FLOAT32_OPS:
+        name, _, overload = op.partition(".")
+        target = getattr(getattr(torch.ops.aten, name), overload or "default")
+
+        def float32_kernel(*args, target=target):
+            with torch._C._ExcludeDispatchKeyGuard(autocast_key):
+                return target(*[a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args])
+
+        lib.impl(op, float32_kernel, "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()

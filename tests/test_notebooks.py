@@ -73,7 +73,7 @@ def test_setup_gpu_and_drive_cells(name):
     setup = by_tag["setup"]
     assert 'SMOKE = os.environ.get("IRIS_SMOKE") == "1"' in setup
     assert "pip" in setup and "git" in setup and "check=True" in setup
-    assert "nvidia-smi" in by_tag["gpu"] and "configs/hp2-128.yaml" in by_tag["gpu"]
+    assert "nvidia-smi" in by_tag["gpu"] and "configs/hp2-128-t4.yaml" in by_tag["gpu"]
     assert "USE_DRIVE = IN_COLAB and not SMOKE" in by_tag["drive"]
     assert "drive.mount(" in by_tag["drive"]
 
@@ -104,35 +104,48 @@ def test_shared_cells_identical():
             assert cell_by_tag(nb, tag) == cell_by_tag(first, tag), tag
 
 
-def gpu_choice(monkeypatch, gpu: tuple[str, float, int] | None) -> dict:
+def gpu_choice(monkeypatch, gpu: tuple[str, float, int] | None, commands: list | None = None) -> dict:
     """Run the GPU cell outside smoke mode against a fake torch.cuda reporting `gpu` (name, GiB, major)."""
     cuda = SimpleNamespace(
         is_available=lambda: gpu is not None,
         get_device_properties=lambda index: SimpleNamespace(name=gpu[0], total_memory=gpu[1] * 2**30, major=gpu[2]),
     )
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
-    namespace = {"SMOKE": False, "Path": Path, "subprocess": SimpleNamespace(run=lambda *args, **kwargs: None)}
+    record = (commands if commands is not None else []).append
+    namespace = {"SMOKE": False, "Path": Path, "subprocess": SimpleNamespace(run=lambda cmd, **kwargs: record(cmd))}
     exec(cell_by_tag(read(NOTEBOOKS[0]), "gpu"), namespace)
     return namespace
 
 
-@pytest.mark.parametrize(("gpu", "microbatch", "precision"), [
-    (("Tesla T4", 15.0, 7), 3, "fp16"),
-    (("NVIDIA L4", 22.5, 8), 6, "bf16"),
-    (("NVIDIA A100-SXM4-40GB", 39.6, 8), 12, "bf16"),
-    (("NVIDIA A100-SXM4-80GB", 79.2, 8), 24, "bf16"),
+@pytest.mark.parametrize(("gpu", "precision"), [
+    (("Tesla T4", 15.0, 7), "fp16"),
+    (("NVIDIA L4", 22.5, 8), "bf16"),
+    (("NVIDIA A100-SXM4-40GB", 39.6, 8), "bf16"),
+    (("NVIDIA A100-SXM4-80GB", 79.2, 8), "bf16"),
 ])
-def test_gpu_cell_picks_micro_batch_and_precision(monkeypatch, gpu, microbatch, precision):
+def test_gpu_cell_picks_the_colab_recipe_and_shows_its_memory_plan(monkeypatch, gpu, precision):
+    from guided_diffusion.training.memory_plan import plan_for_gpu
     from pipeline.common.config import load_config
 
-    ns = gpu_choice(monkeypatch, gpu)
-    assert ns["DIFFUSION_CONFIG"] == "configs/hp2-128.yaml" and ns["IMAGE_SIZE"] == 128
-    assert ns["DIFFUSION_OVERRIDES"] == [f"train.microbatch={microbatch}", f"train.precision={precision}"]
+    commands = []
+    ns = gpu_choice(monkeypatch, gpu, commands)
+    assert ns["DIFFUSION_CONFIG"] == "configs/hp2-128-t4.yaml" and ns["IMAGE_SIZE"] == 128
+    assert ns["DIFFUSION_OVERRIDES"] == [f"train.precision={precision}"]
+    assert ["train-diffusion", "--config", "configs/hp2-128-t4.yaml", "--plan", "--set",
+            f"train.precision={precision}"] in commands  # the plan is shown, for this GPU
     cfg = load_config(REPO_ROOT / ns["DIFFUSION_CONFIG"], ns["DIFFUSION_OVERRIDES"])
-    assert cfg.train.batch_size % cfg.train.microbatch == 0
+    assert cfg.train.microbatch == "auto" and cfg.train.ema_device == "auto"
+    monkeypatch.undo()  # the real torch again
+    assert plan_for_gpu(cfg, torch_cpu(), gpu[1]).fits
     vae_cfg = load_config(REPO_ROOT / ns["VAE_CONFIG"], ns["VAE_OVERRIDES"])
     assert vae_cfg.data.image_size == cfg.data.image_size  # both stages at one size
     assert gpu[0] in ns["WHY"]
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 def test_gpu_cell_without_gpu_uses_tiny_cpu(monkeypatch):

@@ -355,6 +355,8 @@ def finish(r: Session) -> dict:
         "best_loss": progress["best_loss"], "best_step": progress["best_step"], "bad_steps": progress["bad_total"],
         "checkpoint": str(r.last_ckpt), "world_size": dist.world_size, "rank_weights_sha256": digests,
         "gpu_peak_gib": torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None,
+        "plan_peak_gib": s.plan.chosen.peak / 2**30 if s.plan is not None else None,
+        "settings": dataclasses.asdict(s.settings),
     }
     if dist.main:
         r.outputs.close()

@@ -68,14 +68,13 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Plan:
-    """What `plan_memory` found: the run as configured, and what fits the budget."""
+    """What `plan_memory` found: what the run will use, and what fits the budget."""
 
     num_params: int
     precision: str
     budget: int | None  # bytes; None → no budget known
-    configured: Estimate | None  # the settings as configured (None when one of them is "auto")
-    fitting: Estimate | None  # the fastest settings within PLAN_FRACTION of the budget
-    chosen: Estimate  # what the run will use: configured, else fitting, else the smallest
+    fitting: Estimate | None  # the fastest of all settings within PLAN_FRACTION of the budget
+    chosen: Estimate  # what the run will use: the configured settings, the auto ones filled in
 
     @property
     def fits(self) -> bool:
@@ -121,36 +120,43 @@ def _divisors_descending(n: int) -> list[int]:
 
 def plan_memory(cfg: Config, per_rank_batch: int, precision: str, budget: int | None,
                 device_type: str = "cuda") -> Plan:
-    """Estimate the configured run and, given `budget` bytes, the fastest settings that fit.
+    """The settings the run will use and, given `budget` bytes, the fastest of all that fit.
 
     Fastest: no checkpointing if any micro-batch fits without it, then the largest micro-batch
-    (a divisor of the per-process batch), then the EMA beside the model. `train.microbatch: auto`,
-    `train.ema_device: auto` are what the plan may choose; `model.use_checkpoint` may be switched
-    on, never off. Without a budget, auto settings resolve to the whole batch, EMA beside the model.
+    (a divisor of the per-process batch), then the EMA beside the model. The run's own choice is
+    made among the settings its config leaves open: `train.microbatch: auto` (which may also
+    switch `model.use_checkpoint` on, never off) and `train.ema_device: auto`. Without a budget,
+    auto settings resolve to the whole batch and the EMA beside the model.
     """
     tc = cfg.train
     with torch.device("meta"):
         num_params = sum(p.numel() for p in create_model(cfg).parameters())
     rates = len(tc.ema_rates)
-    counts = {ckpt: _activations(cfg, precision, device_type, ckpt) for ckpt in {False, True, cfg.model.use_checkpoint}}
+    counts: dict[bool, ActivationBytes] = {}  # counted when first needed (checkpointing rarely is)
 
     def at(s: Settings) -> Estimate:
+        if s.use_checkpoint not in counts:
+            counts[s.use_checkpoint] = _activations(cfg, precision, device_type, s.use_checkpoint)
         return estimate(num_params, rates, s, counts[s.use_checkpoint])
 
-    configured = None
-    if tc.microbatch != "auto" and tc.ema_device != "auto":
-        configured = at(Settings(int(tc.microbatch) or per_rank_batch, tc.ema_device, cfg.model.use_checkpoint))
-    microbatches = _divisors_descending(per_rank_batch) if tc.microbatch == "auto" else \
-        [int(tc.microbatch) or per_rank_batch]
-    emas = ("same", "cpu") if tc.ema_device == "auto" else (tc.ema_device,)
-    ckpts = (True,) if cfg.model.use_checkpoint else (False, True)
-    candidates = [Settings(mb, ema, ckpt) for ckpt in ckpts for mb in microbatches for ema in emas]
-    fitting = None
-    if budget is not None:
-        fitting = next((e for e in map(at, candidates) if e.peak <= budget * PLAN_FRACTION), None)
-    chosen = configured or fitting or (at(candidates[0]) if budget is None else min(map(at, candidates),
-                                                                                     key=lambda e: e.peak))
-    return Plan(num_params, precision, budget, configured, fitting, chosen)
+    auto_mb, auto_ema = tc.microbatch == "auto", tc.ema_device == "auto"
+    everything = [Settings(mb, ema, ckpt) for ckpt in (False, True) for mb in _divisors_descending(per_rank_batch)
+                  for ema in ("same", "cpu")]
+    allowed = [s for s in everything
+               if (auto_mb or s.microbatch == (int(tc.microbatch) or per_rank_batch))
+               and (auto_ema or s.ema_device == tc.ema_device)
+               and (s.use_checkpoint if cfg.model.use_checkpoint else auto_mb or not s.use_checkpoint)]
+
+    def first_fitting(candidates: list[Settings]) -> Estimate | None:
+        if budget is None:
+            return None
+        return next((e for e in map(at, candidates) if e.peak <= budget * PLAN_FRACTION), None)
+
+    if budget is None:
+        chosen = at(allowed[0])
+    else:
+        chosen = first_fitting(allowed) or min(map(at, allowed), key=lambda e: e.peak)
+    return Plan(num_params, precision, budget, first_fitting(everything), chosen)
 
 
 def suggestion(plan: Plan | None, settings: Settings) -> str:
@@ -177,19 +183,23 @@ def format_plan(plan: Plan, name: str = "this config") -> str:
     if plan.budget is not None:
         target = plan.budget * PLAN_FRACTION
         lines.append(f"budget {plan.budget / GIB:.2f} GiB, planned to {PLAN_FRACTION:.0%}: {target / GIB:.2f} GiB")
-        if plan.fitting is None:
+        if plan.fits:
+            lines.append(f"fits; settings: {s.overrides()}")
+        elif plan.fitting is None:
             lines.append("nothing fits: even micro-batch 1 with checkpointing and the EMA on the CPU needs more")
-        elif plan.configured is not None and plan.configured.peak > target:
+        else:
             lines.append(f"the configured settings do not fit; settings that fit: {plan.fitting.settings.overrides()} "
                          f"({plan.fitting.peak / GIB:.2f} GiB)")
-        else:
-            lines.append(f"fits; settings: {s.overrides()}")
     lines.append(f"peak estimate {plan.chosen.peak / GIB:.2f} GiB")
     return "\n".join(lines)
 
 
-def gpu_budget(device: torch.device) -> int | None:
-    """The GPU's total memory in bytes (None off CUDA)."""
+def gpu_budget(device: torch.device, gpu_memory_gib: float = 0.0) -> int | None:
+    """The memory the plan may use: `gpu_memory_gib` if > 0, else the GPU's total (None off CUDA)."""
+    if gpu_memory_gib < 0:
+        raise UserError(f"the GPU memory budget must be >= 0 GiB (0 = the whole GPU), got {gpu_memory_gib}")
+    if gpu_memory_gib > 0:
+        return round(gpu_memory_gib * GIB)
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_properties(device).total_memory
@@ -204,10 +214,11 @@ def resolve_settings(cfg: Config, device: torch.device, per_rank_batch: int, pre
         raise UserError(f"unknown train.ema_device '{tc.ema_device}'; valid: {', '.join(EMA_DEVICES)}")
     if tc.ema_every < 1:
         raise UserError(f"train.ema_every must be >= 1, got {tc.ema_every}")
+    budget = gpu_budget(device, tc.gpu_memory)
     if device.type != "cuda":
         microbatch = per_rank_batch if tc.microbatch == "auto" else tc.microbatch or per_rank_batch
         return Settings(microbatch, "same" if tc.ema_device == "auto" else tc.ema_device, cfg.model.use_checkpoint), None
-    plan = plan_memory(cfg, per_rank_batch, precision, gpu_budget(device))
+    plan = plan_memory(cfg, per_rank_batch, precision, budget)
     log.info("%s", format_plan(plan, torch.cuda.get_device_name(device)))
     if not plan.fits:
         log.warning("the memory plan says this run may not fit the GPU; try %s", suggestion(plan, plan.chosen.settings))
@@ -215,9 +226,9 @@ def resolve_settings(cfg: Config, device: torch.device, per_rank_batch: int, pre
 
 
 def plan_for_gpu(cfg: Config, device: torch.device, gpu_memory_gib: float | None = None) -> Plan:
-    """`train-diffusion --plan`: the plan of one GPU process, for this machine's GPU or a GPU of
-    `gpu_memory_gib`. Planned from a machine without CUDA, precision auto means half precision
-    (bf16 and fp16 activations take the same memory)."""
+    """`train-diffusion --plan`: the plan of one GPU process, for a GPU of `gpu_memory_gib` (else
+    train.gpu_memory, else this machine's GPU). Planned from a machine without CUDA, precision
+    auto means half precision (bf16 and fp16 activations take the same memory)."""
     tc = cfg.train
     check_batching(tc.batch_size, tc.microbatch)
     if gpu_memory_gib is not None and gpu_memory_gib <= 0:
@@ -226,5 +237,4 @@ def plan_for_gpu(cfg: Config, device: torch.device, gpu_memory_gib: float | None
         precision = resolve_precision(tc.precision, device)  # the real choice, or the error naming the valid ones
     else:
         precision = "fp16" if tc.precision == "auto" else tc.precision
-    budget = round(gpu_memory_gib * GIB) if gpu_memory_gib is not None else gpu_budget(device)
-    return plan_memory(cfg, tc.batch_size, precision, budget)
+    return plan_memory(cfg, tc.batch_size, precision, gpu_budget(device, gpu_memory_gib or tc.gpu_memory))

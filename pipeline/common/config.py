@@ -83,6 +83,7 @@ class TrainConfig:
     ema_warmup: bool = True  # effective rate min(rate, (1+n)/(10+n)) so early EMA is not noise
     ema_device: str = "auto"  # auto (the memory plan's choice on a GPU) | cpu (off the GPU) | same (beside the model)
     ema_every: int = 1  # fold the weights into the EMA every k steps (with the k steps' decay)
+    gpu_memory: float = 0.0  # GiB of the GPU the memory plan may use; 0 → all of it
     grad_clip: float = 1.0  # 0 → off
     precision: str = "auto"  # auto (fp32 on CPU, bf16 on capable GPUs) | fp32 | bf16 | fp16
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
