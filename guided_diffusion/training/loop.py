@@ -40,7 +40,7 @@ from guided_diffusion.training.checkpoint import CHECKPOINTS, TrainingCheckpoint
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
-from guided_diffusion.training.memory_plan import resolve_settings, suggestion
+from guided_diffusion.training.memory_plan import gpu_budget, resolve_settings, suggestion
 from guided_diffusion.training.save_policy import check_save_settings
 from guided_diffusion.training.session import Session, Setup, open_session, save
 from guided_diffusion.training.stats import ActivationProbe, block_grad_norms, health_rows
@@ -227,8 +227,8 @@ def out_of_memory(r: Session, done: int) -> UserError:
     ran = (f"micro-batch {s.microbatch}, EMA {'on the CPU' if s.settings.ema_device == 'cpu' else 'on the GPU'}, "
            f"checkpointing {'on' if s.settings.use_checkpoint else 'off'}")
     if s.device.type == "cuda":
-        total = torch.cuda.get_device_properties(s.device).total_memory
-        ran += f"; peak {torch.cuda.max_memory_allocated(s.device) / 2**30:.2f} of {total / 2**30:.2f} GiB"
+        budget = gpu_budget(s.device, s.cfg.train.gpu_memory)
+        ran += f"; peak {torch.cuda.max_memory_allocated(s.device) / 2**30:.2f} GiB of a {budget / 2**30:.2f} GiB budget"
     if r.last_ckpt is None:
         then = f"no checkpoint was written yet; start again with {fix} --overwrite"
     else:
