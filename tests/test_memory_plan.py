@@ -162,12 +162,12 @@ def test_plan_command_prints_the_terms_and_a_readable_last_line(capsys):
 
 
 def test_recorded_gpu_runs_agree_with_the_plan():
-    """The last GPU measurement of benchmarks/bench_memory.py --train-steps (when one was recorded): each
+    """The GPU measurement of benchmarks/gpu_memory_check.sh kept in docs/gpu_memory_check/: each
     recipe's measured peak within 10 % of the plan's estimate and under its budget."""
-    path = REPO / "benchmarks" / "results" / "bench_memory_gpu.json"
+    path = REPO / "docs" / "gpu_memory_check" / "bench_memory_gpu.json"
     runs = json.loads(path.read_text()).get("gpu_runs") if path.is_file() else None
     if not runs:
-        pytest.skip("no GPU run recorded in benchmarks/results/bench_memory.json")
+        pytest.skip("no GPU run recorded in docs/gpu_memory_check/")
     for name, r in runs.items():
         if "skipped" in r:
             continue
