@@ -7,12 +7,14 @@ import csv
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from pipeline.common.files import save_figure_atomic
+from pipeline.common.errors import UserError
+from pipeline.common.files import fsync_file, save_figure_atomic
 from pipeline.common.images import make_grid, nhwc_to_nchw, write_png
 from vae.losses import kl_warmup_weight
 
@@ -45,18 +47,44 @@ class FitPrior(keras.callbacks.Callback):
         fit_prior(self.model, self.images)
 
 
-def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Save a `.keras` file under a temp name in the same folder, then rename it into place."""
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def replace_atomic(path: Path, write: Callable[[Path], None], size: int) -> None:
+    """Write `path` through `write(temp)` on a temp name beside it, sync, then rename it into place,
+    so `path` is always whole: the previous file until the new one is complete (a kill -9 or a
+    second Ctrl-C mid-write leaves it untouched). Any failure removes the temp file; an OSError
+    (a full disk, a lost Drive mount) becomes a UserError naming `size` and the free space."""
     tmp = path.with_name(f".tmp-{path.name}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise UserError(f"cannot write {path}: {exc.strerror or exc} (it needs about {_megabytes(size)}, "
+                        f"{_megabytes(free)} free){kept}") from None
+
+
+def checkpoint_bytes(model: keras.Model) -> int:
+    """About the size of `model.save`'s file: the bytes of the weights and the optimizer state."""
+    variables = [*model.weights, *(model.optimizer.variables if model.optimizer else [])]
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """`model.save(path)` through `replace_atomic`."""
+    replace_atomic(path, model.save, checkpoint_bytes(model))
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a file to `dst` through a temp name, so `dst` is always whole."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy a file to `dst` through `replace_atomic`."""
+    replace_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), src.stat().st_size)
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -128,13 +156,15 @@ def read_log(path: Path) -> list[dict[str, str]]:
 
 def write_log(path: Path, rows: list[dict[str, str]]) -> None:
     """Rewrite a log.csv with `rows` (used to drop rows past the checkpoint on resume), atomically."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            if rows:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+
+    replace_atomic(path, write, sum(len(str(row)) for row in rows))
 
 
 def plot_losses(rows: list[dict[str, str]], path: Path) -> None:

@@ -8,6 +8,7 @@ A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the mon
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -169,9 +170,15 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
     batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, initial_epoch)
     if verbose is None:
         verbose = 2 if os.environ.get("CI", "").lower() == "true" else "auto"
-    vae.fit(batches, epochs=v.epochs, initial_epoch=initial_epoch, steps_per_epoch=batches.steps_per_epoch,
-            validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
-            shuffle=False, callbacks=callbacks, verbose=verbose)
+    try:
+        vae.fit(batches, epochs=v.epochs, initial_epoch=initial_epoch, steps_per_epoch=batches.steps_per_epoch,
+                validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
+                shuffle=False, callbacks=callbacks, verbose=verbose)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write in {out}: {exc.strerror} ({shutil.disk_usage(out).free / 1e6:.1f} MB free); "
+                        f"the last complete checkpoint is {out / 'last.keras'}") from None
     return out
 
 
