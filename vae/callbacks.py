@@ -1,5 +1,5 @@
 """`model.fit` callbacks of `train-vae`: KL warm-up, fitted prior, atomic checkpoints, early stop,
-sample grids, loss plot."""
+sample grids, loss plot, stop on a signal."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.common.errors import UserError
 from pipeline.common.files import fsync_file, save_figure_atomic
 from pipeline.common.images import make_grid, nhwc_to_nchw, write_png
+from pipeline.common.interrupts import GracefulStop, TrainingInterrupted
 from vae.losses import kl_warmup_weight
 
 
@@ -195,3 +196,44 @@ class LossPlot(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         plot_losses(read_log(self.log_path), self.plot_path)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Leave `fit` once `stop.requested` is set (a `pipeline.common.interrupts.GracefulStop`), by
+    raising TrainingInterrupted:
+
+    - after a batch that ends no epoch: `last.keras` is saved at that step (a resume goes on from
+      the next batch);
+    - at an epoch's end, after the other callbacks (this one must come last): `last.keras` is that
+      epoch's, written by `Checkpoint`;
+    - before the first batch of a `fit`: `last.keras` is left as it is.
+
+    A stop asked for at the end of the run's last epoch lets it finish.
+    """
+
+    def __init__(self, stop: GracefulStop, last: Path, steps_per_epoch: int):
+        super().__init__()
+        self.stop, self.last, self.steps_per_epoch = stop, last, steps_per_epoch
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.stop.requested is not None:
+            raise self._interrupted()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.stop.requested is not None and batch + 1 < self.params["steps"]:
+            save_model_atomic(self.model, self.last)
+            raise self._interrupted()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.stop.requested is not None and not self.model.stop_training and epoch + 1 < self.params["epochs"]:
+            raise self._interrupted()
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Where the run stopped; the live model is what `last.keras` holds at each raise above."""
+        why = f"interrupted by {self.stop.signal_name()}"
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step == 0:
+            return TrainingInterrupted(f"{why} before the first step; nothing was saved")
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        where = f"epoch {epoch} after batch {batch} of {self.steps_per_epoch}" if batch else f"the end of epoch {epoch - 1}"
+        return TrainingInterrupted(f"{why}: {self.last} holds the run at {where} (step {step})")
