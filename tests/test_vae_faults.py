@@ -1,4 +1,4 @@
-"""`train-vae` under the faults Colab users meet:
+"""`train-vae` under the faults Colab users meet: a resumed or extended learning-rate schedule,
 SIGINT/SIGTERM (once: finish the step, save, exit 130/143; twice: abort at once), a failing save."""
 
 from __future__ import annotations
@@ -66,6 +66,22 @@ def reference(tmp_path_factory) -> Path:
     return run
 
 
+def test_an_extended_run_follows_the_schedule_of_its_new_length(reference, tmp_path, capsys):
+    """Planned for 2 epochs, extended to 3 on resume: the third epoch runs on the 3-epoch cosine,
+    not at the 2-epoch schedule's floor (and log.csv shows each epoch's rate)."""
+    run = tmp_path / "run"
+    assert _run(["--out", str(run), *_args("vae.epochs=2")], capsys)[0] == 0
+    assert _run(["--out", str(run), "--resume", "--set", "vae.epochs=3"], capsys)[0] == 0
+    extended, planned = _load(run / "last.keras").optimizer, _load(reference / "last.keras").optimizer
+    for step in range(2 * STEPS, 3 * STEPS):
+        extended.iterations.assign(step)
+        planned.iterations.assign(step)
+        assert float(extended.learning_rate) == pytest.approx(float(planned.learning_rate), rel=1e-6), step
+    lr = [float(r["lr"]) for r in _rows(reference)]
+    assert lr[0] > lr[1] > lr[2] > 0
+    assert float(_rows(run)[2]["lr"]) == pytest.approx(lr[2], rel=1e-6)
+
+
 def _signal_after(monkeypatch, hook: str, when, signum: int = signal.SIGINT) -> None:
     """Send `signum` to this process from KLWarmup.`hook` (the first callback) when `when(model, arg)`."""
     from vae.callbacks import KLWarmup
@@ -105,9 +121,10 @@ def test_an_interrupt_mid_epoch_saves_that_step_and_resumes_exactly(reference, t
     _assert_same_weights(run / "last.keras", reference / "last.keras")
     rows, ref = _rows(run), _rows(reference)
     assert [rows[0], rows[2]] == [ref[0], ref[2]]
-    # Epoch 1's row: validation is of the same end-of-epoch model; its training means cover only
-    # the batches run after the resume.
-    assert {k: rows[1][k] for k in rows[1] if k.startswith("val_")} == {k: ref[1][k] for k in ref[1] if k.startswith("val_")}
+    # Epoch 1's row: validation and lr are of the same end-of-epoch model; its training means
+    # cover only the batches run after the resume.
+    assert {k: rows[1][k] for k in rows[1] if k.startswith("val_") or k == "lr"} == \
+           {k: ref[1][k] for k in ref[1] if k.startswith("val_") or k == "lr"}
 
 
 def test_a_second_signal_aborts_at_once_and_keeps_the_last_complete_save(tmp_path, monkeypatch, capsys):
@@ -212,3 +229,13 @@ def test_a_signal_to_the_command_stops_it_after_saving(reference, tmp_path, caps
     if signum == signal.SIGINT:
         assert _run(["--out", str(run), "--resume"], capsys)[0] == 0
         _assert_same_weights(run / "last.keras", reference / "last.keras")
+
+
+def test_a_log_without_the_lr_column_takes_it_on_resume(tmp_path):
+    """A run from before the lr column, resumed: the new column joins the header, old rows leave it empty."""
+    from vae.callbacks import read_log, write_log
+
+    path = tmp_path / "log.csv"
+    write_log(path, [{"epoch": "0", "loss": "2.0"}])
+    write_log(path, [*read_log(path), {"epoch": "1", "loss": "1.0", "lr": "0.001"}])
+    assert path.read_text().splitlines() == ["epoch,loss,lr", "0,2.0,", "1,1.0,0.001"]

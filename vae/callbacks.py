@@ -1,5 +1,5 @@
 """`model.fit` callbacks of `train-vae`: KL warm-up, fitted prior, atomic checkpoints, early stop,
-sample grids, loss plot, stop on a signal."""
+sample grids, the CSV log with the learning rate, loss plot, stop on a signal."""
 
 from __future__ import annotations
 
@@ -156,16 +156,43 @@ def read_log(path: Path) -> list[dict[str, str]]:
 
 
 def write_log(path: Path, rows: list[dict[str, str]]) -> None:
-    """Rewrite a log.csv with `rows` (used to drop rows past the checkpoint on resume), atomically."""
+    """Rewrite a log.csv with `rows` atomically; its columns are every key of the rows, in order of
+    first appearance (a row without one leaves it empty)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
 
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as f:
-            if rows:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
 
     replace_atomic(path, write, sum(len(str(row)) for row in rows))
+
+
+class CsvLog(keras.callbacks.Callback):
+    """Add each epoch's logs to log.csv as one row (the whole file rewritten through `write_log`, so
+    a resumed run's rows join the kept ones under one header, new columns included)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {"epoch": str(epoch), **{key: str(float(value)) for key, value in sorted((logs or {}).items())}}
+        write_log(self.path, [*read_log(self.path), row])
+
+
+class LogLearningRate(keras.callbacks.Callback):
+    """Add `lr`, the learning rate of the epoch's last step under `schedule`, to the epoch's logs."""
+
+    def __init__(self, schedule: Callable[[int], float]):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.schedule(step - 1)))
 
 
 def plot_losses(rows: list[dict[str, str]], path: Path) -> None:

@@ -8,10 +8,11 @@ A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the mon
 `--resume` goes on from `last.keras` as if never stopped: the weights, Adam's state and step count
 are in the file; the batch order is a function of (seed, epoch); the latent noise stream is put back
 at the saved step (`_continue_noise`); the learning rate is a pure function of the step under the
-schedule saved with the optimizer. So a run resumed from the end of an epoch, or from the step a
+config's schedule (`_learning_rate`). So a run resumed from the end of an epoch, or from the step a
 signal stopped it at (`callbacks.StopOnSignal`), trains to the same weights and log as one that was
 never stopped. The one difference mid-epoch: the log row of the epoch that was cut averages its
-training figures over the batches run after the resume only (its val_ figures are exact).
+training figures over the batches run after the resume only (its val_ figures are exact). A run
+resumed with more vae.epochs follows the schedule of a run planned that long from the start.
 """
 
 from __future__ import annotations
@@ -101,15 +102,13 @@ def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, st
 
 
 def _learning_rate(lr: float, schedule: str, total_steps: int):
-    """Adam's learning rate: constant, or a cosine decay to lr·COSINE_FLOOR at the last step.
-
-    The schedule is saved with the optimizer, so a resumed run continues on the same curve.
-    """
+    """Adam's learning rate as a function of the step: a cosine decay to lr·COSINE_FLOOR at
+    `total_steps`, or (floor 1) constant. Always a schedule object, so that `train` can put the
+    config's schedule on a loaded optimizer (Keras refuses to replace a schedule by a number)."""
     import keras
 
-    if schedule == "constant":
-        return lr
-    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=COSINE_FLOOR)
+    floor = COSINE_FLOOR if schedule == "cosine" else 1.0
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=floor)
 
 
 def _load_checkpoint(path: Path):
@@ -190,8 +189,10 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
     monitor = "val_elbo" if len(val_x) else "elbo"
     steps = len(train_x) // v.batch_size
     log_path = out / "log.csv"
+    schedule = _learning_rate(v.lr, v.lr_schedule, v.epochs * steps)
     if resume:
         vae, (epoch, batch) = _resume(cfg, out, steps)
+        vae.optimizer.learning_rate = schedule  # the config's, also when vae.epochs or vae.lr changed
         rows = [r for r in cb.read_log(log_path) if int(r["epoch"]) < epoch]
         cb.write_log(log_path, rows)  # forget epochs logged after the checkpoint was written
         best, wait = cb.best_and_wait([float(r.get(monitor, math.nan)) for r in rows])
@@ -199,7 +200,7 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
         shutil.rmtree(out, ignore_errors=True)  # prepare_out_dir allowed it (--overwrite)
         out.mkdir(parents=True)
         vae = build_vae(cfg)
-        vae.compile(optimizer=keras.optimizers.Adam(_learning_rate(v.lr, v.lr_schedule, v.epochs * steps)))
+        vae.compile(optimizer=keras.optimizers.Adam(schedule))
         (epoch, batch), best, wait = (0, 0), math.inf, 0
     write_text_atomic(out / "config.yaml", dump_config(cfg))
 
@@ -210,7 +211,8 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
         cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
         cb.Checkpoint(out, monitor, best),
         early,
-        keras.callbacks.CSVLogger(str(log_path), append=resume),
+        cb.LogLearningRate(schedule),
+        cb.CsvLog(log_path),
         cb.LossPlot(log_path, out / "loss.png"),
         *([cb.StopOnSignal(stop, out / "last.keras", steps)] if stop else []),
     ]
