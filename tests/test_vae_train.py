@@ -153,7 +153,8 @@ def test_cosine_schedule_runs_from_lr_to_its_floor():
     values = [float(schedule(step)) for step in (0, 50, 100, 150)]
     expected_mid = 0.002 * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + np.cos(np.pi * 0.5)))
     assert values == pytest.approx([0.002, expected_mid, 0.002 * COSINE_FLOOR, 0.002 * COSINE_FLOOR], rel=1e-5)
-    assert _learning_rate(0.002, "constant", 100) == 0.002
+    constant = _learning_rate(0.002, "constant", 100)
+    assert [float(constant(step)) for step in (0, 50, 100, 150)] == pytest.approx([0.002] * 4, rel=1e-7)
 
 
 def test_corrupt_checkpoint_on_resume(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """`model.fit` callbacks of `train-vae`: KL warm-up, fitted prior, atomic checkpoints, early stop,
-sample grids, loss plot."""
+sample grids, the CSV log with the learning rate, loss plot, stop on a signal."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import csv
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from pipeline.common.files import save_figure_atomic
+from pipeline.common.errors import UserError
+from pipeline.common.files import fsync_file, save_figure_atomic
 from pipeline.common.images import make_grid, nhwc_to_nchw, write_png
+from pipeline.common.interrupts import GracefulStop, TrainingInterrupted
 from vae.losses import kl_warmup_weight
 
 
@@ -45,18 +48,44 @@ class FitPrior(keras.callbacks.Callback):
         fit_prior(self.model, self.images)
 
 
-def save_model_atomic(model: keras.Model, path: Path) -> None:
-    """Save a `.keras` file under a temp name in the same folder, then rename it into place."""
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def replace_atomic(path: Path, write: Callable[[Path], None], size: int) -> None:
+    """Write `path` through `write(temp)` on a temp name beside it, sync, then rename it into place,
+    so `path` is always whole: the previous file until the new one is complete (a kill -9 or a
+    second Ctrl-C mid-write leaves it untouched). Any failure removes the temp file; an OSError
+    (a full disk, a lost Drive mount) becomes a UserError naming `size` and the free space."""
     tmp = path.with_name(f".tmp-{path.name}")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise UserError(f"cannot write {path}: {exc.strerror or exc} (it needs about {_megabytes(size)}, "
+                        f"{_megabytes(free)} free){kept}") from None
+
+
+def checkpoint_bytes(model: keras.Model) -> int:
+    """About the size of `model.save`'s file: the bytes of the weights and the optimizer state."""
+    variables = [*model.weights, *(model.optimizer.variables if model.optimizer else [])]
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def save_model_atomic(model: keras.Model, path: Path) -> None:
+    """`model.save(path)` through `replace_atomic`."""
+    replace_atomic(path, model.save, checkpoint_bytes(model))
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a file to `dst` through a temp name, so `dst` is always whole."""
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy a file to `dst` through `replace_atomic`."""
+    replace_atomic(dst, lambda tmp: shutil.copyfile(src, tmp), src.stat().st_size)
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -127,14 +156,43 @@ def read_log(path: Path) -> list[dict[str, str]]:
 
 
 def write_log(path: Path, rows: list[dict[str, str]]) -> None:
-    """Rewrite a log.csv with `rows` (used to drop rows past the checkpoint on resume), atomically."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("w", newline="") as f:
-        if rows:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    """Rewrite a log.csv with `rows` atomically; its columns are every key of the rows, in order of
+    first appearance (a row without one leaves it empty)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
+
+    replace_atomic(path, write, sum(len(str(row)) for row in rows))
+
+
+class CsvLog(keras.callbacks.Callback):
+    """Add each epoch's logs to log.csv as one row (the whole file rewritten through `write_log`, so
+    a resumed run's rows join the kept ones under one header, new columns included)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        row = {"epoch": str(epoch), **{key: str(float(value)) for key, value in sorted((logs or {}).items())}}
+        write_log(self.path, [*read_log(self.path), row])
+
+
+class LogLearningRate(keras.callbacks.Callback):
+    """Add `lr`, the learning rate of the epoch's last step under `schedule`, to the epoch's logs."""
+
+    def __init__(self, schedule: Callable[[int], float]):
+        super().__init__()
+        self.schedule = schedule
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.schedule(step - 1)))
 
 
 def plot_losses(rows: list[dict[str, str]], path: Path) -> None:
@@ -165,3 +223,44 @@ class LossPlot(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         plot_losses(read_log(self.log_path), self.plot_path)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Leave `fit` once `stop.requested` is set (a `pipeline.common.interrupts.GracefulStop`), by
+    raising TrainingInterrupted:
+
+    - after a batch that ends no epoch: `last.keras` is saved at that step (a resume goes on from
+      the next batch);
+    - at an epoch's end, after the other callbacks (this one must come last): `last.keras` is that
+      epoch's, written by `Checkpoint`;
+    - before the first batch of a `fit`: `last.keras` is left as it is.
+
+    A stop asked for at the end of the run's last epoch lets it finish.
+    """
+
+    def __init__(self, stop: GracefulStop, last: Path, steps_per_epoch: int):
+        super().__init__()
+        self.stop, self.last, self.steps_per_epoch = stop, last, steps_per_epoch
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.stop.requested is not None:
+            raise self._interrupted()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.stop.requested is not None and batch + 1 < self.params["steps"]:
+            save_model_atomic(self.model, self.last)
+            raise self._interrupted()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.stop.requested is not None and not self.model.stop_training and epoch + 1 < self.params["epochs"]:
+            raise self._interrupted()
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Where the run stopped; the live model is what `last.keras` holds at each raise above."""
+        why = f"interrupted by {self.stop.signal_name()}"
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if step == 0:
+            return TrainingInterrupted(f"{why} before the first step; nothing was saved")
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        where = f"epoch {epoch} after batch {batch} of {self.steps_per_epoch}" if batch else f"the end of epoch {epoch - 1}"
+        return TrainingInterrupted(f"{why}: {self.last} holds the run at {where} (step {step})")

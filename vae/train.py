@@ -4,10 +4,20 @@
 A run folder holds `config.yaml` (resolved config), `vae.keras` (best by the monitored ELBO),
 `last.keras` (latest, with optimizer state, for `--resume`), `log.csv`, `loss.png` and
 `samples/epoch_XXX.png` (fixed latents, one grid per epoch; epochs numbered from 0 as in log.csv).
+
+`--resume` goes on from `last.keras` as if never stopped: the weights, Adam's state and step count
+are in the file; the batch order is a function of (seed, epoch); the latent noise stream is put back
+at the saved step (`_continue_noise`); the learning rate is a pure function of the step under the
+config's schedule (`_learning_rate`). So a run resumed from the end of an epoch, or from the step a
+signal stopped it at (`callbacks.StopOnSignal`), trains to the same weights and log as one that was
+never stopped. The one difference mid-epoch: the log row of the epoch that was cut averages its
+training figures over the batches run after the resume only (its val_ figures are exact). A run
+resumed with more vae.epochs follows the schedule of a run planned that long from the start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -22,6 +32,7 @@ from pipeline.common.config import Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for, write_text_atomic
 from pipeline.common.images import make_grid, nchw_to_nhwc, write_png
+from pipeline.common.interrupts import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +69,12 @@ def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed:
     return images[np.sort(order[n_val:])], images[np.sort(order[:n_val])]
 
 
-def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int):
+def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int, skip: int = 0):
     """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.common.batches.iterate_batches` order.
 
-    Global batch i is batch i % steps of epoch start_epoch + i // steps, so the order depends only
-    on (seed, epoch) and a resumed run sees the same epochs as an uninterrupted one.
+    Global batch i is batch p % steps of epoch start_epoch + p // steps, p = skip + i, so the order
+    depends only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one,
+    also when it starts `skip` batches into an epoch.
     """
     import keras
 
@@ -79,7 +91,7 @@ def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, st
             return None  # endless: fit's steps_per_epoch cuts it into epochs
 
         def __getitem__(self, index: int):
-            epoch, k = divmod(index, self.steps_per_epoch)
+            epoch, k = divmod(skip + index, self.steps_per_epoch)
             if index != self._next or k == 0:  # a new epoch, or an out-of-order read
                 self._batches = islice(iterate_batches(images, batch_size, seed, shuffle=True, hflip=hflip,
                                                        drop_last=True, start_epoch=start_epoch + epoch), k, None)
@@ -90,15 +102,13 @@ def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, st
 
 
 def _learning_rate(lr: float, schedule: str, total_steps: int):
-    """Adam's learning rate: constant, or a cosine decay to lr·COSINE_FLOOR at the last step.
-
-    The schedule is saved with the optimizer, so a resumed run continues on the same curve.
-    """
+    """Adam's learning rate as a function of the step: a cosine decay to lr·COSINE_FLOOR at
+    `total_steps`, or (floor 1) constant. Always a schedule object, so that `train` can put the
+    config's schedule on a loaded optimizer (Keras refuses to replace a schedule by a number)."""
     import keras
 
-    if schedule == "constant":
-        return lr
-    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=COSINE_FLOOR)
+    floor = COSINE_FLOOR if schedule == "cosine" else 1.0
+    return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total_steps, alpha=floor)
 
 
 def _load_checkpoint(path: Path):
@@ -116,10 +126,51 @@ def _load_checkpoint(path: Path):
     return model
 
 
+def _resume_position(vae, steps: int, path: Path) -> tuple[int, int]:
+    """(epoch, batch) a loaded run goes on from: its finished epochs and the batches done since."""
+    import keras
+
+    epoch = int(keras.ops.convert_to_numpy(vae.trained_epochs))
+    step = int(keras.ops.convert_to_numpy(vae.optimizer.iterations))
+    if not 0 <= step - epoch * steps < steps:
+        raise UserError(f"{path} stopped at step {step} after {epoch} epochs, which does not fit {steps} batches "
+                        "per epoch; resume with the vae.batch_size, vae.val_fraction and images it was trained with")
+    return epoch, step - epoch * steps
+
+
+def _continue_noise(vae) -> None:
+    """Put the latent noise stream back where it was. Keras saves no SeedGenerator state, so a loaded
+    VAE would draw the noise of step 0 again; `Sampling` draws once per training step, so the
+    stream's position (the second number of the state) is the optimizer's step count."""
+    import keras
+
+    generator = vae.sampling.seed_generator
+    state = keras.ops.convert_to_numpy(generator.state).copy()
+    state[1] = keras.ops.convert_to_numpy(vae.optimizer.iterations)
+    generator.state.assign(state)
+
+
+def _resume(cfg: Config, out: Path, steps: int):
+    """The `last.keras` of `out` ready to go on, and the (epoch, batch) to go on from."""
+    from vae.model import check_vae_matches
+
+    path = out / "last.keras"
+    vae = _load_checkpoint(path)
+    check_vae_matches(vae, cfg, f"checkpoint {path}")
+    epoch, batch = _resume_position(vae, steps, path)
+    if epoch >= cfg.vae.epochs:
+        raise UserError(f"{out} has already trained {epoch} of vae.epochs={cfg.vae.epochs} epochs; "
+                        "raise it with --set vae.epochs=N to train longer")
+    _continue_noise(vae)
+    log.info("resuming %s at epoch %d, batch %d", out, epoch, batch)
+    return vae, (epoch, batch)
+
+
 def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, resume: bool = False, overwrite: bool = False,
-          verbose: int | str | None = None) -> Path:
+          verbose: int | str | None = None, stop: GracefulStop | None = None) -> Path:
     """Train (or resume) a VAE into the run folder `out`; returns the folder. The images come from
-    `load_images()` ((N, C, H, W) in [-1, 1]), called after the cheap checks so mistakes fail fast."""
+    `load_images()` ((N, C, H, W) in [-1, 1]), called after the cheap checks so mistakes fail fast.
+    With `stop`, a signal it records ends training early with a TrainingInterrupted (`callbacks.StopOnSignal`)."""
     _check_training_config(cfg)
     v, out = cfg.vae, Path(out)
     if resume and not (out / "last.keras").is_file():
@@ -131,47 +182,61 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
     import keras  # after the cheap checks: importing TensorFlow is slow
 
     from vae import callbacks as cb
-    from vae.model import build_vae, check_vae_matches
+    from vae.model import build_vae
     from vae.priors import prior_latents
 
     keras.utils.set_random_seed(v.seed)
     monitor = "val_elbo" if len(val_x) else "elbo"
     steps = len(train_x) // v.batch_size
     log_path = out / "log.csv"
+    schedule = _learning_rate(v.lr, v.lr_schedule, v.epochs * steps)
     if resume:
-        vae = _load_checkpoint(out / "last.keras")
-        check_vae_matches(vae, cfg, f"checkpoint {out / 'last.keras'}")
-        initial_epoch = int(keras.ops.convert_to_numpy(vae.trained_epochs))
-        if initial_epoch >= v.epochs:
-            raise UserError(f"{out} has already trained {initial_epoch} of vae.epochs={v.epochs} epochs; "
-                            "raise it with --set vae.epochs=N to train longer")
-        rows = [r for r in cb.read_log(log_path) if int(r["epoch"]) < initial_epoch]
+        vae, (epoch, batch) = _resume(cfg, out, steps)
+        vae.optimizer.learning_rate = schedule  # the config's, also when vae.epochs or vae.lr changed
+        rows = [r for r in cb.read_log(log_path) if int(r["epoch"]) < epoch]
         cb.write_log(log_path, rows)  # forget epochs logged after the checkpoint was written
         best, wait = cb.best_and_wait([float(r.get(monitor, math.nan)) for r in rows])
-        log.info("resuming %s at epoch %d", out, initial_epoch)
     else:
         shutil.rmtree(out, ignore_errors=True)  # prepare_out_dir allowed it (--overwrite)
         out.mkdir(parents=True)
         vae = build_vae(cfg)
-        vae.compile(optimizer=keras.optimizers.Adam(_learning_rate(v.lr, v.lr_schedule, v.epochs * steps)))
-        initial_epoch, best, wait = 0, math.inf, 0
+        vae.compile(optimizer=keras.optimizers.Adam(schedule))
+        (epoch, batch), best, wait = (0, 0), math.inf, 0
     write_text_atomic(out / "config.yaml", dump_config(cfg))
 
+    early = cb.EarlyStop(monitor, v.early_stop_patience, best, wait)
     callbacks = [  # in this order: the prior is fitted before the grid is drawn and the model saved
         cb.KLWarmup(v.beta, v.kl_warmup_epochs),
         *([cb.FitPrior(train_x)] if v.prior == "fitted" else []),
         cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
         cb.Checkpoint(out, monitor, best),
-        cb.EarlyStop(monitor, v.early_stop_patience, best, wait),
-        keras.callbacks.CSVLogger(str(log_path), append=resume),
+        early,
+        cb.LogLearningRate(schedule),
+        cb.CsvLog(log_path),
         cb.LossPlot(log_path, out / "loss.png"),
+        *([cb.StopOnSignal(stop, out / "last.keras", steps)] if stop else []),
     ]
-    batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, initial_epoch)
     if verbose is None:
         verbose = 2 if os.environ.get("CI", "").lower() == "true" else "auto"
-    vae.fit(batches, epochs=v.epochs, initial_epoch=initial_epoch, steps_per_epoch=batches.steps_per_epoch,
-            validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
-            shuffle=False, callbacks=callbacks, verbose=verbose)
+
+    def fit(first: int, end: int, skip: int) -> None:
+        """Epochs first..end-1, the first of them from its batch `skip` on."""
+        batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, first, skip)
+        vae.fit(batches, epochs=end, initial_epoch=first, steps_per_epoch=steps - skip,
+                validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
+                shuffle=False, callbacks=callbacks, verbose=verbose)
+
+    try:
+        if batch:  # first finish the epoch an interrupt cut
+            fit(epoch, epoch + 1, batch)
+            epoch += 1
+        if epoch < v.epochs and early.stopped_epoch is None:
+            fit(epoch, v.epochs, 0)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write in {out}: {exc.strerror} ({shutil.disk_usage(out).free / 1e6:.1f} MB free); "
+                        f"the last complete checkpoint is {out / 'last.keras'}") from None
     return out
 
 

@@ -4,18 +4,23 @@
     train-vae --out runs/vae --resume [--set vae.epochs=40]
     train-vae --sample 16 --from runs/vae/vae.keras --out runs/priors
 
-Loads the images and runs `vae.train`; the run folder's contents are described there.
+Loads the images and runs `vae.train`; the run folder's contents are described there. The first
+SIGINT (Ctrl-C) or SIGTERM lets the current step finish, saves `last.keras` there and exits with
+130 or 143; `--resume` then goes on as if never stopped. A second signal aborts at once (the last
+complete `last.keras` stays).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
 from pathlib import Path
 
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import load_config
 from pipeline.common.errors import UserError
+from pipeline.common.interrupts import GracefulStop, TrainingInterrupted
 from pipeline.data.folders import load_image_array
 from vae.train import train, write_priors
 
@@ -69,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(saved, args.overrides)
     else:
         cfg = config_from_args(args)
-    train(cfg, partial(load_image_array, cfg.data), out, resume=args.resume, overwrite=args.overwrite)
+    with GracefulStop() as stop:
+        try:
+            train(cfg, partial(load_image_array, cfg.data), out, resume=args.resume, overwrite=args.overwrite,
+                  stop=stop)
+        except TrainingInterrupted as exc:
+            print(f"{exc}; continue with: train-vae --out {out} --resume", file=sys.stderr)
+            return stop.exit_code()
     print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
     return 0
 
