@@ -156,7 +156,7 @@ def checkpoint_size(ckpt_dir: Path) -> CheckpointSize:
                           sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file()))
 
 
-def _step_dirs(root: Path) -> list[Path]:
+def step_dirs(root: Path) -> list[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
@@ -168,7 +168,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    for old in _step_dirs(root)[:-keep_last]:
+    for old in step_dirs(root)[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -188,7 +188,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         if named.name.startswith("step_") and named.is_dir():
             return named
         log.warning("%s names a missing checkpoint; using the highest step directory", pointer)
-    dirs = _step_dirs(root) if root.is_dir() else []
+    dirs = step_dirs(root) if root.is_dir() else []
     if not dirs:
         raise UserError(f"no checkpoint found in {run_dir} (expected {root}/step_XXXXXXX/)")
     return dirs[-1]
@@ -256,9 +256,8 @@ def read_train_state(ckpt_dir: Path) -> dict:
 
 
 def read_config(ckpt_dir: Path) -> Config:
-    """The config saved in a checkpoint."""
-    if not (ckpt_dir / CONFIG_FILE).is_file():
-        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {CONFIG_FILE} is missing")
+    """The config saved in a checkpoint (its sha256 checked against `hashes.json` when present)."""
+    _check_hash(ckpt_dir, CONFIG_FILE)
     return load_config(ckpt_dir / CONFIG_FILE)
 
 

@@ -5,8 +5,8 @@
     train-diffusion --config configs/hp2-128.yaml --plan [--gpu-memory 15]   (memory plan, no training)
     torchrun --nproc_per_node=2 -m pipeline.cli.train_diffusion --config …      (DDP)
 
-Picks the run directory (new, or the one to resume and its latest checkpoint), loads the images
-and runs `guided_diffusion.training.loop`.
+Picks the run directory (new, or the one to resume and its newest complete checkpoint), loads
+the images and runs `guided_diffusion.training.loop`.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 from guided_diffusion.training.checkpoint import (
     TrainingCheckpoint,
     latest_checkpoint,
-    load_training_checkpoint,
     resume_differences,
 )
 from guided_diffusion.training.distributed import init_distributed
 from guided_diffusion.training.loop import prepare, train
 from guided_diffusion.training.memory_plan import format_plan, plan_for_gpu
+from guided_diffusion.training.resume import load_resumable
 from guided_diffusion.training.session import Setup
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config, load_config
@@ -55,7 +55,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, TrainingCheckpo
         raise UserError("--resume continues in the run directory itself; drop --out (or give the same path)")
     if args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    ckpt = load_training_checkpoint(latest_checkpoint(run_dir))
+    ckpt = load_resumable(run_dir)
     cfg = load_config(args.config or ckpt.path / "config.yaml", args.overrides)
     fixed, free = resume_differences(ckpt.cfg, cfg)
     if fixed:
