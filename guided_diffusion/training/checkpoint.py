@@ -66,6 +66,7 @@ RESUME_FIXED = (
     "model.", "diffusion.", "data.image_size", "data.channels", "data.seed", "data.synthetic_count",
     "data.synthetic_defects", "data.hflip", "train.batch_size", "train.seed", "train.ema_rates",
 )
+RESUME_DATA = ("data.seed", "data.synthetic_count", "data.synthetic_defects")  # the dataset: free with data.allow_change
 RESUME_IGNORED = ("vae.", "generate.", "circularity.")
 RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the same arithmetic
 
@@ -314,14 +315,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'."""
+    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'.
+    With `new.data.allow_change` the keys that define the dataset (RESUME_DATA) are free."""
     old, cur = _flatten(config_to_dict(saved)), _flatten(config_to_dict(new))
+    free_keys = RESUME_FREE + (RESUME_DATA if new.data.allow_change else ())
     fixed, free = [], []
     for key in cur:
         if old.get(key) == cur[key] or key.startswith(RESUME_IGNORED):
             continue
         line = f"{key}: {old.get(key)!r} → {cur[key]!r}"
-        (fixed if key.startswith(RESUME_FIXED) and key not in RESUME_FREE else free).append(line)
+        (fixed if key.startswith(RESUME_FIXED) and key not in free_keys else free).append(line)
     return fixed, free
 
 

@@ -26,8 +26,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _CACHE: dict[tuple, np.ndarray] = {}
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursive, extensions case-insensitive), sorted; others are counted and skipped."""
+def list_image_files(folder: str | Path, report_skipped: bool = True) -> list[Path]:
+    """Image files under `folder` (recursive, extensions case-insensitive), sorted; others are
+    skipped, and counted in a warning when `report_skipped`."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"data folder not found: {folder}")
@@ -41,7 +42,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
             images.append(path)
         else:
             skipped += 1
-    if skipped:
+    if skipped and report_skipped:
         log.warning("skipped %d non-image file(s) in %s", skipped, folder)
     if not images:
         what = "has no image files" if skipped else "is empty"
