@@ -16,8 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from guided_diffusion.training.checkpoint import load_for_inference
 from pipeline.cli.train_diffusion import main
 from pipeline.common.config import DataConfig
+from pipeline.common.errors import UserError
 from pipeline.common.files import sha256_file
 from pipeline.data.fingerprint import dataset_changes, dataset_fingerprint
 
@@ -140,6 +142,22 @@ def test_every_checkpoint_damaged_is_a_one_line_error(runs, tmp_path, capsys):
     assert "step_0000006 is corrupt or truncated (model.safetensors" in err[0]
     assert "step_0000003 is incomplete: hashes.json is missing" in err[0]
     assert (out / "log.csv").read_text() == before
+
+
+def test_sampling_a_damaged_run_fails_loudly_and_names_the_older_checkpoints(runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(runs["six"], out)
+    flip_a_byte(ckpt(out, 6) / "ema_0.99.safetensors")
+    with pytest.raises(UserError) as exc:
+        load_for_inference(out)
+    assert str(exc.value) == (f"checkpoint {ckpt(out, 6)} is corrupt or truncated (ema_0.99.safetensors: sha256 does "
+                              f"not match hashes.json); older checkpoints of this run: step_0000003 (give one's "
+                              f"folder, e.g. {ckpt(out, 3)}, to sample from it)")
+    with pytest.raises(UserError, match=r"has no EMA rate 0.5 \(saved: 0.9, 0.99; 0 = raw weights\)$"):
+        load_for_inference(out, ema_rate=0.5)  # not damage: no hint
+    with pytest.raises(UserError, match=r"truncated \(ema_0.99.safetensors: sha256 does not match hashes.json\)$"):
+        load_for_inference(ckpt(out, 6))  # a checkpoint named itself: no other to suggest
+    assert load_for_inference(ckpt(out, 3))[2]["step"] == 3
 
 
 # -------------------------------------------------------------------------------- the dataset

@@ -217,15 +217,19 @@ def saved_ema_rates(ckpt_dir: Path) -> list[float]:
 # ---------------------------------------------------------------------------------------- load
 
 
-def _corrupt(ckpt_dir: Path, name: str, why: str) -> UserError:
-    return UserError(f"checkpoint {ckpt_dir} is corrupt or truncated ({name}: {why})")
+class CheckpointDamaged(UserError):
+    """A checkpoint file is missing, truncated, or does not match its sha256."""
+
+
+def _corrupt(ckpt_dir: Path, name: str, why: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"checkpoint {ckpt_dir} is corrupt or truncated ({name}: {why})")
 
 
 def _check_hash(ckpt_dir: Path, name: str) -> str:
     """The file's sha256, checked against `hashes.json` when present."""
     path = ckpt_dir / name
     if not path.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
     digest = sha256_file(path)
     hashes_path = ckpt_dir / HASHES_FILE
     if hashes_path.is_file():
@@ -334,11 +338,24 @@ def load_for_inference(run_or_ckpt_dir: str | Path, ema_rate: float | None = Non
 
     `ema_rate`: None → the slowest (largest) EMA rate saved, 0 → the raw model weights, else that
     rate. Returns (model, config, info) where info has `checkpoint`, `step`, `weights` (file name),
-    `ema_rate` (0.0 for raw weights) and `sha256` of that file.
+    `ema_rate` (0.0 for raw weights) and `sha256` of that file. A damaged checkpoint is an error
+    (never a silent fall-back to older weights); for a run directory it names the older checkpoints.
     """
+    ckpt = resolve_checkpoint(run_or_ckpt_dir)
+    try:
+        return _load_for_inference(ckpt, ema_rate, device)
+    except CheckpointDamaged as exc:
+        older = [p for p in step_dirs(ckpt.parent) if p.name < ckpt.name] if ckpt != Path(run_or_ckpt_dir) else []
+        if not older:
+            raise
+        raise UserError(f"{exc}; older checkpoints of this run: {', '.join(p.name for p in older[::-1])} "
+                        f"(give one's folder, e.g. {older[-1]}, to sample from it)") from None
+
+
+def _load_for_inference(ckpt: Path, ema_rate: float | None, device: str | torch.device,
+                        ) -> tuple[torch.nn.Module, Config, dict]:
     from guided_diffusion.training.factory import create_model
 
-    ckpt = resolve_checkpoint(run_or_ckpt_dir)
     cfg = read_config(ckpt)
     rates = saved_ema_rates(ckpt)
     rate = (rates[-1] if rates else 0.0) if ema_rate is None else float(ema_rate)

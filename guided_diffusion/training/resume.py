@@ -18,6 +18,7 @@ from guided_diffusion.training.checkpoint import (
     CHECKPOINTS,
     HASHES_FILE,
     LATEST,
+    CheckpointDamaged,
     TrainingCheckpoint,
     load_training_checkpoint,
     step_dirs,
@@ -53,9 +54,9 @@ def load_verified(ckpt_dir: Path) -> TrainingCheckpoint:
     """Read a whole checkpoint, every file checked against `hashes.json`; `UserError` saying what
     is wrong otherwise."""
     if not ckpt_dir.is_dir():
-        raise UserError(f"checkpoint {ckpt_dir} is missing")
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is missing")
     if not (ckpt_dir / HASHES_FILE).is_file():
-        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {HASHES_FILE} is missing")
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is incomplete: {HASHES_FILE} is missing")
     return load_training_checkpoint(ckpt_dir)  # checks each file's sha256 as it reads it
 
 
