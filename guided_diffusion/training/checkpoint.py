@@ -345,7 +345,8 @@ def load_for_inference(run_or_ckpt_dir: str | Path, ema_rate: float | None = Non
     try:
         return _load_for_inference(ckpt, ema_rate, device)
     except CheckpointDamaged as exc:
-        older = [p for p in step_dirs(ckpt.parent) if p.name < ckpt.name] if ckpt != Path(run_or_ckpt_dir) else []
+        dirs = step_dirs(ckpt.parent) if ckpt != Path(run_or_ckpt_dir) else []
+        older = dirs[: dirs.index(ckpt)] if ckpt in dirs else []
         if not older:
             raise
         raise UserError(f"{exc}; older checkpoints of this run: {', '.join(p.name for p in older[::-1])} "
