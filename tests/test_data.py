@@ -145,6 +145,18 @@ def test_synthetic_path_and_cache():
         load_image_array(DataConfig(channels=2))
 
 
+def test_the_folder_cache_notices_added_and_replaced_files(tmp_path):
+    """A notebook that adds or replaces images and trains again in the same process gets them."""
+    cfg = DataConfig(path=str(tmp_path), image_size=16)
+    _write(tmp_path / "a.png", _const(16, 16, 10))
+    first = load_image_array(cfg)
+    assert load_image_array(cfg) is first  # unchanged folder: cached
+    _write(tmp_path / "b.png", _const(16, 16, 200))
+    assert len(load_image_array(cfg)) == 2
+    _write(tmp_path / "a.png", _const(20, 20, 250))  # replaced: another size
+    assert load_image_array(cfg)[0].min() > 0.9
+
+
 def test_epoch_permutation_is_a_pure_function_of_seed_and_epoch():
     p = epoch_permutation(50, seed=1, epoch=3)
     assert np.array_equal(np.sort(p), np.arange(50))

@@ -66,6 +66,7 @@ RESUME_FIXED = (
     "model.", "diffusion.", "data.image_size", "data.channels", "data.seed", "data.synthetic_count",
     "data.synthetic_defects", "data.hflip", "train.batch_size", "train.seed", "train.ema_rates",
 )
+RESUME_DATA = ("data.seed", "data.synthetic_count", "data.synthetic_defects")  # the dataset: free with data.allow_change
 RESUME_IGNORED = ("vae.", "generate.", "circularity.")
 RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the same arithmetic
 
@@ -156,7 +157,7 @@ def checkpoint_size(ckpt_dir: Path) -> CheckpointSize:
                           sum(p.stat().st_size for p in ckpt_dir.iterdir() if p.is_file()))
 
 
-def _step_dirs(root: Path) -> list[Path]:
+def step_dirs(root: Path) -> list[Path]:
     """Complete checkpoint directories under `root`, oldest first."""
     dirs = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
@@ -168,7 +169,7 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    for old in _step_dirs(root)[:-keep_last]:
+    for old in step_dirs(root)[:-keep_last]:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -188,7 +189,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         if named.name.startswith("step_") and named.is_dir():
             return named
         log.warning("%s names a missing checkpoint; using the highest step directory", pointer)
-    dirs = _step_dirs(root) if root.is_dir() else []
+    dirs = step_dirs(root) if root.is_dir() else []
     if not dirs:
         raise UserError(f"no checkpoint found in {run_dir} (expected {root}/step_XXXXXXX/)")
     return dirs[-1]
@@ -216,15 +217,19 @@ def saved_ema_rates(ckpt_dir: Path) -> list[float]:
 # ---------------------------------------------------------------------------------------- load
 
 
-def _corrupt(ckpt_dir: Path, name: str, why: str) -> UserError:
-    return UserError(f"checkpoint {ckpt_dir} is corrupt or truncated ({name}: {why})")
+class CheckpointDamaged(UserError):
+    """A checkpoint file is missing, truncated, or does not match its sha256."""
+
+
+def _corrupt(ckpt_dir: Path, name: str, why: str) -> CheckpointDamaged:
+    return CheckpointDamaged(f"checkpoint {ckpt_dir} is corrupt or truncated ({name}: {why})")
 
 
 def _check_hash(ckpt_dir: Path, name: str) -> str:
     """The file's sha256, checked against `hashes.json` when present."""
     path = ckpt_dir / name
     if not path.is_file():
-        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is incomplete: {name} is missing")
     digest = sha256_file(path)
     hashes_path = ckpt_dir / HASHES_FILE
     if hashes_path.is_file():
@@ -256,9 +261,8 @@ def read_train_state(ckpt_dir: Path) -> dict:
 
 
 def read_config(ckpt_dir: Path) -> Config:
-    """The config saved in a checkpoint."""
-    if not (ckpt_dir / CONFIG_FILE).is_file():
-        raise UserError(f"checkpoint {ckpt_dir} is incomplete: {CONFIG_FILE} is missing")
+    """The config saved in a checkpoint (its sha256 checked against `hashes.json` when present)."""
+    _check_hash(ckpt_dir, CONFIG_FILE)
     return load_config(ckpt_dir / CONFIG_FILE)
 
 
@@ -315,14 +319,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'."""
+    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'.
+    With `new.data.allow_change` the keys that define the dataset (RESUME_DATA) are free."""
     old, cur = _flatten(config_to_dict(saved)), _flatten(config_to_dict(new))
+    free_keys = RESUME_FREE + (RESUME_DATA if new.data.allow_change else ())
     fixed, free = [], []
     for key in cur:
         if old.get(key) == cur[key] or key.startswith(RESUME_IGNORED):
             continue
         line = f"{key}: {old.get(key)!r} → {cur[key]!r}"
-        (fixed if key.startswith(RESUME_FIXED) and key not in RESUME_FREE else free).append(line)
+        (fixed if key.startswith(RESUME_FIXED) and key not in free_keys else free).append(line)
     return fixed, free
 
 
@@ -332,11 +338,25 @@ def load_for_inference(run_or_ckpt_dir: str | Path, ema_rate: float | None = Non
 
     `ema_rate`: None → the slowest (largest) EMA rate saved, 0 → the raw model weights, else that
     rate. Returns (model, config, info) where info has `checkpoint`, `step`, `weights` (file name),
-    `ema_rate` (0.0 for raw weights) and `sha256` of that file.
+    `ema_rate` (0.0 for raw weights) and `sha256` of that file. A damaged checkpoint is an error
+    (never a silent fall-back to older weights); for a run directory it names the older checkpoints.
     """
+    ckpt = resolve_checkpoint(run_or_ckpt_dir)
+    try:
+        return _load_for_inference(ckpt, ema_rate, device)
+    except CheckpointDamaged as exc:
+        dirs = step_dirs(ckpt.parent) if ckpt != Path(run_or_ckpt_dir) else []
+        older = dirs[: dirs.index(ckpt)] if ckpt in dirs else []
+        if not older:
+            raise
+        raise UserError(f"{exc}; older checkpoints of this run: {', '.join(p.name for p in older[::-1])} "
+                        f"(give one's folder, e.g. {older[-1]}, to sample from it)") from None
+
+
+def _load_for_inference(ckpt: Path, ema_rate: float | None, device: str | torch.device,
+                        ) -> tuple[torch.nn.Module, Config, dict]:
     from guided_diffusion.training.factory import create_model
 
-    ckpt = resolve_checkpoint(run_or_ckpt_dir)
     cfg = read_config(ckpt)
     rates = saved_ema_rates(ckpt)
     rate = (rates[-1] if rates else 0.0) if ema_rate is None else float(ema_rate)

@@ -53,6 +53,7 @@ class Setup:
     plan: Plan | None  # the memory plan (CUDA only)
     steps_per_epoch: int
     total_steps: int
+    dataset: dict | None = None  # the dataset's fingerprint (filled in by the caller), saved in each checkpoint
 
     @property
     def microbatch(self) -> int:
@@ -163,7 +164,7 @@ def save(r: Session, done: int) -> Path:
         "optimizer": None if slim else r.optimizer.state_dict(), "scaler": r.scaler.state_dict() if r.scaler else None,
         "timestep_sampler": s.timestep_sampler.state_dict(), "ema_num_updates": r.ema.num_updates,
         "rng": capture_rng_state(), "progress": dict(r.progress), "num_images": len(s.images),
-        "world_size": r.dist.world_size, "torch_version": str(torch.__version__),
+        "dataset": s.dataset, "world_size": r.dist.world_size, "torch_version": str(torch.__version__),
     }
     path = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state, tc.keep_last,
                            model_dtype=tc.save_dtype if slim else "fp32", ema_dtype=tc.save_dtype)

@@ -5,8 +5,9 @@
     train-diffusion --config configs/hp2-128.yaml --plan [--gpu-memory 15]   (memory plan, no training)
     torchrun --nproc_per_node=2 -m pipeline.cli.train_diffusion --config …      (DDP)
 
-Picks the run directory (new, or the one to resume and its latest checkpoint), loads the images
-and runs `guided_diffusion.training.loop`.
+Picks the run directory (new, or the one to resume and its newest complete checkpoint), checks
+that a resumed run's dataset is the one its checkpoint was trained on, loads the images and runs
+`guided_diffusion.training.loop`.
 """
 
 from __future__ import annotations
@@ -14,25 +15,29 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+from collections.abc import Callable
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 
+import numpy as np
+
 from guided_diffusion.training.checkpoint import (
+    RESUME_DATA,
     TrainingCheckpoint,
     latest_checkpoint,
-    load_training_checkpoint,
     resume_differences,
 )
 from guided_diffusion.training.distributed import init_distributed
 from guided_diffusion.training.loop import prepare, train
 from guided_diffusion.training.memory_plan import format_plan, plan_for_gpu
+from guided_diffusion.training.resume import load_resumable
 from guided_diffusion.training.session import Setup
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config, load_config
 from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
 from pipeline.common.files import write_text_atomic
+from pipeline.data.fingerprint import dataset_changes, dataset_fingerprint
 from pipeline.data.folders import load_image_array
 
 log = logging.getLogger(__name__)
@@ -55,23 +60,57 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, Path, TrainingCheckpo
         raise UserError("--resume continues in the run directory itself; drop --out (or give the same path)")
     if args.overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    ckpt = load_training_checkpoint(latest_checkpoint(run_dir))
-    cfg = load_config(args.config or ckpt.path / "config.yaml", args.overrides)
+    ckpt = load_resumable(run_dir)
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:  # data.allow_change holds for the resume it is given with, not for later ones
+        cfg = load_config(ckpt.path / "config.yaml", ["data.allow_change=false", *args.overrides])
     fixed, free = resume_differences(ckpt.cfg, cfg)
     if fixed:
+        data = any(line.startswith(RESUME_DATA) for line in fixed)
         raise UserError(f"cannot resume {run_dir}: the config differs from its checkpoint in "
-                        f"{'; '.join(fixed)} (only training settings such as max_steps, epochs, lr may change)")
+                        f"{'; '.join(fixed)} (only training settings such as max_steps, epochs, lr may change"
+                        + ("; --set data.allow_change=true trains on the changed dataset" if data else "") + ")")
     for line in free:
         log.info("resuming with a changed setting: %s", line)
     return cfg, run_dir, ckpt
 
 
+def check_dataset(run_dir: Path, ckpt: TrainingCheckpoint, fingerprint: dict, allow_change: bool) -> None:
+    """UserError unless the dataset is the one `ckpt` was trained on (the same image files, maybe at
+    another path) or `allow_change`. A checkpoint without a fingerprint is checked by its image count."""
+    saved = ckpt.train_state.get("dataset")
+    if saved is None:
+        log.warning("%s has no dataset fingerprint (an older checkpoint): only its image count is checked", ckpt.path)
+        saved_count = ckpt.train_state.get("num_images")
+        changes = [] if saved_count == fingerprint["count"] else [f"{saved_count} → {fingerprint['count']} images"]
+    else:
+        changes = dataset_changes(saved, fingerprint)
+        if not changes and saved["path"] != fingerprint["path"]:
+            log.info("data.path moved from %r to %r: the same %d image files (names and sizes); resuming",
+                     saved["path"], fingerprint["path"], fingerprint["count"])
+    if changes and allow_change:
+        log.warning("resuming on a changed dataset (data.allow_change): %s", "; ".join(changes))
+    elif changes:
+        raise UserError(f"cannot resume {run_dir}: the dataset changed since {ckpt.path.name}: {'; '.join(changes)} "
+                        "(--set data.allow_change=true trains on it anyway)")
+
+
+def checked_loader(cfg: Config, run_dir: Path, ckpt: TrainingCheckpoint | None,
+                   fingerprint: dict) -> Callable[[], np.ndarray]:
+    """`prepare`'s image loader: fingerprints the dataset into `fingerprint` and, resuming, checks it
+    (before any image is decoded), then loads the images."""
+    def load() -> np.ndarray:
+        fingerprint.update(dataset_fingerprint(cfg.data))
+        if ckpt is not None:
+            check_dataset(run_dir, ckpt, fingerprint, cfg.data.allow_change)
+        return load_image_array(cfg.data)
+    return load
+
+
 def check_resumable(s: Setup, run_dir: Path, ckpt: TrainingCheckpoint) -> None:
-    """UserError unless the checkpoint was trained on as many images and has steps left to train."""
+    """UserError unless the checkpoint has steps left to train."""
     done = ckpt.train_state["step"]
-    if ckpt.train_state.get("num_images") != len(s.images):
-        raise UserError(f"cannot resume {run_dir}: the dataset now has {len(s.images)} images, "
-                        f"the checkpoint was trained on {ckpt.train_state.get('num_images')}")
     if done >= s.total_steps:
         raise UserError(f"{run_dir} has already trained {done} of {s.total_steps} steps; raise "
                         "train.max_steps or train.epochs (--set) to continue")
@@ -113,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     dist, device = init_distributed(pick_torch_device(args.device))
     try:
         cfg, run_dir, ckpt = resolve_run(args)
-        s = prepare(cfg, partial(load_image_array, cfg.data), device, dist)
+        fingerprint: dict = {}
+        s = prepare(cfg, checked_loader(cfg, run_dir, ckpt, fingerprint), device, dist)
+        s.dataset = fingerprint
         if ckpt is not None:
             check_resumable(s, run_dir, ckpt)
         dist.barrier()  # every rank has checked the run directory before rank 0 changes it

@@ -30,6 +30,7 @@ class DataConfig:
     synthetic_count: int = 2000  # images drawn when path is "synthetic"
     synthetic_defects: float = 0.0  # fraction of synthetic images with a labelled defect
     seed: int = 0
+    allow_change: bool = False  # --resume on a dataset that differs from the checkpoint's (not remembered)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Image datasets: a folder of images or the built-in synthetic irises, as [-1, 1] float arrays.
 
 Loaded arrays are cached per process (`data.cache`), so a second trainer in the same process does
-not decode the folder again. Batch order lives in `pipeline.common.batches`.
+not decode the folder again (unless files were added, removed or replaced meanwhile). Batch order
+lives in `pipeline.common.batches`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _CACHE: dict[tuple, np.ndarray] = {}
 
 
-def list_image_files(folder: str | Path) -> list[Path]:
-    """Image files under `folder` (recursive, extensions case-insensitive), sorted; others are counted and skipped."""
+def list_image_files(folder: str | Path, report_skipped: bool = True) -> list[Path]:
+    """Image files under `folder` (recursive, extensions case-insensitive), sorted; others are
+    skipped, and counted in a warning when `report_skipped`."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"data folder not found: {folder}")
@@ -40,7 +42,7 @@ def list_image_files(folder: str | Path) -> list[Path]:
             images.append(path)
         else:
             skipped += 1
-    if skipped:
+    if skipped and report_skipped:
         log.warning("skipped %d non-image file(s) in %s", skipped, folder)
     if not images:
         what = "has no image files" if skipped else "is empty"
@@ -117,25 +119,28 @@ def load_image_array(data: DataConfig) -> np.ndarray:
     """All images of the dataset as float32 (N, C, H, W) in [-1, 1] (synthetic when data.path == 'synthetic')."""
     _check(data)
     synthetic = data.path == "synthetic"
-    key = (data.path, data.image_size, data.channels) + (
-        (data.synthetic_count, data.synthetic_defects, data.seed) if synthetic else ())
-    if data.cache and key in _CACHE:
-        return _CACHE[key]
     if synthetic:
         if data.synthetic_count < 1:
             raise UserError(f"data.synthetic_count must be >= 1, got {data.synthetic_count}")
         n = data.synthetic_count
+        contents: tuple = (data.synthetic_count, data.synthetic_defects, data.seed)
         items = (img for img, _ in iter_irises(n, data.image_size, data.seed, data.channels, data.synthetic_defects))
         desc = "drawing synthetic irises"
     else:
         files = list_image_files(data.path)
         n = len(files)
+        contents = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)  # files added or replaced: a miss
         items = (read_image(path, data.image_size, data.channels) for path in files)
         desc = f"loading {data.path}"
+    key = (data.path, data.image_size, data.channels, contents)
+    if data.cache and key in _CACHE:
+        return _CACHE[key]
     images = np.empty((n, data.channels, data.image_size, data.image_size), np.float32)
     for i, img in enumerate(tqdm(items, total=n, desc=desc, unit="img", leave=False)):
         images[i] = img
     if data.cache:
+        for stale in [k for k in _CACHE if k[:3] == key[:3] and not synthetic]:  # the folder before it changed
+            del _CACHE[stale]
         images.flags.writeable = False
         _CACHE[key] = images
     return images

@@ -1,0 +1,88 @@
+"""`--resume` past damage: the newest complete checkpoint of a run, falling back to older ones.
+
+A checkpoint is complete when its `hashes.json` is there and every file it lists is present,
+matches its sha256 and parses (config, model and EMA weights, `state.pt`). The newest is the one
+`RUN_DIR/checkpoints/latest` names (else the highest step). When it is damaged (a Drive sync cut
+short, a disk that filled up while copying, a file edited or deleted), the older ones are tried,
+newest first; the warning names each damaged checkpoint, why, and how many steps will be trained
+again. Checkpoints newer than the one `latest` names are never tried: `latest` moves only once a
+checkpoint is complete, so they are leftovers (the run re-saves their steps anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from guided_diffusion.training.checkpoint import (
+    CHECKPOINTS,
+    HASHES_FILE,
+    LATEST,
+    CheckpointDamaged,
+    TrainingCheckpoint,
+    load_training_checkpoint,
+    step_dirs,
+)
+from pipeline.common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _step(name: str) -> int | None:
+    """1000 for 'step_0001000'; None for any other name."""
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """The checkpoint directories to try, newest first: the one `latest` names (even when it is
+    missing), then the older ones; without a usable `latest`, every one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    root = run_dir / CHECKPOINTS
+    newest_first = step_dirs(root)[::-1] if root.is_dir() else []
+    pointer = root / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    if _step(named) is None:
+        if named:
+            log.warning("%s names no checkpoint (%r); trying every step directory, newest first", pointer, named)
+        return newest_first
+    return [root / named] + [p for p in newest_first if _step(p.name) < _step(named)]
+
+
+def load_verified(ckpt_dir: Path) -> TrainingCheckpoint:
+    """Read a whole checkpoint, every file checked against `hashes.json`; `UserError` saying what
+    is wrong otherwise."""
+    if not ckpt_dir.is_dir():
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is missing")
+    if not (ckpt_dir / HASHES_FILE).is_file():
+        raise CheckpointDamaged(f"checkpoint {ckpt_dir} is incomplete: {HASHES_FILE} is missing")
+    return load_training_checkpoint(ckpt_dir)  # checks each file's sha256 as it reads it
+
+
+def _why(ckpt_dir: Path, exc: Exception) -> str:
+    """'step_0001000 is corrupt or truncated (…)' from an error about `ckpt_dir`."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    prefix = f"checkpoint {ckpt_dir} "
+    return ckpt_dir.name + (" " + text[len(prefix):] if text.startswith(prefix) else f": {text}")
+
+
+def load_resumable(run_dir: str | Path) -> TrainingCheckpoint:
+    """The newest complete checkpoint of `run_dir`, warning about each newer damaged one; a
+    one-line `UserError` listing them when none is complete."""
+    damaged: list[tuple[Path, str]] = []
+    for path in resume_candidates(run_dir):
+        try:
+            ckpt = load_verified(path)
+        except (UserError, OSError) as exc:
+            damaged.append((path, _why(path, exc)))
+            continue
+        if damaged:
+            lost = _step(damaged[0][0].name) - ckpt.train_state["step"]
+            log.warning("resuming from %s: the newer %s; %d step%s will be trained again", ckpt.path,
+                        "; ".join(why for _, why in damaged), lost, "" if lost == 1 else "s")
+        return ckpt
+    if not damaged:
+        root = Path(run_dir) / CHECKPOINTS
+        raise UserError(f"no checkpoint found in {run_dir} (expected {root}/step_XXXXXXX/)")
+    raise UserError(f"cannot resume {run_dir}: no complete checkpoint ({'; '.join(why for _, why in damaged)})")
