@@ -96,6 +96,7 @@ def _signal_after(monkeypatch, hook: str, when, signum: int = signal.SIGINT) -> 
     monkeypatch.setattr(KLWarmup, hook, send)
 
 
+@pytest.mark.slow  # ~40 s; the default run keeps the mid-epoch case / the failing checkpoint save
 def test_an_interrupt_at_an_epoch_end_resumes_exactly(reference, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     _signal_after(monkeypatch, "on_epoch_end", lambda model, epoch: epoch == 0)
@@ -177,6 +178,7 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, cap
     assert not list(run.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # ~40 s; the default run keeps the mid-epoch case / the failing checkpoint save
 def test_a_full_disk_elsewhere_in_the_run_folder_is_one_line_too(tmp_path, monkeypatch, capsys):
     """The first write of an epoch's end is the sample grid: a full disk there is a one-line error too."""
     from vae import callbacks
@@ -207,7 +209,7 @@ def test_resume_refuses_a_changed_number_of_batches_per_epoch(reference, tmp_pat
     assert code == 2 and "vae.batch_size" in err.strip().splitlines()[-1], err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_to_the_command_stops_it_after_saving(reference, tmp_path, capsys, signum):
     """A real `train-vae` process, signalled once its first epoch's sample grid is written: exit 128 + signum, a whole
     last.keras where it says, and (checked once) a resume that ends on the uninterrupted weights."""
