@@ -260,7 +260,7 @@ class StopOnSignal(keras.callbacks.Callback):
         why = f"interrupted by {self.stop.signal_name()}"
         step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
         if step == 0:
-            return TrainingInterrupted(f"{why} before the first step; nothing was saved")
+            return TrainingInterrupted(f"{why} before the first step; nothing was saved", self.stop.requested)
         epoch, batch = divmod(step, self.steps_per_epoch)
         where = f"epoch {epoch} after batch {batch} of {self.steps_per_epoch}" if batch else f"the end of epoch {epoch - 1}"
-        return TrainingInterrupted(f"{why}: {self.last} holds the run at {where} (step {step})")
+        return TrainingInterrupted(f"{why}: {self.last} holds the run at {where} (step {step})", self.stop.requested)

@@ -44,6 +44,9 @@ from guided_diffusion.training.save_policy import (
     CheckpointSize,
     cast_floats,
     estimate_size,
+    format_bytes,
+    free_space,
+    os_error_behind,
     warn_if_short_of_space,
 )
 from pipeline.common.config import Config, config_to_dict, dump_config, load_config
@@ -104,6 +107,11 @@ def restore_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------- save
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, I/O error, no permission). Its temp files are
+    gone; the checkpoints written before it and `latest` are as they were."""
+
+
 def save_checkpoint(run_dir: Path, step: int, cfg: Config, model_state: dict[str, torch.Tensor],
                     ema_states: dict[float, dict[str, torch.Tensor]], train_state: dict,
                     keep_last: int, model_dtype: str = "fp32", ema_dtype: str = "fp32") -> Path:
@@ -113,40 +121,63 @@ def save_checkpoint(run_dir: Path, step: int, cfg: Config, model_state: dict[str
     complete, so even `keep_last` 1 always leaves one. Floating-point weights are written in
     `model_dtype` / `ema_dtype` (train.save_dtype names). Warns first when the disk looks too full
     for it; logs its size after. Returns the checkpoint directory.
+
+    Whatever stops it (a full disk, an I/O error, a second Ctrl-C), what it wrote is removed and
+    the earlier checkpoints and `latest` stay as they were; a write error is raised as
+    `CheckpointWriteError`, naming the checkpoint's size and the free space.
     """
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     config_text = dump_config(cfg)
-    warn_if_short_of_space(root, final.name, estimate_size(model_state, ema_states, train_state, model_dtype,
-                                                           ema_dtype, len(config_text) + HASHES_BYTES))
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    needed = estimate_size(model_state, ema_states, train_state, model_dtype, ema_dtype,
+                           len(config_text) + HASHES_BYTES)
+    tmp, placed = root / f".{final.name}.tmp", False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        warn_if_short_of_space(root, final.name, needed)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_files(tmp, step, config_text, model_state, ema_states, train_state, model_dtype, ema_dtype)
+        if final.exists():  # re-saving a step (a resume after a crash between save and `latest`)
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        placed = True
+        write_text_atomic(root / LATEST, final.name + "\n")
+    except BaseException as exc:
+        shutil.rmtree(final if placed else tmp, ignore_errors=True)  # `latest` still names the one before
+        cause = os_error_behind(exc)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final} ({cause.strerror or cause}): it needs about "
+            f"{format_bytes(needed.total)}, {format_bytes(free_space(root))} is free there") from exc
+    _prune(root, keep_last, keep=final)
+    log.info("checkpoint %s: %s", final.name, checkpoint_size(final).describe())
+    return final
+
+
+def _write_files(tmp: Path, step: int, config_text: str, model_state: dict[str, torch.Tensor],
+                 ema_states: dict[float, dict[str, torch.Tensor]], train_state: dict, model_dtype: str,
+                 ema_dtype: str) -> None:
+    """A checkpoint's files into `tmp`, synced, with `hashes.json` last."""
     meta = {"step": str(step)}
     (tmp / CONFIG_FILE).write_text(config_text)
     save_file(cast_floats(model_state, model_dtype), str(tmp / MODEL_FILE), metadata=meta)
     for rate, shadow in ema_states.items():
         save_file(cast_floats(shadow, ema_dtype), str(tmp / ema_file_name(rate)),
                   metadata={**meta, "ema_rate": repr(rate)})
-    torch.save(train_state, tmp / STATE_FILE)
+    with open(tmp / STATE_FILE, "wb") as f:  # a Python file: a failed write leaves its OSError as the context
+        torch.save(train_state, f)
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for path in files:
         fsync_file(path)
     (tmp / HASHES_FILE).write_text(json.dumps({p.name: sha256_file(p) for p in files}, indent=1))
     fsync_file(tmp / HASHES_FILE)
-    if final.exists():  # re-saving a step (a resume after a crash between save and `latest`)
-        old = root / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    write_text_atomic(root / LATEST, final.name + "\n")
-    _prune(root, keep_last, keep=final)
-    log.info("checkpoint %s: %s", final.name, checkpoint_size(final).describe())
-    return final
 
 
 def checkpoint_size(ckpt_dir: Path) -> CheckpointSize:

@@ -36,6 +36,15 @@ class Dist:
         torch_dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
+    def max_int(self, value: int, device: torch.device) -> int:
+        """The largest of every rank's `value`: an all-reduce of one integer on `device` (the
+        process group's device); `value` itself when alone."""
+        if self.world_size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
+        return int(x.item())
+
     def close(self) -> None:
         """Leave the process group (nothing to do when alone or never joined)."""
         if self.world_size > 1 and torch_dist.is_initialized():

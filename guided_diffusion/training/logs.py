@@ -3,7 +3,9 @@
 `log.csv` has one row per `log_every` steps; each row summarises the steps since the previous one:
 mean per-image loss (all steps that were not skipped), the same by timestep quartile
 (q0: t < T/4 … q3: t ≥ 3T/4), the learning rate of the row's last step, mean pre-clip gradient
-norm, optimizer steps per second, and the total of skipped (non-finite) steps so far.
+norm, optimizer steps per second, the total of skipped (non-finite) steps so far, and the total of
+fp16 overflow steps (skipped while the loss scale settles; not counted as bad). Rows are written to
+disk as they are logged.
 `stats.csv` is long format: one row per (step, block) with that block's gradient norm and its
 near-zero / dead activation fractions (see `train_stats`).
 """
@@ -11,6 +13,7 @@ near-zero / dead activation fractions (see `train_stats`).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -23,7 +26,7 @@ from pipeline.common.files import save_figure_atomic
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
-              "it_s", "bad_steps")
+              "it_s", "bad_steps", "overflow_steps")
 STATS_FIELDS = ("step", "block", "grad_norm", "near_zero", "dead")
 
 
@@ -34,14 +37,15 @@ def _fmt(value: object) -> object:
 
 
 class CsvLog:
-    """An append-only CSV file. Resuming at step s drops rows logged after s (never checkpointed)."""
+    """An append-only CSV file, a line written at a time. Resuming at step s drops rows logged after
+    s (never checkpointed) and carries a file of an older version over to today's columns."""
 
     def __init__(self, path: Path, fields: tuple[str, ...], resume_step: int | None = None):
         self.path, self.fields = path, fields
         if resume_step is not None and path.exists():
             self._truncate(resume_step)
         new = not path.exists() or path.stat().st_size == 0
-        self._file = open(path, "a", newline="")  # noqa: SIM115 (kept open for the whole run)
+        self._file = open(path, "a", newline="", buffering=1)  # noqa: SIM115 (kept open for the whole run)
         self._writer = csv.DictWriter(self._file, fieldnames=fields)
         if new:
             self._writer.writeheader()
@@ -53,8 +57,15 @@ class CsvLog:
             step = line.split(",", 1)[0]
             if line.endswith("\n") and step.isdigit() and int(step) <= resume_step:
                 kept.append(line)
+        text = "".join(kept)
+        if next(csv.reader(kept[:1]), None) != list(self.fields):  # an older version's columns
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=self.fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(csv.DictReader(io.StringIO(text)))
+            text = out.getvalue()
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text(text)
         os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:

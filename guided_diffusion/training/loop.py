@@ -4,7 +4,7 @@ One optimizer step (`train`, read it top to bottom): 1. draw the step's images, 
 noise → 2. micro-batched forward/backward, unscale, clip → 3. AdamW + EMA update, or skip the
 step if anything is NaN/Inf → 4. log, probe, checkpoint, sample. The console script
 `train-diffusion` (`pipeline.cli.train_diffusion`) picks the run directory, loads the images and
-calls both.
+calls both. A signal, a failed save or an fp16 overflow is handled as `faults` describes.
 
 Randomness: everything a step draws (its timesteps, noise, and the global torch RNG used by
 dropout) is seeded from (train.seed, rank, step), and the data order of an epoch from
@@ -39,16 +39,18 @@ from guided_diffusion.timestep_sampler import create_timestep_sampler
 from guided_diffusion.training.checkpoint import CHECKPOINTS, TrainingCheckpoint, step_dir_name
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.faults import is_overflow, save_or_report, stop_if_interrupted
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
 from guided_diffusion.training.memory_plan import gpu_budget, resolve_settings, suggestion
 from guided_diffusion.training.save_policy import check_save_settings
-from guided_diffusion.training.session import Session, Setup, open_session, save
+from guided_diffusion.training.session import Session, Setup, open_session
 from guided_diffusion.training.stats import ActivationProbe, block_grad_norms, health_rows
 from guided_diffusion.training.step import check_batching, forward_backward, resolve_precision
 from pipeline.common.batches import epoch_permutation, flip_mask
 from pipeline.common.config import Config, TrainConfig
 from pipeline.common.errors import UserError
 from pipeline.common.images import make_grid, write_png
+from pipeline.common.interrupts import GracefulStop
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +190,15 @@ class Batch(NamedTuple):
 
 
 def train(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint | None = None) -> dict:
-    """Train `s.model` from scratch or from `resume`, writing into `run_dir` (rank 0). Returns a summary."""
+    """Train `s.model` from scratch or from `resume`, writing into `run_dir` (rank 0). Returns a summary.
+
+    SIGINT/SIGTERM: the step in progress is finished and checkpointed, then `TrainingInterrupted`."""
     r, tc = open_session(s, run_dir, dist, resume), s.cfg.train
     step = r.start
     try:
-        with logging_redirect_tqdm(), tqdm(total=s.total_steps, initial=r.start, desc="train", unit="step",
-                                           dynamic_ncols=True, disable=not dist.main) as bar:
+        with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
+                total=s.total_steps, initial=r.start, desc="train", unit="step", dynamic_ncols=True,
+                disable=not dist.main) as bar:
             for step in range(r.start, s.total_steps):
                 done = step + 1
                 batch = draw_batch(s, dist, step)  # 1.
@@ -212,6 +217,8 @@ def train(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint | None
                 stop_if_diverged(r, done)
                 if dist.main:
                     checkpoint_and_sample(r, done)
+                if done < s.total_steps:  # a signal during the last step: the run is complete anyway
+                    stop_if_interrupted(r, stop, done)
     except torch.OutOfMemoryError:
         raise out_of_memory(r, step + 1) from None
     finally:
@@ -277,10 +284,11 @@ def gradient(r: Session, batch: Batch, probing: bool) -> tuple[torch.Tensor, tor
 
 
 def update_or_skip(r: Session, t: torch.Tensor, losses: torch.Tensor, grad_norm: torch.Tensor, done: int) -> None:
-    """3. AdamW + EMA update — or skip the step (and count it) if the loss or the gradient is not finite."""
+    """3. AdamW + EMA update — or skip the step (and count it) if the loss or the gradient is not
+    finite: as an fp16 overflow (`faults.is_overflow`: not a bad step), else as a bad step."""
     t_all, losses_all = r.dist.gather(t), r.dist.gather(losses)
-    progress = r.progress
-    if bool(torch.isfinite(losses_all).all()) and bool(torch.isfinite(grad_norm)):
+    progress, loss_finite = r.progress, bool(torch.isfinite(losses_all).all())
+    if loss_finite and bool(torch.isfinite(grad_norm)):
         if r.scaler is not None:
             r.scaler.step(r.optimizer)
         else:
@@ -289,12 +297,17 @@ def update_or_skip(r: Session, t: torch.Tensor, losses: torch.Tensor, grad_norm:
         r.s.timestep_sampler.update_with_losses(t_all, losses_all)
         r.window.add(t_all.cpu().numpy(), losses_all.cpu().numpy(), float(grad_norm))
         progress["bad_in_row"] = 0
+    elif is_overflow(r.scaler, loss_finite):
+        r.optimizer.zero_grad(set_to_none=True)
+        progress["overflow_steps"] += 1
+        log.info("step %d: fp16 gradient overflow at loss scale %g; step skipped, the scale is lowered", done,
+                 r.scaler.get_scale())
     else:
         r.optimizer.zero_grad(set_to_none=True)
         progress["bad_in_row"] += 1
         progress["bad_total"] += 1
         log.warning("step %d: non-finite %s; step skipped (%d in a row)", done,
-                    "loss" if not torch.isfinite(losses_all).all() else "gradient", progress["bad_in_row"])
+                    "gradient" if loss_finite else "loss", progress["bad_in_row"])
     if r.scaler is not None:
         r.scaler.update()
 
@@ -303,7 +316,8 @@ def log_window(r: Session, step: int, lr: float, bar: tqdm) -> None:
     """4. Rank 0: a log.csv row and TensorBoard scalars for the steps since the last row."""
     now, done, progress = time.perf_counter(), step + 1, r.progress
     row = {"step": done, "epoch": step // r.s.steps_per_epoch, **r.window.means(), "lr": lr,
-           "it_s": r.window_steps / max(now - r.window_start, 1e-9), "bad_steps": progress["bad_total"]}
+           "it_s": r.window_steps / max(now - r.window_start, 1e-9), "bad_steps": progress["bad_total"],
+           "overflow_steps": progress["overflow_steps"]}
     r.outputs.log_csv.write(row)
     r.outputs.board.scalars(done, {k: v for k, v in row.items() if k not in ("step", "epoch")})
     if row["loss"] < progress["best_loss"]:
@@ -317,7 +331,7 @@ def stop_if_diverged(r: Session, done: int) -> None:
     """4. After max_bad_steps non-finite steps in a row: checkpoint the last good weights, stop."""
     if r.progress["bad_in_row"] >= r.s.cfg.train.max_bad_steps > 0:
         if r.dist.main:
-            save(r, done)
+            save_or_report(r, done, retry_later=False)
         r.dist.barrier()
         raise TrainingDiverged(
             f"training diverged: {r.progress['bad_in_row']} non-finite steps in a row at step {done}; "
@@ -329,9 +343,7 @@ def checkpoint_and_sample(r: Session, done: int) -> None:
     grid of EMA samples every sample_every, and both after the last step."""
     tc, last = r.s.cfg.train, done == r.s.total_steps
     if done % tc.save_every == 0 or last or r.save_timer.due(tc.save_every_minutes):
-        r.progress["elapsed_s"] += time.perf_counter() - r.accounted_at
-        r.accounted_at = time.perf_counter()
-        r.last_ckpt = save(r, done)
+        save_or_report(r, done, retry_later=not last)
     if done % tc.sample_every == 0 or last:
         slowest = max(tc.ema_rates) if tc.ema_rates else None
         weights = r.ema.shadows[slowest] if slowest else r.s.model.state_dict()
@@ -353,6 +365,7 @@ def finish(r: Session) -> dict:
         "steps": s.total_steps, "session_steps": s.total_steps - r.start, "elapsed_s": progress["elapsed_s"],
         "session_s": time.perf_counter() - r.started,
         "best_loss": progress["best_loss"], "best_step": progress["best_step"], "bad_steps": progress["bad_total"],
+        "overflow_steps": progress["overflow_steps"],
         "checkpoint": str(r.last_ckpt), "world_size": dist.world_size, "rank_weights_sha256": digests,
         "gpu_peak_gib": torch.cuda.max_memory_allocated(s.device) / 2**30 if s.device.type == "cuda" else None,
         "plan_peak_gib": s.plan.chosen.peak / 2**30 if s.plan is not None else None,

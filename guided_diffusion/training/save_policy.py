@@ -1,5 +1,6 @@
 """What a checkpoint costs and when one is due: the dtype its weights are written in, its size
-(estimated before writing, measured after), the free-space check, and the save-every-minutes timer.
+(estimated before writing, measured after), the free-space check, what a failed write was, and the
+save-every-minutes timer.
 
 Sizes of an HP2 checkpoint (374 M parameters, two EMA rates): model 1.39 GiB, each EMA 1.39 GiB in
 fp32 or 0.70 GiB in fp16/bf16, AdamW state 2.79 GiB. A save needs room for the new checkpoint while
@@ -9,6 +10,8 @@ the old ones still exist (they are pruned only after the new one is complete).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from pipeline.common.config import TrainConfig
 from pipeline.common.errors import UserError
@@ -31,11 +35,16 @@ PT_TENSOR_OVERHEAD = 195  # torch.save: each tensor's zip entry, 64-byte alignme
 PT_FIXED_OVERHEAD = 5400  # torch.save: pickled Python values (RNG states, counters), zip directory
 
 
+ON_SAVE_ERROR = ("stop", "warn")
+
+
 def check_save_settings(tc: TrainConfig) -> None:
-    """UserError unless train.save_dtype is known and train.save_every_minutes is >= 0."""
+    """UserError unless train.save_dtype and train.on_save_error are known and train.save_every_minutes is >= 0."""
     save_dtype(tc.save_dtype)
     if tc.save_every_minutes < 0:
         raise UserError(f"train.save_every_minutes must be >= 0 (0 = off), got {tc.save_every_minutes}")
+    if tc.on_save_error not in ON_SAVE_ERROR:
+        raise UserError(f"train.on_save_error must be one of {', '.join(ON_SAVE_ERROR)}, got {tc.on_save_error!r}")
 
 
 def save_dtype(name: str) -> torch.dtype:
@@ -118,13 +127,38 @@ def estimate_size(model_state: dict[str, torch.Tensor], ema_states: dict[float, 
     return CheckpointSize(model, emas, state, model + sum(emas) + state + other_bytes)
 
 
+def free_space(path: Path) -> int:
+    """Free bytes on the disk of `path`, or of its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def warn_if_short_of_space(root: Path, name: str, needed: CheckpointSize) -> None:
     """Log a warning when the disk of `root` has less free space than the checkpoint `name` needs."""
-    free = shutil.disk_usage(root).free
+    free = free_space(root)
     if free < needed.total:
         log.warning("checkpoint %s needs about %s but only %s is free in %s (older checkpoints are removed only "
                     "after the new one is complete): set train.keep_last 1 and/or train.save_dtype fp16 to need "
                     "less", name, format_bytes(needed.total), format_bytes(free), root)
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The operating-system error (disk full, I/O error, no permission) behind a failed write, if
+    that is what it was: the exception itself, the OSError torch.save met writing to a Python file
+    (the context of its RuntimeError), or the `os error N` that safetensors names in its message."""
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: not a write error
+        return None
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(exc))):
+        code = int(found[1])
+        return OSError(code, os.strerror(code))
+    return None
 
 
 # --------------------------------------------------------------------------------------- timer

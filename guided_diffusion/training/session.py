@@ -82,7 +82,8 @@ class Outputs:
 
 def new_progress() -> dict:
     """The counters a checkpoint carries from session to session."""
-    return {"best_loss": math.inf, "best_step": 0, "bad_total": 0, "bad_in_row": 0, "elapsed_s": 0.0}
+    return {"best_loss": math.inf, "best_step": 0, "bad_total": 0, "bad_in_row": 0, "overflow_steps": 0,
+            "elapsed_s": 0.0}
 
 
 @dataclass
@@ -152,13 +153,15 @@ def restore(r: Session, resume: TrainingCheckpoint) -> None:
 
 
 def save(r: Session, done: int) -> Path:
-    """Rank 0: checkpoint the state after `done` steps, flush the logs, redraw loss.png.
+    """Rank 0: checkpoint the state after `done` steps (now `r.last_ckpt`), flush the logs, redraw loss.png.
 
     EMA weights are saved in train.save_dtype. The run's final checkpoint, with train.final_optimizer
     false, leaves out the optimizer state and saves the model weights in save_dtype too.
     """
     s, tc = r.s, r.s.cfg.train
     slim = done == s.total_steps and not tc.final_optimizer
+    r.progress["elapsed_s"] += time.perf_counter() - r.accounted_at
+    r.accounted_at = time.perf_counter()
     train_state = {
         "step": done, "epoch": done // s.steps_per_epoch, "batch_in_epoch": done % s.steps_per_epoch,
         "optimizer": None if slim else r.optimizer.state_dict(), "scaler": r.scaler.state_dict() if r.scaler else None,
@@ -166,8 +169,9 @@ def save(r: Session, done: int) -> Path:
         "rng": capture_rng_state(), "progress": dict(r.progress), "num_images": len(s.images),
         "dataset": s.dataset, "world_size": r.dist.world_size, "torch_version": str(torch.__version__),
     }
-    path = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state, tc.keep_last,
-                           model_dtype=tc.save_dtype if slim else "fp32", ema_dtype=tc.save_dtype)
+    path = r.last_ckpt = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state,
+                                         tc.keep_last, model_dtype=tc.save_dtype if slim else "fp32",
+                                         ema_dtype=tc.save_dtype)
     r.save_timer.reset()
     r.outputs.log_csv.flush()
     r.outputs.stats_csv.flush()

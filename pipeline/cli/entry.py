@@ -13,6 +13,7 @@ from typing import TypeVar
 from guided_diffusion.errors import DiffusionSettingError
 from pipeline.common.config import Config, load_config
 from pipeline.common.errors import UserError
+from pipeline.common.interrupts import TrainingInterrupted
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -36,7 +37,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def cli_entry(func: F) -> F:
     """Wrap a console-script `main`: a user error (ours or the diffusion core's) → `error: …` on
-    stderr, exit 2, no traceback."""
+    stderr, exit 2, no traceback; a run stopped by a signal (`TrainingInterrupted`) → its message
+    on stderr, exit 128 + the signal's number (130 SIGINT, 143 SIGTERM)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -46,6 +48,9 @@ def cli_entry(func: F) -> F:
         except (UserError, DiffusionSettingError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        except TrainingInterrupted as exc:  # stopped cleanly by SIGINT/SIGTERM: say what was saved
+            print(exc, file=sys.stderr)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             sys.exit(130)

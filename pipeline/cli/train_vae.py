@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                   stop=stop)
         except TrainingInterrupted as exc:
             print(f"{exc}; continue with: train-vae --out {out} --resume", file=sys.stderr)
-            return stop.exit_code()
+            return exc.exit_code
     print(f"wrote {out / 'vae.keras'} (best), {out / 'last.keras'}, log.csv, loss.png and samples/ in {out}")
     return 0
 

@@ -96,6 +96,7 @@ class TrainConfig:
     save_every_minutes: float = 0.0  # also save at the first step this long after the last save; 0 → off
     save_dtype: str = "fp32"  # fp32 | fp16 | bf16: the EMA weight files (model and optimizer stay fp32)
     final_optimizer: bool = True  # false → the run's last checkpoint drops the optimizer state, model in save_dtype
+    on_save_error: str = "stop"  # a save failed (disk full, I/O error): stop | warn (keep training, retry at the next save)
     sample_count: int = 16
     sample_steps: int = 25  # DDIM steps for the periodic sample grid
     seed: int = 0

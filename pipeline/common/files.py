@@ -38,12 +38,17 @@ def save_figure_atomic(fig, path: str | Path, dpi: int) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a small text file via a synced temp file and `os.replace` (never half-written)."""
+    """Write a small text file via a synced temp file and `os.replace` (never half-written; the
+    temp file is removed when writing fails, e.g. on a full disk)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def prepare_out_dir(path: str | Path, overwrite: bool) -> Path:

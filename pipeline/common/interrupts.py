@@ -19,7 +19,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingInterrupted(Exception):
-    """A run stopped early because a `GracefulStop` recorded a signal; the message says what was saved."""
+    """A run stopped early because a `GracefulStop` recorded signal `signum`; the message says what
+    was saved. Console scripts print the message and exit with `exit_code` (128 + signum)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class GracefulStop:
