@@ -27,10 +27,10 @@ from guided_diffusion.training.checkpoint import (
     load_for_inference,
     load_training_checkpoint,
     save_checkpoint,
-    warn_lossy_resume,
 )
 from guided_diffusion.training.ema import EMA
 from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.resume import warn_lossy_resume
 from guided_diffusion.training.save_policy import SaveTimer, estimate_size
 from pipeline.cli.train_diffusion import main
 from pipeline.common.config import Config, config_from_dict

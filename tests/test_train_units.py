@@ -16,7 +16,6 @@ from guided_diffusion.training.checkpoint import (
     load_for_inference,
     load_training_checkpoint,
     read_train_state,
-    resume_differences,
     save_checkpoint,
 )
 from guided_diffusion.training.distributed import Dist
@@ -24,6 +23,7 @@ from guided_diffusion.training.ema import EMA, ema_decay, ema_file_name
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.loop import batch_indices, total_steps
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
+from guided_diffusion.training.resume import resume_differences
 from guided_diffusion.training.stats import ACT_EPS, ActivationProbe, block_grad_norms, named_blocks
 from guided_diffusion.training.step import check_batching, forward_backward, resolve_precision
 from pipeline.common.batches import iterate_batches

@@ -20,7 +20,7 @@ Model weights and optimizer state are fp32, so a resume is bit-exact for them; t
 in train.save_dtype (fp16/bf16 halve them, and a resume continues the EMAs from the rounded
 values). A run's final checkpoint with train.final_optimizer false has no optimizer state
 (`"optimizer": None`) and its model weights in save_dtype too: made for sampling and sharing, it
-still resumes, with fresh AdamW moments (`warn_lossy_resume` says so).
+still resumes, with fresh AdamW moments (`resume.warn_lossy_resume` says so).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from safetensors.torch import load_file, save_file
 
 from guided_diffusion.training.ema import ema_file_name
 from guided_diffusion.training.save_policy import (
-    SAVE_DTYPES,
     CheckpointSize,
     cast_floats,
     estimate_size,
@@ -49,7 +48,7 @@ from guided_diffusion.training.save_policy import (
     os_error_behind,
     warn_if_short_of_space,
 )
-from pipeline.common.config import Config, config_to_dict, dump_config, load_config
+from pipeline.common.config import Config, dump_config, load_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import fsync_file, sha256_file, write_text_atomic
 
@@ -62,17 +61,6 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 HASHES_FILE = "hashes.json"
 HASHES_BYTES = 512  # about the size of hashes.json (for size estimates)
-
-# Settings a resumed run must share with its checkpoint: they define the network, the diffusion
-# process, or the data order. Everything else in `train` (limits, lr, logging …) may change.
-RESUME_FIXED = (
-    "model.", "diffusion.", "data.image_size", "data.channels", "data.seed", "data.synthetic_count",
-    "data.synthetic_defects", "data.hflip", "train.batch_size", "train.seed", "train.ema_rates",
-)
-RESUME_DATA = ("data.seed", "data.synthetic_count", "data.synthetic_defects")  # the dataset: free with data.allow_change
-RESUME_IGNORED = ("vae.", "generate.", "circularity.")
-RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the same arithmetic
-
 
 def step_dir_name(step: int) -> str:
     """`step_0001000` for step 1000."""
@@ -316,51 +304,6 @@ def load_training_checkpoint(ckpt_dir: Path) -> TrainingCheckpoint:
     for rate in cfg.train.ema_rates:
         emas[float(rate)], _ = read_weights(ckpt_dir, ema_file_name(rate))
     return TrainingCheckpoint(ckpt_dir, cfg, model_state, emas, read_train_state(ckpt_dir))
-
-
-def warn_lossy_resume(ckpt: TrainingCheckpoint) -> None:
-    """Log what a resume from `ckpt` cannot restore exactly: weights saved in half precision, or
-    no optimizer state (a final checkpoint of train.final_optimizer false)."""
-    names = {dtype: name for name, dtype in SAVE_DTYPES.items()}
-
-    def half(state: dict[str, torch.Tensor]) -> str | None:
-        dtypes = {names.get(v.dtype, str(v.dtype)) for v in state.values() if v.is_floating_point()} - {"fp32"}
-        return ", ".join(sorted(dtypes)) or None
-
-    emas = {half(s) for s in ckpt.ema_states.values()} - {None}
-    if emas:
-        log.warning("resuming: the EMA weights of %s are saved in %s; the EMAs continue from those rounded values",
-                    ckpt.path, ", ".join(sorted(emas)))
-    if half(ckpt.model_state):
-        log.warning("resuming: the model weights of %s are saved in %s; training continues from those rounded "
-                    "values", ckpt.path, half(ckpt.model_state))
-    if ckpt.train_state.get("optimizer") is None:
-        log.warning("resuming: %s has no optimizer state (saved with train.final_optimizer false); AdamW starts "
-                    "with fresh moments, so the run is not bit-exact from here", ckpt.path)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
-    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'.
-    With `new.data.allow_change` the keys that define the dataset (RESUME_DATA) are free."""
-    old, cur = _flatten(config_to_dict(saved)), _flatten(config_to_dict(new))
-    free_keys = RESUME_FREE + (RESUME_DATA if new.data.allow_change else ())
-    fixed, free = [], []
-    for key in cur:
-        if old.get(key) == cur[key] or key.startswith(RESUME_IGNORED):
-            continue
-        line = f"{key}: {old.get(key)!r} → {cur[key]!r}"
-        (fixed if key.startswith(RESUME_FIXED) and key not in free_keys else free).append(line)
-    return fixed, free
 
 
 def load_for_inference(run_or_ckpt_dir: str | Path, ema_rate: float | None = None,

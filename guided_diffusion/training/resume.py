@@ -1,4 +1,5 @@
-"""`--resume` past damage: the newest complete checkpoint of a run, falling back to older ones.
+"""`--resume`: the newest complete checkpoint of a run, falling back past damage to older ones,
+and the rules of what a resumed run may change (RESUME_FIXED, resume_differences).
 
 A checkpoint is complete when its `hashes.json` is there and every file it lists is present,
 matches its sha256 and parses (config, model and EMA weights, `state.pt`). The newest is the one
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from guided_diffusion.training.checkpoint import (
     CHECKPOINTS,
     HASHES_FILE,
@@ -23,9 +26,21 @@ from guided_diffusion.training.checkpoint import (
     load_training_checkpoint,
     step_dirs,
 )
+from guided_diffusion.training.save_policy import SAVE_DTYPES
+from pipeline.common.config import Config, config_to_dict
 from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# Settings a resumed run must share with its checkpoint: they define the network, the diffusion
+# process, or the data order. Everything else in `train` (limits, lr, logging …) may change.
+RESUME_FIXED = (
+    "model.", "diffusion.", "data.image_size", "data.channels", "data.seed", "data.synthetic_count",
+    "data.synthetic_defects", "data.hflip", "train.batch_size", "train.seed", "train.ema_rates",
+)
+RESUME_DATA = ("data.seed", "data.synthetic_count", "data.synthetic_defects")  # the dataset: free with data.allow_change
+RESUME_IGNORED = ("vae.", "generate.", "circularity.")
+RESUME_FREE = ("model.use_checkpoint",)  # memory only: the same weights, the same arithmetic
 
 
 def _step(name: str) -> int | None:
@@ -86,3 +101,51 @@ def load_resumable(run_dir: str | Path) -> TrainingCheckpoint:
         root = Path(run_dir) / CHECKPOINTS
         raise UserError(f"no checkpoint found in {run_dir} (expected {root}/step_XXXXXXX/)")
     raise UserError(f"cannot resume {run_dir}: no complete checkpoint ({'; '.join(why for _, why in damaged)})")
+
+
+# ------------------------------------------------------------------------------ resume rules
+
+
+def warn_lossy_resume(ckpt: TrainingCheckpoint) -> None:
+    """Log what a resume from `ckpt` cannot restore exactly: weights saved in half precision, or
+    no optimizer state (a final checkpoint of train.final_optimizer false)."""
+    names = {dtype: name for name, dtype in SAVE_DTYPES.items()}
+
+    def half(state: dict[str, torch.Tensor]) -> str | None:
+        dtypes = {names.get(v.dtype, str(v.dtype)) for v in state.values() if v.is_floating_point()} - {"fp32"}
+        return ", ".join(sorted(dtypes)) or None
+
+    emas = {half(s) for s in ckpt.ema_states.values()} - {None}
+    if emas:
+        log.warning("resuming: the EMA weights of %s are saved in %s; the EMAs continue from those rounded values",
+                    ckpt.path, ", ".join(sorted(emas)))
+    if half(ckpt.model_state):
+        log.warning("resuming: the model weights of %s are saved in %s; training continues from those rounded "
+                    "values", ckpt.path, half(ckpt.model_state))
+    if ckpt.train_state.get("optimizer") is None:
+        log.warning("resuming: %s has no optimizer state (saved with train.final_optimizer false); AdamW starts "
+                    "with fresh moments, so the run is not bit-exact from here", ckpt.path)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_differences(saved: Config, new: Config) -> tuple[list[str], list[str]]:
+    """(fixed keys that differ → cannot resume, other differing keys), each as 'key: old → new'.
+    With `new.data.allow_change` the keys that define the dataset (RESUME_DATA) are free."""
+    old, cur = _flatten(config_to_dict(saved)), _flatten(config_to_dict(new))
+    free_keys = RESUME_FREE + (RESUME_DATA if new.data.allow_change else ())
+    fixed, free = [], []
+    for key in cur:
+        if old.get(key) == cur[key] or key.startswith(RESUME_IGNORED):
+            continue
+        line = f"{key}: {old.get(key)!r} → {cur[key]!r}"
+        (fixed if key.startswith(RESUME_FIXED) and key not in free_keys else free).append(line)
+    return fixed, free

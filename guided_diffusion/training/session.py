@@ -20,7 +20,6 @@ from guided_diffusion.training.checkpoint import (
     capture_rng_state,
     restore_rng_state,
     save_checkpoint,
-    warn_lossy_resume,
 )
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.ema import EMA
@@ -33,6 +32,7 @@ from guided_diffusion.training.logs import (
     plot_losses,
 )
 from guided_diffusion.training.memory_plan import Plan, Settings
+from guided_diffusion.training.resume import warn_lossy_resume
 from guided_diffusion.training.save_policy import SaveTimer
 from guided_diffusion.training.step import autocast_for, grad_scaler_for
 from pipeline.common.config import Config

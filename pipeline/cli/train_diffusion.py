@@ -21,16 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from guided_diffusion.training.checkpoint import (
-    RESUME_DATA,
-    TrainingCheckpoint,
-    latest_checkpoint,
-    resume_differences,
-)
+from guided_diffusion.training.checkpoint import TrainingCheckpoint, latest_checkpoint
 from guided_diffusion.training.distributed import init_distributed
 from guided_diffusion.training.loop import prepare, train
 from guided_diffusion.training.memory_plan import format_plan, plan_for_gpu
-from guided_diffusion.training.resume import load_resumable
+from guided_diffusion.training.resume import RESUME_DATA, load_resumable, resume_differences
 from guided_diffusion.training.session import Setup
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config, load_config
