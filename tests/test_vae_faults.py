@@ -128,6 +128,7 @@ def test_an_interrupt_mid_epoch_saves_that_step_and_resumes_exactly(reference, t
            {k: ref[1][k] for k in ref[1] if k.startswith("val_") or k == "lr"}
 
 
+@pytest.mark.slow  # ~25 s; the default run has the diffusion trainer's second-signal test
 def test_a_second_signal_aborts_at_once_and_keeps_the_last_complete_save(tmp_path, monkeypatch, capsys):
     """The second SIGINT lands while the first one's checkpoint is being written."""
     from vae.model import IrisVAE
