@@ -157,6 +157,7 @@ def _full_disk(path) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.slow  # ~30 s; the default run has train-diffusion's injected-ENOSPC tests
 def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
     """The disk fills while last.keras of epoch 1 is written: one line naming the sizes, the old file kept."""
     from vae.model import IrisVAE
@@ -210,7 +211,8 @@ def test_resume_refuses_a_changed_number_of_batches_per_epoch(reference, tmp_pat
     assert code == 2 and "vae.batch_size" in err.strip().splitlines()[-1], err
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~30 s each: a real train-vae process; the default run signals train-diffusion's
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_command_stops_it_after_saving(reference, tmp_path, capsys, signum):
     """A real `train-vae` process, signalled once its first epoch's sample grid is written: exit 128 + signum, a whole
     last.keras where it says, and (checked once) a resume that ends on the uninterrupted weights."""
