@@ -16,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from guided_diffusion.timestep_sampler import create_timestep_sampler
@@ -32,34 +31,23 @@ from guided_diffusion.training.ema import EMA
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.resume import warn_lossy_resume
 from guided_diffusion.training.save_policy import SaveTimer, estimate_size
-from pipeline.cli.train_diffusion import main
 from pipeline.common.config import Config, config_from_dict
+from tests.test_train_cli import TINY, run
+from tests.test_train_cli import write_config as write_tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {
-    "data": {"image_size": 16, "synthetic_count": 24},
-    "model": {"model_channels": 16, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": [8],
-              "num_head_channels": 16},
-    "diffusion": {"steps": 50, "noise_schedule": "cosine", "timestep_sampler": "loss_aware"},
-    "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "ema_rates": [0.99, 0.9], "log_every": 1,
-              "save_every": 3, "keep_last": 0, "sample_every": 100, "stats_every": 100, "sample_count": 2,
-              "sample_steps": 3},
-}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def tiny_sections(**train) -> dict:
+    """tests/test_train_cli.py's tiny config, loss-aware, every checkpoint kept, with `train` settings."""
+    return {"diffusion": {"timestep_sampler": "loss_aware"},
+            "train": {"keep_last": 0, "stats_every": 100, **train}}
+
+
 def write_config(tmp_path: Path, **train) -> Path:
-    cfg = {**TINY, "train": {**TINY["train"], **train}}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run(*argv: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--device", "cpu"])
-    return exc.value.code
+    return write_tiny_config(tmp_path, **tiny_sections(**train))
 
 
 def size(path: Path) -> int:
@@ -67,7 +55,8 @@ def size(path: Path) -> int:
 
 
 def tiny_cfg(**train) -> Config:
-    return config_from_dict({**TINY, "train": {**TINY["train"], **train}})
+    sections = tiny_sections(**train)
+    return config_from_dict({k: {**v, **sections.get(k, {})} for k, v in TINY.items()})
 
 
 def tiny_state(cfg: Config) -> tuple[torch.nn.Module, EMA, dict]:

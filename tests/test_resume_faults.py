@@ -13,24 +13,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from guided_diffusion.training.checkpoint import load_for_inference
-from pipeline.cli.train_diffusion import main
 from pipeline.common.config import DataConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import sha256_file
 from pipeline.data.fingerprint import dataset_changes, dataset_fingerprint
-
-TINY = {
-    "data": {"image_size": 16, "synthetic_count": 24},
-    "model": {"model_channels": 16, "num_res_blocks": 1, "channel_mult": [1, 2], "attention_resolutions": [8],
-              "num_head_channels": 16},
-    "diffusion": {"steps": 50, "noise_schedule": "cosine"},
-    "train": {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "ema_rates": [0.99, 0.9], "log_every": 1,
-              "save_every": 3, "sample_every": 100, "stats_every": 100, "sample_count": 2, "sample_steps": 3},
-}
+from tests.test_train_cli import run
+from tests.test_train_cli import write_config as write_tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,17 +34,8 @@ def one_thread():
 
 
 def write_config(folder: Path, **data) -> Path:
-    cfg = {k: dict(v) for k, v in TINY.items()}
-    cfg["data"].update(data)
-    path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def run(*argv: str) -> int:
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--device", "cpu"])
-    return exc.value.code
+    """The tiny config of tests/test_train_cli.py with these `data` settings (no health probes)."""
+    return write_tiny_config(folder, data=data, train={"stats_every": 100})
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
