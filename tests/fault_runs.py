@@ -4,9 +4,7 @@ the checks of a run directory (latest checkpoint, leftover temp files, bit-ident
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from pipeline.cli.train_diffusion import main
+from tests.test_train_processes import ENV, REPO, command
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 STEPS = 20
 
 # Tiny enough that a step takes a few hundredths of a second; dropout and the loss-aware sampler
@@ -41,10 +38,6 @@ def write_config(directory: Path, **train) -> Path:
     path = directory / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli.train_diffusion", *args, "--device", "cpu"]
 
 
 def start(*args: str) -> subprocess.Popen:
