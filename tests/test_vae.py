@@ -270,3 +270,27 @@ def test_fitted_prior_drives_sampling_and_survives_saving(tmp_path):
     reset_prior(vae)
     plain = np_(vae.decoder(prior_latents(6, 3, seed=4))).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(sample_priors(vae, 3, seed=4), plain, atol=1e-5)
+
+
+def test_validation_elbo_is_a_sampled_estimate():
+    """evaluate()'s elbo (what fit logs as val_elbo) decodes z = mean + σ·ε with ε from the fixed
+    validation seed, as training samples z; it is not the posterior-mean reconstruction's value."""
+    from pipeline.data.synthetic import generate_irises
+    from vae.model import VALIDATION_NOISE_SEED
+
+    vae = IrisVAE(**TINY)
+    vae.compile(optimizer=keras.optimizers.Adam(1e-3))
+    logvar_bias = vae.encoder.get_layer("z_logvar").bias  # wide posteriors, so that sampling matters
+    logvar_bias.assign(np.full(logvar_bias.shape, 3.0, np.float32))
+    images, _ = generate_irises(32, 32, seed=5)
+    x = np.moveaxis(images, 1, -1)
+    logged = vae.evaluate(x, batch_size=32, return_dict=True, verbose=0)["elbo"]
+    mean, logvar = encode(vae, images)
+    kl = np_(kl_per_dim(mean, logvar)).sum(axis=-1)
+
+    def elbo(z: np.ndarray) -> float:  # batch mean of the squared error summed over pixels + KL
+        return float((((x - np_(vae.decode(z.astype(np.float32)))) ** 2).sum(axis=(1, 2, 3)) + kl).mean())
+
+    eps = np_(keras.random.normal(mean.shape, seed=VALIDATION_NOISE_SEED))
+    assert logged == pytest.approx(elbo(mean + np.exp(0.5 * logvar) * eps), rel=1e-5)
+    assert logged != pytest.approx(elbo(mean), rel=1e-3)

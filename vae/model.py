@@ -20,6 +20,9 @@ from pipeline.common.errors import UserError
 from vae.losses import RECON_LOSSES, kl_per_dim, kl_with_free_bits, reconstruction_loss
 
 NORMS = ("group", "batch")
+# Validation draws its latent noise from this fixed seed (not the training stream), so every epoch's
+# val_ figures use the same noise, are comparable, and leave a resumed run's training noise alone.
+VALIDATION_NOISE_SEED = 1234
 
 
 def _norm(kind: str, channels: int, name: str) -> layers.Layer:
@@ -133,7 +136,9 @@ class IrisVAE(keras.Model):
     """Encoder + reparameterised latent + decoder, trained with reconstruction + β·KL.
 
     `call(x, training)` returns (reconstruction, mean, logvar); the latent is sampled when
-    training and equals the mean otherwise (deterministic reconstructions).
+    training and equals the mean otherwise (deterministic reconstructions). The loss (and so the
+    logged elbo, val_elbo, recon, val_recon) always uses a sampled latent: validation decodes
+    mean + σ·ε with ε from the fixed VALIDATION_NOISE_SEED, an unbiased one-sample ELBO estimate.
     """
 
     def __init__(self, image_size: int = 64, channels: int = 1, latent_dim: int = 64,
@@ -185,6 +190,9 @@ class IrisVAE(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         recon, mean, logvar = y_pred
+        if not training:  # validation: the same ELBO estimate as training, z sampled (from fixed noise)
+            eps = keras.random.normal(ops.shape(mean), seed=VALIDATION_NOISE_SEED)
+            recon = self.decoder(mean + ops.exp(0.5 * logvar) * eps, training=False)
         rec = ops.mean(reconstruction_loss(x, recon, self.recon_loss))
         kl_dims = kl_per_dim(mean, logvar)
         kl = ops.mean(ops.sum(kl_dims, axis=-1))
