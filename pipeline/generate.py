@@ -3,7 +3,9 @@
 The Python API is `generate(...)`, returning arrays and metadata, and `write_generation`; the
 console script is `pipeline.cli.generate`.
 Priors are made first (Keras/TensorFlow), handed over as NumPy arrays, then denoised with PyTorch,
-so the two frameworks meet only at NumPy.
+so the two frameworks meet only at NumPy. Priors of another size or channel count than the diffusion
+model (a 64 px VAE seeding a 128 px model) are fitted to it by `pipeline.common.resize.fit_priors`,
+and what was done is recorded in the metadata under prior.resized.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
 from pipeline.common.images import make_grid, write_png
+from pipeline.common.resize import describe_fit, fit_priors
 from pipeline.common.seeding import describe, numpy_stream, stream_seed
 
 log = logging.getLogger(__name__)
@@ -102,12 +105,22 @@ def _image_files(folder: str, n: int) -> list[Path]:
     return files
 
 
-def _image_priors(folder: str, files: list[Path], indices: list[int],
-                  shape: tuple[int, int, int]) -> tuple[np.ndarray, dict]:
-    from pipeline.data.folders import read_image
+def _image_priors(folder: str, files: list[Path], indices: list[int], channels: int) -> tuple[np.ndarray, dict]:
+    """Files `indices` at their own size with `channels` channels; UserError unless they share one size."""
+    from pipeline.data.folders import read_image_native
 
-    priors = np.stack([read_image(files[i], shape[1], shape[0]) for i in indices])
-    return priors, {"folder": folder, "files": [str(f) for f in files]}
+    priors = [read_image_native(files[i], channels) for i in indices]
+    odd = next((k for k, img in enumerate(priors) if img.shape != priors[0].shape), None)
+    if odd is not None:
+        raise UserError("prior images must all have one size: "
+                        f"{_sized(files[indices[0]], folder, priors[0])}, {_sized(files[indices[odd]], folder, priors[odd])}")
+    return np.stack(priors), {"folder": folder, "files": [str(f) for f in files]}
+
+
+def _sized(path: Path, folder: str, img: np.ndarray) -> str:
+    """'a.png is 64x64' (width x height; the path relative to the prior folder)."""
+    name = path.relative_to(folder) if path.is_relative_to(folder) else path
+    return f"{name} is {img.shape[2]}x{img.shape[1]}"
 
 
 def _check_indices(indices: Sequence[int] | None, n: int) -> list[int]:
@@ -142,14 +155,16 @@ def generate(
     """Generate `cfg.generate.n` images with the diffusion checkpoint in `diffusion_dir`.
 
     `source` is "vae" (priors sampled from the VAE at `vae_path`), "images" (priors read from
-    `images_dir`) or "noise" (the vanilla pure-noise path). Priors are noised to the kept step
-    nearest `strength · T` (T the model's training steps) and denoised from there with t_start + 1
-    network evaluations; strength 0 returns the priors unchanged and strength 1 starts from pure
-    noise (identical to `source="noise"` with the same seed). Image i's randomness comes only from
-    its own (seed, i, purpose) streams (pipeline/common/seeding.py), so `indices` re-makes some
-    images of the run alone (up to the float rounding of a different batch size). With
-    `interpolate` every frame shares image 0's diffusion noise, so neighbouring frames differ only
-    through their priors.
+    `images_dir`, files of one size) or "noise" (the vanilla pure-noise path). Priors of another
+    size or channel count than the model are fitted to it first (`fit_priors`: area when
+    shrinking, cubic when enlarging; recorded as metadata["prior"]["resized"]). They are noised to
+    the kept step nearest `strength · T` (T the model's training steps) and denoised from there
+    with t_start + 1 network evaluations; strength 0 returns the fitted priors unchanged and
+    strength 1 starts from pure noise (identical to `source="noise"` with the same seed). Image
+    i's randomness comes only from its own (seed, i, purpose) streams
+    (pipeline/common/seeding.py), so `indices` re-makes some images of the run alone (up to the
+    float rounding of a different batch size). With `interpolate` every frame shares image 0's
+    diffusion noise, so neighbouring frames differ only through their priors.
     """
     import torch
 
@@ -193,16 +208,15 @@ def generate(
         files = _image_files(str(images_dir), gen.n)
         n = len(files)
         indices = _check_indices(indices, n)
-        priors, prior_info = _image_priors(str(images_dir), files, indices, shape)
+        priors, prior_info = _image_priors(str(images_dir), files, indices, shape[0])
     else:
         n = gen.n
         indices = _check_indices(indices, n)
+    if priors is not None:
+        priors, prior_info["resized"] = fit_priors(priors, shape)
+        if prior_info["resized"]["from"] != prior_info["resized"]["to"]:
+            log.info("priors %s", describe_fit(prior_info["resized"]))
     prior_seconds = time.perf_counter() - t_prior
-    if priors is not None and tuple(priors.shape[1:]) != shape:
-        raise UserError(
-            f"prior images are {tuple(priors.shape[1:])} (C, H, W) but the diffusion model expects {shape}; "
-            "train both stages at the same data.image_size and data.channels"
-        )
     batch_size = gen.batch_size or (64 if torch_device.type == "cuda" else 16)
     net = model if precision == "fp32" else with_autocast(model, autocast_for(precision, torch_device))
     keys = [0 if interpolate else i for i in indices]  # whose noise streams each image uses

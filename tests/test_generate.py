@@ -100,14 +100,25 @@ def test_batching_does_not_change_ddim_images(models):
     np.testing.assert_allclose(one.images, three.images, atol=1e-5)
 
 
-def test_size_mismatch_between_vae_and_diffusion(models, tmp_path):
+def test_a_smaller_vae_seeds_the_model_through_fit_priors(models, tmp_path):
+    """Issue 18: a 16 px VAE seeds the 32 px model; at strength 0 the result is its priors, enlarged."""
+    import cv2
+
+    from pipeline.common.resize import fit_priors
+
     root, cfg = models
     small = load_config(None, [*TINY, "data.image_size=16"])
     vae_train.train(small, partial(load_image_array, small.data), tmp_path / "vae16", verbose=0)
-    cfg16 = load_config(None, [*TINY, "generate.n=2", "generate.steps=5"])
-    with pytest.raises(gen_mod.UserError, match="expects"):
-        gen_mod.generate(cfg16, root / "diffusion", source="vae", vae_path=tmp_path / "vae16" / "vae.keras",
-                         device="cpu", progress=False)
+    cfg16 = load_config(None, [*TINY, "generate.n=2", "generate.steps=5", "generate.strength=0"])
+    result = gen_mod.generate(cfg16, root / "diffusion", source="vae", vae_path=tmp_path / "vae16" / "vae.keras",
+                              device="cpu", progress=False)
+    native, _ = gen_mod._vae_priors(str(tmp_path / "vae16" / "vae.keras"), cfg16.generate, [0, 1], False, "auto")
+    assert native.shape == (2, 1, 16, 16) and result.images.shape == (2, 1, 32, 32)
+    np.testing.assert_array_equal(result.images, fit_priors(native, (1, 32, 32))[0])
+    by_cv2 = [np.clip(cv2.resize(p[0], (32, 32), interpolation=cv2.INTER_CUBIC), -1, 1) for p in native]
+    np.testing.assert_allclose(result.images[:, 0], np.stack(by_cv2), atol=1e-6)
+    assert result.metadata["prior"]["resized"] == {"from": [1, 16, 16], "to": [1, 32, 32], "method": "cubic",
+                                                   "channels": "kept"}
 
 
 @pytest.mark.parametrize("extra, message", [

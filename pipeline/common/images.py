@@ -1,4 +1,4 @@
-"""Pixel conventions in one place: float32 [-1, 1] ↔ uint8/uint16, NCHW ↔ NHWC, PNG I/O, grids."""
+"""Pixel conventions in one place: float32 [-1, 1] ↔ uint8/uint16, NCHW ↔ NHWC, grey ↔ RGB, PNG I/O, grids."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from pipeline.common.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what image folders are scanned for
+LUMA_BT601 = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luminance weights of R, G, B
 
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -21,6 +22,16 @@ def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
 def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
     """(N, H, W, C) → (N, C, H, W)."""
     return np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+
+
+def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """Channels-last float image(s) (…, C) → (…, `channels`): grey → RGB by repeating, RGB → grey by
+    ITU-R BT.601 luminance; anything else is returned as it is (the same array)."""
+    if channels == 1 and img.shape[-1] == 3:
+        return (img @ LUMA_BT601)[..., None]
+    if channels == 3 and img.shape[-1] == 1:
+        return np.repeat(img, 3, axis=-1)
+    return img
 
 
 def to_unit(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipeline.common.config import DataConfig
 from pipeline.common.errors import UserError
-from pipeline.common.images import from_uint
+from pipeline.common.images import convert_channels, from_uint
 from pipeline.data.synthetic import iter_irises
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,7 @@ def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
     """HW/HWC float image → (channels, H, W): grey → replicated, RGB → luminance (ITU-R BT.601)."""
     if img.ndim == 2:
         img = img[:, :, None]
-    if channels == 1 and img.shape[2] == 3:
-        img = (img @ np.array([0.299, 0.587, 0.114], np.float32))[:, :, None]
-    elif channels == 3 and img.shape[2] == 1:
-        img = np.repeat(img, 3, axis=2)
-    return np.ascontiguousarray(np.transpose(img, (2, 0, 1)))
+    return np.ascontiguousarray(np.transpose(convert_channels(img, channels), (2, 0, 1)))
 
 
 def _resize_crop(img: np.ndarray, size: int, path: Path) -> np.ndarray:
@@ -106,6 +102,11 @@ def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     path = Path(path)
     img = from_uint(_decode(path))
     return _to_channels(_resize_crop(img, size, path), channels)
+
+
+def read_image_native(path: str | Path, channels: int) -> np.ndarray:
+    """One image file → (channels, H, W) float32 in [-1, 1] at the file's own size (no resize, no crop)."""
+    return _to_channels(from_uint(_decode(Path(path))), channels)
 
 
 def _check(data: DataConfig) -> None:
