@@ -8,19 +8,10 @@ import math
 
 import numpy as np
 
+from pipeline.check.stats import wilson_interval
 from pipeline.common.config import Config
 
 HELDOUT_SEED_OFFSET = 100_003  # held-out images: a seed far from the training data's
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% for the default z)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))  # rounding never excludes p
 
 
 def mean_pairwise_distance(x: np.ndarray) -> float:

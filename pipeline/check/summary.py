@@ -13,7 +13,13 @@ import numpy as np
 
 from pipeline.check.analyze import analyze_with_geometry, to_grey_unit
 from pipeline.check.folder import draw_overlay, read_image
-from pipeline.check.rules import METRICS, NO_IRIS, NO_PUPIL, rules_from_config
+from pipeline.check.rules import (
+    METRICS,
+    NO_IRIS,
+    NO_PUPIL,
+    round_pupil_without_bleed,
+    rules_from_config,
+)
 from pipeline.common.config import CircularityConfig
 
 PLOT_METRICS = (
@@ -44,6 +50,7 @@ def summarize(folder: Path, rows: list[dict], unreadable: list[dict], cfg: Circu
     """Counts, pass rate, per-metric statistics and failure reasons (the summary.json content)."""
     n = len(rows)
     passed = sum(bool(r["pass"]) for r in rows)
+    round_pupil = sum(round_pupil_without_bleed(r, cfg) for r in rows)
     reasons: dict[str, int] = {}
     for r in rows:
         if not r["pass"]:
@@ -59,6 +66,8 @@ def summarize(folder: Path, rows: list[dict], unreadable: list[dict], cfg: Circu
         "n_pass": passed,
         "n_fail": n - passed,
         "pass_rate": passed / n if n else 0.0,
+        "n_round_pupil": round_pupil,
+        "round_pupil_rate": round_pupil / n if n else 0.0,
         "pupil_found_rate": sum(bool(r["pupil_found"]) for r in rows) / n if n else 0.0,
         "iris_found_rate": sum(bool(r["iris_found"]) for r in rows) / n if n else 0.0,
         "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
@@ -136,6 +145,7 @@ def console_table(summaries: list[tuple[str, dict]]) -> str:
 
     row("images (unreadable)", [f"{s['n_analysed']} ({s['n_unreadable']})" for _, s in summaries])
     row("pass rate", [f"{100 * s['pass_rate']:.1f}%" for _, s in summaries])
+    row("round pupil, no bleed", [f"{100 * s['round_pupil_rate']:.1f}%" for _, s in summaries])
     row("pupil / iris found", [f"{100 * s['pupil_found_rate']:.0f}% / {100 * s['iris_found_rate']:.0f}%" for _, s in summaries])
     for m in TABLE_METRICS:
         row(f"median {m}", [_fmt(s["metrics"][m]["median"]) for _, s in summaries])
