@@ -35,10 +35,13 @@ import cv2
 import numpy as np
 
 from pipeline.common.images import from_uint, to_uint8
+from pipeline.data.synthetic import generate_irises
 
 MIN_CIRCULARITY = 0.9
 MIN_AXIS_RATIO = 0.85
 MAX_BLEED = 0.02
+DIVERSITY_TOLERANCE = 0.2  # priors' spread of pupil radius and pupil/iris ratio within 20 % of the training images'
+REFERENCE_SEED = 12345  # training-style images measured beside the priors
 NOT_FOUND = {"found": False, "circularity": 0.0, "axis_ratio": 0.0, "bleed": 1.0, "single": False, "passed": False}
 
 
@@ -152,24 +155,31 @@ def summarise(images: np.ndarray) -> dict:
 
 
 def circularity_check(images: np.ndarray) -> dict:
-    """The same images through the project's full check (`pipeline.check.analyze`, default thresholds)."""
+    """The images through the project's full check (`pipeline.check.analyze`, default thresholds):
+    the round-pupil-without-bleed rule and all rules, with Wilson 95 % intervals, the first failed
+    rule, and the spread (standard deviation) of the pupil radius and the pupil/iris ratio."""
     from pipeline.check.analyze import analyze_batch
     from pipeline.check.rules import round_pupil_without_bleed
+    from pipeline.check.stats import wilson_interval
     from pipeline.common.config import CircularityConfig
 
     cfg = CircularityConfig()
     rows = analyze_batch(images, cfg)
-    pupil_ok = [round_pupil_without_bleed(r, cfg) for r in rows]
+    n, pupil_ok, passed = len(rows), sum(round_pupil_without_bleed(r, cfg) for r in rows), sum(r["pass"] for r in rows)
     reasons = Counter(r["reason"].split(" ")[0] if r["reason"] else "pass" for r in rows)
-    return {"pass_rate_all_rules": float(np.mean([r["pass"] for r in rows])),
-            "round_pupil_no_bleed_rate": float(np.mean(pupil_ok)),
-            "first_failed_rule": dict(reasons.most_common())}
+
+    def spread(key: str) -> float:
+        values = np.array([r[key] for r in rows], np.float64)
+        return float(np.std(values[np.isfinite(values)])) if np.isfinite(values).sum() > 1 else float("nan")
+
+    return {"n": n, "round_pupil_no_bleed_rate": pupil_ok / n, "round_pupil_no_bleed_ci95": wilson_interval(pupil_ok, n),
+            "pass_rate_all_rules": passed / n, "all_rules_ci95": wilson_interval(passed, n),
+            "first_failed_rule": dict(reasons.most_common()),
+            "pupil_r_std_px": spread("pupil_r"), "pupil_iris_ratio_std": spread("pupil_iris_ratio")}
 
 
 def calibrate(n: int, size: int, channels: int) -> dict:
     """The measure on clean training-style images and on labelled defects (per defect kind)."""
-    from pipeline.data.synthetic import generate_irises
-
     clean, _ = generate_irises(n, size, seed=12345, channels=channels)
     bad, records = generate_irises(n, size, seed=54321, channels=channels, defects=1.0)
     per_kind: dict[str, list[bool]] = {}
@@ -182,37 +192,101 @@ def calibrate(n: int, size: int, channels: int) -> dict:
             "defect_counts": dict(Counter(str(r["defect"]) for r in records))}
 
 
+def diversity(priors: dict, training: dict) -> dict:
+    """Spread of the priors over the spread of the training images (1 = as diverse), and whether
+    both lie within DIVERSITY_TOLERANCE of 1."""
+    ratios = {key: priors[key] / training[key] for key in ("pupil_r_std_px", "pupil_iris_ratio_std")}
+    return {**ratios, "within_tolerance": all(abs(r - 1) <= DIVERSITY_TOLERANCE for r in ratios.values())}
+
+
+def measure_route(vae_path: str, size: int | None, n: int, seed: int, temperature: float,
+                  references: dict[int, dict]) -> dict:
+    """One route: priors of the VAE at `vae_path`, resized to `size` (as `generate` does), measured."""
+    from pipeline.common.resize import fit_priors
+    from vae.priors import load_vae, sample_priors, vae_image_shape
+
+    vae = load_vae(vae_path)
+    channels, native, _ = vae_image_shape(vae)
+    size = size or native
+    t0 = time.perf_counter()
+    priors, resized = fit_priors(sample_priors(vae, n, seed, temperature=temperature), (channels, size, size))
+    sample_s = time.perf_counter() - t0
+    if size not in references:
+        clean, _ = generate_irises(n, size, seed=REFERENCE_SEED, channels=channels)
+        references[size] = circularity_check(clean)
+    check = circularity_check(priors)
+    return {"vae": str(vae_path), "route": f"{native} px VAE" + (f" resized to {size} px ({resized['method']})"
+                                                                  if size != native else ""),
+            "image_shape": [channels, size, size], "seed": seed, "temperature": temperature, "sampling_s": sample_s,
+            "circularity_check": check, "training_images": references[size],
+            "diversity_vs_training": diversity(check, references[size]),
+            "own_rule": summarise(priors), "priors": priors}
+
+
+def markdown_rows(results: list[dict]) -> str:
+    """One Markdown table row per route (the README's table)."""
+    def pct(rate: float, ci: list[float]) -> str:
+        return f"{100 * rate:.1f}% [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+
+    head = ("| route | N | round pupil, no bleed (check) | all rules (check) | training images: round / all "
+            "| spread vs training: pupil r / ratio | own looser rule |\n|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        c, t, d = r["circularity_check"], r["training_images"], r["diversity_vs_training"]
+        rows.append(f"| {r['route']} | {c['n']} | {pct(c['round_pupil_no_bleed_rate'], c['round_pupil_no_bleed_ci95'])} "
+                    f"| {pct(c['pass_rate_all_rules'], c['all_rules_ci95'])} "
+                    f"| {100 * t['round_pupil_no_bleed_rate']:.1f}% / {100 * t['pass_rate_all_rules']:.1f}% "
+                    f"| {d['pupil_r_std_px']:.2f}x / {d['pupil_iris_ratio_std']:.2f}x "
+                    f"| {100 * r['own_rule']['pass_rate']:.1f}% |")
+    return "\n".join([head, *rows]) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", required=True, help="a .keras VAE written by train-vae")
+    parser.add_argument("--vae", required=True, action="append",
+                        help="a .keras VAE written by train-vae; repeat to measure several routes")
+    parser.add_argument("--size", type=int, action="append",
+                        help="resize each VAE's priors to this size first, as generate does for a larger "
+                             "diffusion model (one per --vae, or one for all; default: the VAE's own size)")
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--calibrate", type=int, default=0, metavar="N")
-    parser.add_argument("--grid", help="also write the priors as a grid PNG here")
+    parser.add_argument("--grid", help="also write the first route's priors as a grid PNG here")
     parser.add_argument("--json", help="write the results here (also printed)")
+    parser.add_argument("--markdown", help="write the routes as a Markdown table here")
     args = parser.parse_args()
+    sizes = args.size or [None]
+    if len(sizes) not in (1, len(args.vae)):
+        parser.error("give --size once, or once per --vae")
+    sizes = sizes * len(args.vae) if len(sizes) == 1 else sizes
+
+    from results_io import machine_facts
 
     from pipeline.common.images import make_grid, write_png
-    from vae.priors import load_vae, sample_priors, vae_image_shape
 
-    vae = load_vae(args.vae)
-    channels, size, _ = vae_image_shape(vae)
-    t0 = time.perf_counter()
-    priors = sample_priors(vae, args.n, args.seed, temperature=args.temperature)
-    sample_s = time.perf_counter() - t0
-    result = {"vae": str(args.vae), "image_shape": [channels, size, size], "seed": args.seed,
-              "temperature": args.temperature, "sampling_s": sample_s, "priors": summarise(priors),
-              "circularity_check": circularity_check(priors),
-              "rule": f"found, circularity >= {MIN_CIRCULARITY}, axis ratio >= {MIN_AXIS_RATIO}, bleed <= {MAX_BLEED}, single dark blob"}
-    if args.calibrate:
-        result["calibration"] = calibrate(args.calibrate, size, channels)
+    references: dict[int, dict] = {}
+    results = [measure_route(path, size, args.n, args.seed, args.temperature, references)
+               for path, size in zip(args.vae, sizes, strict=True)]
     if args.grid:
-        write_png(args.grid, make_grid(priors[:64]))
+        write_png(args.grid, make_grid(results[0]["priors"][:64]))
+    for r in results:
+        del r["priors"]
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine_facts(), "routes": results,
+              "headline_rule": "circularity-check's round_pupil_without_bleed: pupil found, circularity >= 0.90, "
+                               "axis ratio >= 0.85, bleed <= 1 % (configs/circularity.yaml)",
+              "own_rule": f"this script's looser measure: found, circularity >= {MIN_CIRCULARITY}, axis ratio >= "
+                          f"{MIN_AXIS_RATIO}, bleed <= {MAX_BLEED}, single dark blob"}
+    if args.calibrate:
+        size = results[0]["image_shape"][1]
+        result["calibration"] = calibrate(args.calibrate, size, results[0]["image_shape"][0])
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_rows(results))
     print(text)
+    print(markdown_rows(results))
 
 
 if __name__ == "__main__":
