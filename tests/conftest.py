@@ -1,10 +1,12 @@
-"""Shared test settings: quiet TensorFlow, deterministic torch, small thread pools."""
+"""Shared test settings: quiet TensorFlow, deterministic torch, small thread pools. Keras runs on the
+backend the project picks (vae/__init__.py: torch unless KERAS_BACKEND says otherwise)."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import vae  # noqa: E402, F401  (picks Keras' backend before any test imports keras)
 
 import pytest  # noqa: E402
 
