@@ -1,5 +1,6 @@
 """iris-demo --quick end to end: every stage runs and the report shows both modes; --serve's parts."""
 
+import json
 import re
 import sys
 
@@ -27,12 +28,17 @@ def test_quick_demo_writes_report(quick_demo, capfd):
     out = quick_demo
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 5
-    rows = re.findall(r"<tr><td>(VAE-seeded|from noise)</td><td>(\d+)</td><td>([0-9.]+)</td>", report)
-    assert [(name, int(n)) for name, n, _ in rows] == [("VAE-seeded", 4), ("from noise", 4)]
-    assert all(0.0 <= float(rate) <= 1.0 for _, _, rate in rows)
+    rows = re.findall(r"<tr><td>(VAE priors|VAE-seeded|from noise)</td><td>(\d+)</td><td>([0-9.]+)% \[", report)
+    assert [(name, int(n)) for name, n, _ in rows] == [("VAE priors", 4), ("VAE-seeded", 4), ("from noise", 4)]
+    # the round-pupil rates agree with circularity-check's own summaries of the two folders
+    comparison = json.loads((out / "check" / "comparison.json").read_text())
+    rates = {name: float(rate) / 100 for name, _, rate in rows}
+    assert rates["VAE-seeded"] == pytest.approx(comparison["folder"]["round_pupil_rate"])
+    assert rates["from noise"] == pytest.approx(comparison["reference"]["round_pupil_rate"])
     headline = (out / "headline.md").read_text().splitlines()
-    assert headline[0].startswith("| images | n | pass rate") and headline[1].startswith("|---|")
-    assert [line.split(" | ")[0] for line in headline[2:]] == ["| VAE-seeded", "| from noise"]
+    assert headline[0].startswith("| images | n | round pupil, no bleed") and headline[1].startswith("|---|")
+    assert [line.split(" | ")[0] for line in headline[2:5]] == ["| VAE priors", "| VAE-seeded", "| from noise"]
+    assert "McNemar exact p =" in headline[-1]
     for path in ("vae/vae.keras", "diffusion/config.yaml", "from_vae/grid.png", "from_noise/metadata.json",
                  "check/comparison.json"):
         assert (out / path).exists(), path

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           [str(out / "from_vae"), "--reference", str(out / "from_noise"), "--out", str(out / "check"),
            "--overwrite", "--workers", "1", *common])
 
-    report, table = write_demo_report(out, cfg.data.image_size, cfg.data.channels, n, timings)
+    report, table, paired = write_demo_report(out, cfg.data.image_size, cfg.data.channels, n, timings, cfg.circularity)
     print(text_table(table))
+    print(paired)
     print(f"wrote {report} (headline.md, summary.png beside it)")
     return 0
