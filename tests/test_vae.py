@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,7 +18,7 @@ from keras import ops
 
 from pipeline.common.errors import UserError
 from vae.losses import kl_per_dim, kl_warmup_weight, kl_with_free_bits, reconstruction_loss
-from vae.model import IrisVAE, Sampling, build_vae, check_vae_matches
+from vae.model import GroupNormalization, IrisVAE, Sampling, build_vae, check_vae_matches
 from vae.priors import (
     encode,
     fit_latent_gaussian,
@@ -112,7 +118,7 @@ def test_model_shapes_for_each_size(size, channels, mult):
     assert np.all(np.abs(recon) <= 1.0)
     assert vae_image_shape(vae) == (channels, size, size)
     bottom = size // 2 ** len(mult)
-    assert vae.encoder.get_layer(f"enc{len(mult) - 1}_mix_conv").output.shape[1:3] == (bottom, bottom)
+    assert vae.encoder.get_layer("enc_nhwc").output.shape[1:3] == (bottom, bottom)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -139,6 +145,76 @@ def test_save_load_gives_identical_outputs(tiny_vae, saved_vae):
     for a, b in zip(tiny_vae(x), loaded(x), strict=True):
         np.testing.assert_array_equal(np_(a), np_(b))
     assert loaded.get_config()["channel_mult"] == TINY["channel_mult"]
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_fused_group_norm_equals_keras_group_norm(axis):
+    rng = np.random.default_rng(8)
+    x = rng.normal(1.5, 2.0, (3, 16, 5, 7) if axis == 1 else (3, 5, 7, 16)).astype(np.float32)
+    ours = GroupNormalization(groups=4, axis=axis, epsilon=1e-3)
+    keras_gn = keras.layers.GroupNormalization(groups=4, axis=axis, epsilon=1e-3)
+    ours.build(x.shape), keras_gn.build(x.shape)
+    weights = [rng.normal(size=16).astype(np.float32) for _ in range(2)]  # gamma, beta
+    ours.set_weights(weights), keras_gn.set_weights(weights)
+    expected = np_(keras_gn(x))
+    np.testing.assert_allclose(np_(ours(x)), expected, atol=1e-5)
+    assert ours.get_config() == {**keras_gn.get_config(), "name": ours.name}
+    if keras.backend.backend() == "torch" and axis == 1:  # NHWC memory in, NHWC memory out, same values
+        import torch
+
+        nhwc_memory = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        out = ours(nhwc_memory)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        np.testing.assert_allclose(np_(out), expected, atol=1e-5)
+
+
+OTHER_BACKEND = "tensorflow" if keras.backend.backend() == "torch" else "torch"
+
+
+@pytest.mark.skipif(importlib.util.find_spec(OTHER_BACKEND) is None, reason=f"{OTHER_BACKEND} not installed")
+def test_a_vae_saved_under_one_backend_loads_under_the_other(tmp_path):
+    """Each backend builds its own layout (channels-first on torch); the weights mean the same in both."""
+    rng = np.random.default_rng(9)
+    x = rng.uniform(-1, 1, (3, 32, 32, 1)).astype(np.float32)
+    z = rng.normal(size=(3, 6)).astype(np.float32)
+    np.savez(tmp_path / "inputs.npz", x=x, z=z)
+
+    def outputs(vae: IrisVAE) -> list[np.ndarray]:
+        return [*(np_(t) for t in vae.encoder(x)), np_(vae.decode(z))]
+
+    def randomised() -> IrisVAE:  # random norm scales and biases too, not just their initial 1 and 0
+        vae = IrisVAE(**TINY)
+        for w in vae.trainable_weights:
+            w.assign(np_(w) + 0.2 * rng.standard_normal(w.shape).astype(np.float32))
+        return vae
+
+    here = randomised()
+    here.save(tmp_path / "here.keras")
+    script = textwrap.dedent(f"""
+        import numpy as np, keras
+        from vae.model import IrisVAE
+        from vae.priors import load_vae
+        inputs = np.load({str(tmp_path / "inputs.npz")!r})
+        def outputs(vae):
+            return [*(keras.ops.convert_to_numpy(t) for t in vae.encoder(inputs["x"])),
+                    keras.ops.convert_to_numpy(vae.decode(inputs["z"]))]
+        np.savez({str(tmp_path / "loaded_there.npz")!r}, *outputs(load_vae({str(tmp_path / "here.keras")!r})))
+        there = IrisVAE(**{TINY!r})
+        rng = np.random.default_rng(10)
+        for w in there.trainable_weights:
+            w.assign(keras.ops.convert_to_numpy(w) + 0.2 * rng.standard_normal(w.shape).astype("float32"))
+        there.save({str(tmp_path / "there.keras")!r})
+        np.savez({str(tmp_path / "made_there.npz")!r}, *outputs(there))
+        print(keras.backend.backend(), "ok")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": OTHER_BACKEND, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and f"{OTHER_BACKEND} ok" in proc.stdout, proc.stderr[-3000:]
+    for name, vae in (("loaded_there", here), ("made_there", load_vae(tmp_path / "there.keras"))):
+        theirs = np.load(tmp_path / f"{name}.npz")
+        for i, ours in enumerate(outputs(vae)):  # mean, logvar, decoded image
+            np.testing.assert_allclose(ours, theirs[f"arr_{i}"], atol=1e-5, err_msg=name)
 
 
 def test_config_check_names_the_mismatch(tiny_vae):

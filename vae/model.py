@@ -1,10 +1,19 @@
 """The stage-1 VAE: convolutional encoder → (mean, log-variance) → sampled latent → decoder → tanh image.
 
-Built only from Keras layers and `keras.ops`, so it runs on the TensorFlow (default) and torch
-backends. Images are NHWC float32 in [-1, 1]. The encoder halves the image once per entry of
+Built from Keras layers and `keras.ops` (and one fused torch kernel, below), so it runs on the
+torch (default) and TensorFlow backends. Images are NHWC float32 in [-1, 1]. The encoder halves the image once per entry of
 `channel_mult` (two 3x3 convolutions per level, the first strided); the decoder mirrors it with
 nearest-neighbour upsampling. Training uses `model.fit`: `compute_loss` adds the reconstruction
 term and the KL term weighted by the non-trainable `kl_weight` (driven by a warm-up callback).
+
+Layout: the interface is NHWC on every backend, but the convolution stacks run in the backend's
+own layout (`network_data_format`, chosen when the model is built). On torch that is channels-first:
+Keras would otherwise copy every activation to NCHW and back around each convolution. Those tensors
+keep NHWC memory (torch's channels_last memory format: the transposes at the edges are free views,
+and its CPU convolutions are fastest in it), and group normalisation is one fused torch kernel. On
+TensorFlow it is channels-last, the only layout its CPU convolutions support. `Layout` layers move the
+channels at the edges of each stack, so that whatever the weights mean stays in NHWC order (the Dense
+layers around Flatten/Reshape) and a `.keras` file written under one backend loads under the other.
 """
 
 from __future__ import annotations
@@ -25,27 +34,39 @@ NORMS = ("group", "batch")
 VALIDATION_NOISE_SEED = 1234
 
 
-def _norm(kind: str, channels: int, name: str) -> layers.Layer:
+def network_data_format() -> str:
+    """The layout the convolution stacks run in on the current Keras backend (chosen at build time)."""
+    return "channels_first" if keras.backend.backend() == "torch" else "channels_last"
+
+
+def _channel_axis(data_format: str) -> int:
+    return 1 if data_format == "channels_first" else -1
+
+
+def _norm(kind: str, channels: int, name: str, data_format: str) -> layers.Layer:
+    axis = _channel_axis(data_format)
     if kind == "batch":
-        return layers.BatchNormalization(name=name)
-    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
+        return layers.BatchNormalization(axis=axis, name=name)
+    return GroupNormalization(groups=math.gcd(8, channels), axis=axis, name=name)
 
 
-def _conv_block(h, channels: int, stride: int, norm: str, name: str):
+def _conv_block(h, channels: int, stride: int, norm: str, name: str, data_format: str):
     """3x3 convolution → normalisation → SiLU."""
-    h = layers.Conv2D(channels, 3, strides=stride, padding="same", name=f"{name}_conv")(h)
-    h = _norm(norm, channels, f"{name}_norm")(h)
+    h = layers.Conv2D(channels, 3, strides=stride, padding="same", data_format=data_format, name=f"{name}_conv")(h)
+    h = _norm(norm, channels, f"{name}_norm", data_format)(h)
     return layers.Activation("silu", name=f"{name}_act")(h)
 
 
 def build_encoder(image_size: int, channels: int, latent_dim: int, base_channels: int,
-                  channel_mult: Sequence[int], norm: str) -> keras.Model:
-    """Image (H, W, C) → [mean (D,), log-variance (D,)]."""
+                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last") -> keras.Model:
+    """Image (H, W, C) → [mean (D,), log-variance (D,)]; the convolutions run in `data_format`."""
     x = keras.Input((image_size, image_size, channels), name="image")
-    h = _conv_block(x, base_channels, 1, norm, "enc_in")
+    h = Layout(data_format, to_network=True, name="enc_layout")(x)
+    h = _conv_block(h, base_channels, 1, norm, "enc_in", data_format)
     for level, mult in enumerate(channel_mult):
-        h = _conv_block(h, base_channels * mult, 2, norm, f"enc{level}_down")
-        h = _conv_block(h, base_channels * mult, 1, norm, f"enc{level}_mix")
+        h = _conv_block(h, base_channels * mult, 2, norm, f"enc{level}_down", data_format)
+        h = _conv_block(h, base_channels * mult, 1, norm, f"enc{level}_mix", data_format)
+    h = Layout(data_format, to_network=False, name="enc_nhwc")(h)  # flatten in NHWC order on every backend
     h = layers.Flatten(name="enc_flat")(h)
     mean = layers.Dense(latent_dim, name="z_mean")(h)
     logvar = layers.Dense(latent_dim, name="z_logvar")(h)
@@ -53,33 +74,103 @@ def build_encoder(image_size: int, channels: int, latent_dim: int, base_channels
 
 
 def build_decoder(image_size: int, channels: int, latent_dim: int, base_channels: int,
-                  channel_mult: Sequence[int], norm: str) -> keras.Model:
+                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last") -> keras.Model:
     """Latent (D,) → image (H, W, C) in [-1, 1]; every level sees the pixel coordinates (CoordConv)."""
     side = image_size // 2 ** len(channel_mult)
     width = base_channels * channel_mult[-1]
     z = keras.Input((latent_dim,), name="latent")
     h = layers.Dense(side * side * width, name="dec_in")(z)
-    h = layers.Reshape((side, side, width), name="dec_reshape")(h)
-    h = _norm(norm, width, "dec_in_norm")(h)
+    h = layers.Reshape((side, side, width), name="dec_reshape")(h)  # NHWC order on every backend
+    h = Layout(data_format, to_network=True, name="dec_layout")(h)
+    h = _norm(norm, width, "dec_in_norm", data_format)(h)
     h = layers.Activation("silu", name="dec_in_act")(h)
     for level, mult in reversed(list(enumerate(channel_mult))):
-        h = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(h)
-        h = AddCoords(name=f"dec{level}_coords")(h)
-        h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv1")
-        h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv2")
-    out = layers.Conv2D(channels, 3, padding="same", activation="tanh", name="dec_out")(h)
+        h = layers.UpSampling2D(2, data_format=data_format, interpolation="nearest", name=f"dec{level}_up")(h)
+        h = AddCoords(data_format, name=f"dec{level}_coords")(h)
+        h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv1", data_format)
+        h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv2", data_format)
+    h = layers.Conv2D(channels, 3, padding="same", activation="tanh", data_format=data_format, name="dec_out")(h)
+    out = Layout(data_format, to_network=False, name="dec_nhwc")(h)
     return keras.Model(z, out, name="decoder")
 
 
 @keras.saving.register_keras_serializable(package="iris_vae")
-class AddCoords(layers.Layer):
-    """Append two channels holding the pixel's x and y in [-1, 1] (CoordConv).
+class Layout(layers.Layer):
+    """Move the channels between the NHWC interface and the network's `data_format`.
 
-    Lets the convolutions place a disc at a position given by the latent code: a round pupil
-    is a simple function of (x - cx)² + (y - cy)² once x and y are inputs.
+    `to_network=True` turns NHWC into `data_format`, `to_network=False` turns it back. The identity
+    for channels_last, but present in both layouts, so that the models built on either backend have
+    the same layers in the same order (a `.keras` file addresses weights by layer class and position).
     """
 
+    def __init__(self, data_format: str = "channels_last", to_network: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.data_format, self.to_network = data_format, to_network
+
     def call(self, h):
+        if self.data_format == "channels_last":
+            return h
+        return ops.transpose(h, (0, 3, 1, 2) if self.to_network else (0, 2, 3, 1))
+
+    def compute_output_shape(self, input_shape):
+        if self.data_format == "channels_last":
+            return input_shape
+        b, d1, d2, d3 = input_shape
+        return (b, d3, d1, d2) if self.to_network else (b, d2, d3, d1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "data_format": self.data_format, "to_network": self.to_network}
+
+
+@keras.saving.register_keras_serializable(package="iris_vae")
+class GroupNormalization(layers.GroupNormalization):
+    """Keras' GroupNormalization (same weights, config and result), one fused kernel on torch.
+
+    On the torch backend with channels-first input (axis=1) `call` is a single
+    `torch.nn.functional.group_norm` instead of Keras' chain of reshapes, moments and element-wise
+    ops. Torch's CPU kernel is several times slower (backward most) on channels_last memory, the
+    format the convolutions here run fastest in, so such input is normalised in NCHW memory and
+    handed back in its own format. Named like Keras' layer on purpose: a `.keras` file addresses
+    weights by class name ("group_normalization_3"), so files written with Keras' layer load into this.
+    """
+
+    def call(self, inputs):
+        if keras.backend.backend() != "torch" or self.axis != 1:
+            return super().call(inputs)
+        import torch
+
+        x = ops.cast(inputs, "float32")
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        gamma = self.gamma.value if self.scale else None
+        beta = self.beta.value if self.center else None
+        out = torch.nn.functional.group_norm(x.contiguous(), self.groups, gamma, beta, self.epsilon)
+        if channels_last:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return ops.cast(out, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="iris_vae")
+class AddCoords(layers.Layer):
+    """Append two channels holding the pixel's x and y in [-1, 1] (CoordConv), after the image's own.
+
+    Lets the convolutions place a disc at a position given by the latent code: a round pupil
+    is a simple function of (x - cx)² + (y - cy)² once x and y are inputs. Channels-first input is
+    viewed as NHWC for the concatenation: on torch that view is free (its channels-first tensors
+    here keep NHWC memory, torch's channels_last format) and the result keeps that memory format,
+    where concatenating along axis 1 would produce NCHW memory and slow every convolution after it.
+    """
+
+    def __init__(self, data_format: str = "channels_last", **kwargs):
+        super().__init__(**kwargs)
+        self.data_format = data_format
+
+    def call(self, h):
+        if self.data_format == "channels_first":
+            return ops.transpose(self._append_nhwc(ops.transpose(h, (0, 2, 3, 1))), (0, 3, 1, 2))
+        return self._append_nhwc(h)
+
+    @staticmethod
+    def _append_nhwc(h):
         shape = ops.shape(h)
         batch, height, width = shape[0], shape[1], shape[2]
         ys = ops.linspace(-1.0, 1.0, height)
@@ -89,7 +180,12 @@ class AddCoords(layers.Layer):
         return ops.concatenate([h, ops.cast(grid_x, h.dtype), ops.cast(grid_y, h.dtype)], axis=-1)
 
     def compute_output_shape(self, input_shape):
+        if self.data_format == "channels_first":
+            return (input_shape[0], input_shape[1] + 2, *input_shape[2:])
         return (*input_shape[:-1], input_shape[-1] + 2)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "data_format": self.data_format}
 
 
 @keras.saving.register_keras_serializable(package="iris_vae")
@@ -152,7 +248,8 @@ class IrisVAE(keras.Model):
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.base_channels, self.channel_mult, self.norm = base_channels, channel_mult, norm
         self.recon_loss, self.beta, self.free_bits, self.seed = recon_loss, float(beta), float(free_bits), seed
-        arch = (image_size, channels, latent_dim, base_channels, channel_mult, norm)
+        # The layout is this backend's choice, not part of the model: it is not in get_config.
+        arch = (image_size, channels, latent_dim, base_channels, channel_mult, norm, network_data_format())
         self.encoder = build_encoder(*arch)
         self.decoder = build_decoder(*arch)
         self.sampling = Sampling(seed, name="sampling")
