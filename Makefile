@@ -32,8 +32,8 @@ bench: $(STAMP)
 sweep: $(STAMP)
 	$(PY) benchmarks/strength_sweep.py --out runs/sweep --overwrite
 
-# README pictures: the demo's prior / VAE-seeded / from-noise rows and headline table (runs the demo
-# once if runs/demo has none), and the strength-sweep plot when a sweep has been run.
+# README pictures: the demo's prior / VAE-seeded / from-noise rows and headline table, copied into
+# README.md (runs the demo once if runs/demo has none), and the strength-sweep plot when a sweep has been run.
 runs/demo/summary.png: | $(STAMP)
 	$(VENV)/bin/iris-demo --out runs/demo --overwrite
 
@@ -41,6 +41,7 @@ readme-figure: runs/demo/summary.png
 	mkdir -p docs
 	cp runs/demo/summary.png docs/demo_summary.png
 	cp runs/demo/headline.md docs/demo_headline.md
+	$(PY) benchmarks/readme_block.py demo-headline docs/demo_headline.md
 	if [ -f runs/sweep/sweep.json ]; then cp runs/sweep/strength_sweep.png runs/sweep/strength_grid*.png runs/sweep/sweep.md runs/sweep/sweep.json docs/; fi
 
 lint: $(STAMP)

@@ -6,9 +6,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import vae  # noqa: E402, F401  (picks Keras' backend before any test imports keras)
-
 import pytest  # noqa: E402
+
+import vae  # noqa: E402, F401  (picks Keras' backend before any test imports keras)
 
 
 @pytest.fixture(autouse=True)

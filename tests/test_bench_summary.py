@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -43,3 +45,13 @@ def test_run_all_reports_a_failing_benchmark_and_not_its_stale_result(tmp_path, 
 def test_help_exits_zero():
     proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_readme_block_replaces_only_between_its_markers():
+    from readme_block import replace_block
+
+    text = "intro\n<!-- t -->\nold table\n<!-- /t -->\nafter\n"
+    assert replace_block(text, "t", "| a |\n|---|\n") == "intro\n<!-- t -->\n| a |\n|---|\n<!-- /t -->\nafter\n"
+    for bad in ("no markers\n", "<!-- /t -->\n<!-- t -->\n", text + "<!-- t -->\n"):
+        with pytest.raises(ValueError, match="README needs"):
+            replace_block(bad, "t", "x")
