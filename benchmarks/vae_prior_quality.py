@@ -180,7 +180,7 @@ def circularity_check(images: np.ndarray) -> dict:
 
 def calibrate(n: int, size: int, channels: int) -> dict:
     """The measure on clean training-style images and on labelled defects (per defect kind)."""
-    clean, _ = generate_irises(n, size, seed=12345, channels=channels)
+    clean, _ = generate_irises(n, size, seed=REFERENCE_SEED, channels=channels)
     bad, records = generate_irises(n, size, seed=54321, channels=channels, defects=1.0)
     per_kind: dict[str, list[bool]] = {}
     for img, rec in zip(bad, records, strict=True):

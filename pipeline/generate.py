@@ -2,7 +2,7 @@
 
 The Python API is `generate(...)`, returning arrays and metadata, and `write_generation`; the
 console script is `pipeline.cli.generate`.
-Priors are made first (Keras/TensorFlow), handed over as NumPy arrays, then denoised with PyTorch,
+Priors are made first (Keras, on whichever backend it runs), handed over as NumPy arrays, then denoised with PyTorch,
 so the two frameworks meet only at NumPy. Priors of another size or channel count than the diffusion
 model (a 64 px VAE seeding a 128 px model) are fitted to it by `pipeline.common.resize.fit_priors`,
 and what was done is recorded in the metadata under prior.resized.
