@@ -29,6 +29,8 @@ from pipeline.check.shape import shape_metrics
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import to_unit
 
+EYE_SPAN = 2.86  # the built-in 128 px eyes' side over their typical iris radius (0.35 · 128)
+FRAME_SIDE = 200  # images at least this big on both sides may be camera frames with a small eye
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -39,6 +41,11 @@ class Geometry:
     pupil_contour: np.ndarray  # (K, 2) x, y
     pupil: tuple[float, float, float]  # cx, cy, r
     iris: tuple[float, float, float]
+
+    def shifted(self, dx: float, dy: float) -> Geometry:
+        """The same boundaries in an image whose pixel (0, 0) is this one's (−dx, −dy)."""
+        (px, py, pr), (ix, iy, ir) = self.pupil, self.iris
+        return Geometry(self.pupil_contour + (dx, dy), (px + dx, py + dy, pr), (ix + dx, iy + dy, ir))
 
 
 def to_grey_unit(img: np.ndarray) -> np.ndarray:
@@ -79,8 +86,42 @@ def analyze_with_geometry(img: np.ndarray, cfg: CircularityConfig) -> tuple[dict
 
 
 def _measure(g: np.ndarray) -> tuple[dict, Geometry]:
+    """Measure the whole image (a large one at half the scale too when no iris is found at its own);
+    where the eye fills little of it (a camera frame), measure again in a window around the eye
+    `EYE_SPAN` iris radii wide (the framing the steps are tuned for)."""
     h, w = g.shape
-    s = float(min(h, w))
+    m, geometry = _measure_window(g, float(min(h, w)))
+    if not m["iris_found"] and min(h, w) >= FRAME_SIDE:  # perhaps a small eye in a camera frame: at half the scale
+        m_half, geometry_half = _measure_window(g, min(h, w) / 2)
+        if m_half["iris_found"] or (m_half["pupil_found"] and not m["pupil_found"]):
+            m, geometry = m_half, geometry_half
+    if m["pupil_found"]:
+        cx, cy, r = (m["iris_cx"], m["iris_cy"], m["iris_r"]) if m["iris_found"] else (m["pupil_cx"], m["pupil_cy"], m["pupil_r"] / 0.2)
+        side = EYE_SPAN * r
+        if side < 0.8 * min(h, w):
+            x0, y0 = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
+            m2, geometry2 = _measure_window(g[y0 : int(cy + side / 2) + 1, x0 : int(cx + side / 2) + 1], side)
+            if m2["pupil_found"]:
+                m, geometry = m2, geometry2.shifted(x0, y0)
+                for key in ("pupil_cx", "iris_cx"):
+                    m[key] += x0
+                for key in ("pupil_cy", "iris_cy"):
+                    m[key] += y0
+    if m["iris_found"]:
+        m["margin_adequacy"] = margin_adequacy(m["iris_cx"], m["iris_cy"], m["iris_r"], w, h)
+    return m, geometry
+
+
+def margin_adequacy(cx: float, cy: float, r: float, width: int, height: int) -> float:
+    """ISO/IEC 29794-6 margin adequacy as a share: the smallest of the left and right margins
+    between the iris circle and the frame's edges over 0.6 iris radii and of the top and bottom
+    ones over 0.2 radii, each clipped to [0, 1] (ISO reports 100 times this)."""
+    margins = ((cx + 0.5 - r) / 0.6, (width - 0.5 - cx - r) / 0.6, (cy + 0.5 - r) / 0.2, (height - 0.5 - cy - r) / 0.2)
+    return min(1.0, max(0.0, min(margins) / r))
+
+
+def _measure_window(g: np.ndarray, s: float) -> tuple[dict, Geometry]:
+    """Measure an image (or a window of one) whose lengths scale with `s` (see the module docstring)."""
     scale = s / 128.0
     m = {name: math.nan for name in METRICS}
     m.update(pupil_found=False, iris_found=False, sharpness=sharpness(g))

@@ -63,7 +63,8 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _pick_dark_component(mask: np.ndarray, sm: np.ndarray, lo: float, med: float, s: float) -> np.ndarray | None:
-    """The dark component that best combines size, darkness and nearness to the image centre."""
+    """The dark component that best combines size, darkness, compactness (π·(largest inscribed
+    radius)²/area: 1 for a disk, small for a clump of lashes) and nearness to the image centre."""
     # Grana's algorithm: the default (Spaghetti) takes about 3× as long once it gathers statistics.
     n, labels, stats, centres = cv2.connectedComponentsWithStatsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
     h, w = mask.shape
@@ -75,14 +76,38 @@ def _pick_dark_component(mask: np.ndarray, sm: np.ndarray, lo: float, med: float
             continue
         d = math.hypot(centres[i][0] - (w - 1) / 2, centres[i][1] - (h - 1) / 2)
         box = (slice(y, y + bh), slice(x, x + bw))
-        mean = float(sm[box][labels[box] == i].mean(dtype=np.float64))
-        darkness = max(0.0, (med - mean) / (med - lo))
-        score = area * darkness**2 * math.exp(-((d / (0.3 * s)) ** 2))
+        low = quantiles(sm[box][labels[box] == i], (0.1,))[0]  # its core: blurred rims and glints aside
+        darkness = max(0.0, (med - low) / (med - lo))
+        part = cv2.copyMakeBorder((labels[box] == i).astype(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+        compact = min(1.0, math.pi * float(cv2.distanceTransform(part, cv2.DIST_L2, 3).max()) ** 2 / area)
+        score = area * darkness**4 * compact * math.exp(-((d / (0.3 * min(h, w))) ** 2))
         if x == 0 or y == 0 or x + bw == w or y + bh == h:
             score *= 0.1  # cut by the border: rather a corner, frame or shadow than a pupil
         if score > best_score:
             best, best_score = i, score
     return (labels == best).astype(np.uint8) if best else None
+
+
+def _darkest_core(comp: np.ndarray, sm: np.ndarray, spread: float, s: float, scale: float) -> np.ndarray:
+    """The pupil inside a dark component that also holds a dim iris (a small pupil in a large frame
+    falls below the image's 0.5th percentile, so the first threshold takes the iris too): while the
+    component's median is far (over 0.12, and a quarter of the image's dark-to-median spread) above
+    its dark end, keep its largest part below 40 % of the way between the two."""
+    for _ in range(2):
+        x, y, w, h = cv2.boundingRect(comp)
+        box = (slice(y, y + h), slice(x, x + w))
+        dark, mid = quantiles(sm[box][comp[box] > 0], (0.02, 0.5))
+        if mid - dark < max(0.12, 0.25 * spread):
+            break
+        inner = np.zeros_like(comp)
+        inner[box] = cv2.morphologyEx(((sm[box] < dark + 0.4 * (mid - dark)) & (comp[box] > 0)).astype(np.uint8),
+                                      cv2.MORPH_OPEN, kernel(1.5 * scale))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(inner[box], 8)
+        if n < 2 or stats[1:, cv2.CC_STAT_AREA].max() < math.pi * (0.015 * s) ** 2:
+            break
+        inner[box] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        comp = _fill_holes(inner)
+    return comp
 
 
 def _remove_glints(g: np.ndarray, comp: np.ndarray, reach: float, scale: float,
@@ -123,7 +148,7 @@ def find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[Pupil, np.ndarray
     comp = _pick_dark_component(first, sm, lo, med, s)
     if comp is None:
         return None
-    comp = _fill_holes(comp)
+    comp = _darkest_core(_fill_holes(comp), sm, med - lo, s, scale)
     r0 = math.sqrt(cv2.countNonZero(comp) / math.pi)
     g, glints = _remove_glints(g, comp, 0.3 * r0 + 4 * scale, scale, hi - lo)
     if glints is not None:

@@ -21,7 +21,7 @@ METRICS = (
     "pupil_found", "pupil_cx", "pupil_cy", "pupil_r", "pupil_circularity", "pupil_axis_ratio",
     "pupil_radial_dev", "iris_found", "iris_cx", "iris_cy", "iris_r", "iris_circularity",
     "concentricity", "pupil_iris_ratio", "bleed_fraction", "iris_pupil_contrast",
-    "iris_sclera_contrast", "grey_utilisation", "sharpness",
+    "iris_sclera_contrast", "grey_utilisation", "sharpness", "usable_iris_area", "margin_adequacy",
 )
 
 

@@ -59,10 +59,11 @@ from pipeline.data.synthetic_layers import (
 )
 
 DEFECTS = ("bleed", "irregular", "oval", "offcenter")
+GOOD_LIDS = ((0.45, 1.25), (0.6, 1.3))  # lid apexes this many iris radii above / below the iris centre
 
 
 @dataclass(frozen=True)
-class _Eye:
+class Eye:
     """Where an eye sits: iris circle, pupil centre and radius, and the centre offset between them."""
 
     size: int
@@ -73,14 +74,10 @@ class _Eye:
     pcy: float
     pr: float
     off: float
-
-    @property
-    def s(self) -> float:
-        """Image scale relative to 128 px."""
-        return self.size / 128.0
+    s: float  # the eye's scale: lengths drawn for a 128 px image are multiplied by it
 
 
-def _place_eye(d: Draws, size: int, defect: str | None) -> _Eye:
+def _place_eye(d: Draws, size: int, defect: str | None) -> Eye:
     """Iris radius and centre, pupil/iris ratio and the pupil's offset from the iris centre."""
     ir = d.uniform(0.28, 0.42) * size
     icx, icy = (size - 1) / 2 + d.uniform(-0.08, 0.08) * size, (size - 1) / 2 + d.uniform(-0.08, 0.08) * size
@@ -92,14 +89,14 @@ def _place_eye(d: Draws, size: int, defect: str | None) -> _Eye:
         ratio = d.uniform(0.35, 0.6) if defect == "irregular" else d.uniform(0.2, 0.7)  # lobes need room
     direction = d.uniform(0, TAU)
     pcx, pcy = icx + off * math.cos(direction), icy + off * math.sin(direction)
-    return _Eye(size, icx, icy, ir, pcx, pcy, ratio * ir, off)
+    return Eye(size, icx, icy, ir, pcx, pcy, ratio * ir, off, size / 128.0)
 
 
-def _paint_iris(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: _Eye, base: float) -> None:
+def _paint_iris(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: Eye, base: float) -> None:
     """The iris, mapped from its rubber-sheet texture (only inside its bounding box)."""
     f32 = np.float32
     X, Y, _, _ = grids(eye.size)
-    tex = iris_texture(rng, d, eye.size, base)
+    tex = iris_texture(rng, d, round(128 * eye.s), base)
     rows, cols = tex.shape[0] - 1, tex.shape[1]
     where = box(eye.icx, eye.icy, eye.ir + 3 * eye.s, eye.size)
     r_i, th_i = cv2.cartToPolar(X[where] - f32(eye.icx), Y[where] - f32(eye.icy))
@@ -111,7 +108,7 @@ def _paint_iris(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: _Eye, 
     blend(img[where], coverage(np.subtract(f32(eye.ir), r_i), 1.5 * eye.s), iris)
 
 
-def _paint_pupil(img: np.ndarray, d: Draws, eye: _Eye, shape: dict, value: float) -> None:
+def _paint_pupil(img: np.ndarray, d: Draws, eye: Eye, shape: dict, value: float) -> None:
     """The pupil (and any pupil defect: its boundary table and a grey smear)."""
     f32 = np.float32
     X, Y, _, _ = grids(eye.size)
@@ -131,9 +128,11 @@ def _paint_pupil(img: np.ndarray, d: Draws, eye: _Eye, shape: dict, value: float
     blend(img[where], a_pupil, f32(value))
 
 
-def _paint_lids(img: np.ndarray, d: Draws, eye: _Eye, keep_clear: float, skin: float) -> tuple[dict, dict]:
+def _paint_lids(img: np.ndarray, d: Draws, eye: Eye, keep_clear: float, skin: float,
+                openness: tuple[tuple[float, float], tuple[float, float]]) -> tuple[dict, dict]:
     """Eyelids: parabolas that may hide the top/bottom of the iris but never the disk `keep_clear`
-    around the pupil centre. Returns the upper and lower lid records."""
+    around the pupil centre; their apexes lie a uniform draw from `openness` (upper, lower ranges)
+    iris radii above/below the iris centre. Returns the upper and lower lid records."""
     f32 = np.float32
     _, Y, axis, unit = grids(eye.size)
     size, ir = eye.size, eye.ir
@@ -141,8 +140,8 @@ def _paint_lids(img: np.ndarray, d: Draws, eye: _Eye, keep_clear: float, skin: f
     up_c = d.uniform(1.0, 1.6) / (d.uniform(2.0, 2.6) ** 2 * ir)
     lo_c = d.uniform(0.6, 1.1) / (d.uniform(2.0, 2.6) ** 2 * ir)
     clear_up, clear_lo = lid_apexes(eye.pcx, eye.pcy, keep_clear, lid_x, up_c, lo_c)
-    up_y = min(eye.icy - d.uniform(0.45, 1.25) * ir, clear_up)
-    lo_y = max(eye.icy + d.uniform(0.6, 1.3) * ir, clear_lo)
+    up_y = min(eye.icy - d.uniform(*openness[0]) * ir, clear_up)
+    lo_y = max(eye.icy + d.uniform(*openness[1]) * ir, clear_lo)
     dxl2 = (axis - f32(lid_x)) ** 2
     lid_w = 1.5 * eye.s
     upper = f32(up_y) + f32(up_c) * dxl2  # the upper lid covers y < upper[x]
@@ -162,18 +161,18 @@ def _paint_lids(img: np.ndarray, d: Draws, eye: _Eye, keep_clear: float, skin: f
             {"x": float(lid_x), "y": float(lo_y), "curvature": float(lo_c)})
 
 
-def _place_glints(d: Draws, eye: _Eye) -> list[list[float]]:
+def _place_glints(d: Draws, eye: Eye) -> list[list[float]]:
     """Specular reflections of the illuminator, in the pupil or on its edge: [x, y, r] each."""
     ang = d.uniform(0, TAU)
     dist = eye.pr * (d.uniform(0.85, 1.05) if d.chance(0.3) else d.uniform(0.0, 0.6))
     glints = [[eye.pcx + dist * math.cos(ang), eye.pcy + dist * math.sin(ang)]]
     if d.chance(0.5):
-        glints.append([glints[0][0] + d.uniform(0.03, 0.06) * eye.size * (1 if d.chance(0.5) else -1),
-                       glints[0][1] + d.normal(0.01) * eye.size])
-    return [[float(gx), float(gy), max(0.5, min(d.uniform(0.008, 0.02) * eye.size, 0.3 * eye.pr))] for gx, gy in glints]
+        glints.append([glints[0][0] + d.uniform(0.03, 0.06) * 128 * eye.s * (1 if d.chance(0.5) else -1),
+                       glints[0][1] + d.normal(0.01) * 128 * eye.s])
+    return [[float(gx), float(gy), max(0.5, min(d.uniform(0.008, 0.02) * 128 * eye.s, 0.3 * eye.pr))] for gx, gy in glints]
 
 
-def _optics_and_sensor(img: np.ndarray, d: Draws, s: float, channels: int) -> tuple[np.ndarray, float, float, float]:
+def optics_and_sensor(img: np.ndarray, d: Draws, s: float, channels: int) -> tuple[np.ndarray, float, float, float]:
     """Blur, global gain/offset and sensor noise, then [0, 1] → [-1, 1]: (image, gain, offset, noise σ)."""
     f32 = np.float32
     size = img.shape[0]
@@ -192,6 +191,33 @@ def _optics_and_sensor(img: np.ndarray, d: Draws, s: float, channels: int) -> tu
     return out, gain, offset, noise_sigma
 
 
+@dataclass
+class DrawnEye:
+    """What `paint_eye` drew besides the iris and pupil: lid records, glints [x, y, r], the number
+    of lashes and their coverage (rows 0…k of the image, None when no lash falls in it)."""
+
+    upper_lid: dict
+    lower_lid: dict
+    glints: list[list[float]]
+    lashes: int
+    lash_alpha: np.ndarray | None
+
+
+def paint_eye(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: Eye, shape: dict,
+              levels: tuple[float, float, float], lids: tuple[tuple[float, float], tuple[float, float]]) -> DrawnEye:
+    """Paint an eye over a square background in place, back to front: iris, pupil, eyelids
+    (`lids`: see `_paint_lids`), lashes and glints. `levels`: iris base, pupil and skin grey in [0, 1]."""
+    iris_base, pupil_val, skin = levels
+    _paint_iris(img, rng, d, eye, iris_base)
+    _paint_pupil(img, d, eye, shape, pupil_val)
+    keep_clear = shape["extent"] + max(0.08 * eye.ir, 2.0)  # lids and lashes stay off the pupil
+    upper_lid, lower_lid = _paint_lids(img, d, eye, keep_clear, skin, lids)
+    n_lashes, lash_alpha = draw_lashes(rng, d, img, upper_lid, eye.ir, (eye.pcx, eye.pcy, keep_clear))
+    glints = _place_glints(d, eye)
+    draw_glints(img, glints, d.uniform(0.92, 1.0))
+    return DrawnEye(upper_lid, lower_lid, glints, n_lashes, lash_alpha)
+
+
 def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
                 defect: str | None = None) -> tuple[np.ndarray, dict]:
     """Draw one eye; returns a (channels, size, size) float32 image in [-1, 1] and its record."""
@@ -207,14 +233,8 @@ def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
     # Background: separable soft shading and vignetting; then the layers, back to front.
     vignette = unit * unit * np.float32(d.uniform(0.025, 0.1))
     img = np.add.outer(shading(d, unit, 0.04) - vignette + np.float32(sclera), shading(d, unit, 0.04) - vignette)
-    _paint_iris(img, rng, d, eye, iris_base)
-    _paint_pupil(img, d, eye, shape, pupil_val)
-    keep_clear = shape["extent"] + max(0.08 * eye.ir, 2.0)  # lids and lashes stay off the pupil
-    upper_lid, lower_lid = _paint_lids(img, d, eye, keep_clear, skin)
-    n_lashes = draw_lashes(rng, d, img, upper_lid, eye.ir, (eye.pcx, eye.pcy, keep_clear))
-    glints = _place_glints(d, eye)
-    draw_glints(img, glints, d.uniform(0.92, 1.0))
-    out, gain, offset, noise_sigma = _optics_and_sensor(img, d, eye.s, channels)
+    drawn = paint_eye(img, rng, d, eye, shape, (iris_base, pupil_val, skin), GOOD_LIDS)
+    out, gain, offset, noise_sigma = optics_and_sensor(img, d, eye.s, channels)
 
     record = {
         "pupil_cx": float(eye.pcx), "pupil_cy": float(eye.pcy), "pupil_r": float(eye.pr),
@@ -224,8 +244,8 @@ def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
         "pupil_iris_ratio": float(eye.pr / eye.ir), "concentricity": float(eye.off / eye.ir),
         "pupil_value": 2.0 * (pupil_val * gain + offset) - 1.0,
         "iris_value": 2.0 * (iris_base * gain + offset) - 1.0,
-        "upper_lid": upper_lid, "lower_lid": lower_lid,
-        "reflections": glints, "lashes": n_lashes, "noise_sigma": noise_sigma,
+        "upper_lid": drawn.upper_lid, "lower_lid": drawn.lower_lid,
+        "reflections": drawn.glints, "lashes": drawn.lashes, "noise_sigma": noise_sigma,
     }
     for key in ("semi_axes", "lobes", "lobe_amplitude", "tongues"):
         if key in shape:

@@ -190,8 +190,9 @@ def lid_apexes(pcx: float, pcy: float, radius: float, lid_x: float, up_c: float,
 
 
 def draw_lashes(rng: np.random.Generator, d: Draws, img: np.ndarray, lid: dict, ir: float,
-                 keep_out: tuple[float, float, float]) -> int:
-    """Dark curved lashes hanging from the upper lid, drawn in place; returns their count."""
+                keep_out: tuple[float, float, float]) -> tuple[int, np.ndarray | None]:
+    """Dark curved lashes hanging from the upper lid, drawn in place; returns their count and
+    their coverage in [0, 1] of the image's top rows (None when they fall outside it)."""
     size = img.shape[0]
     n = d.integer(12, 30)
     x0, y0, curv = lid["x"], lid["y"], lid["curvature"]
@@ -210,14 +211,14 @@ def draw_lashes(rng: np.random.Generator, d: Draws, img: np.ndarray, lid: dict, 
     pts = (coef.reshape(2, 3, n).transpose(0, 2, 1) @ _LASH_BASIS).transpose(1, 2, 0)  # (n, points, xy)
     bottom = min(size, int(pts[:, :, 1].max()) + 3)
     if bottom <= 0:
-        return n
+        return n, None
     canvas = np.zeros((bottom, size), np.uint8)
     cv2.polylines(canvas, list(np.round(pts * 16).astype(np.int32)), False, 255,
                   max(1, round(size / 200)), cv2.LINE_AA, shift=4)
     alpha = canvas.astype(np.float32)
     alpha *= np.float32(1 / 255)
     blend(img[:bottom], alpha, np.float32(d.uniform(0.1, 0.2)))
-    return n
+    return n, alpha
 
 
 def draw_glints(img: np.ndarray, glints: list[list[float]], value: float) -> None:
