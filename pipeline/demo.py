@@ -81,13 +81,13 @@ def write_summary_figure(out: Path, count: int, size: int, channels: int) -> Pat
     """OUT/summary.png: the first `count` seeds as three rows (prior, VAE-seeded, from noise), enlarged."""
     import numpy as np
 
-    from pipeline.common.images import enlarged_grid, write_png_uint
+    from pipeline.common.images import enlarged_grid, write_image_uint
     from pipeline.data.folders import read_image
 
     folders = (out / "from_vae" / "priors", out / "from_vae", out / "from_noise")
     images = [read_image(f / f"{i:06d}.png", size, channels) for f in folders for i in range(count)]
     path = out / "summary.png"
-    write_png_uint(path, enlarged_grid(np.stack(images), count, SUMMARY_TILE))
+    write_image_uint(path, enlarged_grid(np.stack(images), count, SUMMARY_TILE))
     return path
 
 

@@ -24,7 +24,7 @@ from pipeline.common.config import Config, GenerateConfig, config_to_dict
 from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
-from pipeline.common.images import make_grid, write_png
+from pipeline.common.images import make_grid, write_image
 from pipeline.common.resize import describe_fit, fit_priors
 from pipeline.common.seeding import describe, numpy_stream, stream_seed
 
@@ -286,15 +286,15 @@ def write_generation(result: Generation, out: Path, overwrite: bool, png16: bool
     tmp = temp_dir_for(out)
     bits = 16 if png16 else 8
     for i, img in zip(result.indices, result.images, strict=True):
-        write_png(tmp / f"{i:06d}.png", img, bits=bits)
+        write_image(tmp / f"{i:06d}.png", img, bits=bits)
     if result.priors is not None:
         (tmp / "priors").mkdir()
         for i, img in zip(result.indices, result.priors, strict=True):
-            write_png(tmp / "priors" / f"{i:06d}.png", img, bits=bits)
+            write_image(tmp / "priors" / f"{i:06d}.png", img, bits=bits)
         pairs = np.stack([result.priors, result.images], axis=1).reshape(-1, *result.images.shape[1:])
-        write_png(tmp / "grid.png", make_grid(pairs, ncol=2 * min(4, len(result.images))))
+        write_image(tmp / "grid.png", make_grid(pairs, ncol=2 * min(4, len(result.images))))
     else:
-        write_png(tmp / "grid.png", make_grid(result.images))
+        write_image(tmp / "grid.png", make_grid(result.images))
     meta = dict(result.metadata, png_bits=bits)
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     replace_dir(tmp, out)

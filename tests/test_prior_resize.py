@@ -21,7 +21,7 @@ from pipeline import generate as gen_mod
 from pipeline.cli import generate as gen_cli
 from pipeline.common.config import config_from_dict
 from pipeline.common.errors import UserError
-from pipeline.common.images import write_png_uint
+from pipeline.common.images import write_image_uint
 from pipeline.common.resize import fit_priors
 from tests.test_train_cli import TINY
 
@@ -127,7 +127,7 @@ def _write_folder(folder, sizes, seed=0) -> list[np.ndarray]:
     rng, pixels = np.random.default_rng(seed), []
     for i, (h, w) in enumerate(sizes):
         u8 = rng.integers(0, 256, (h, w), dtype=np.uint8)
-        write_png_uint(folder / f"p{i}.png", u8)
+        write_image_uint(folder / f"p{i}.png", u8)
         pixels.append(u8.astype(np.float32) / 255 * 2 - 1)
     return pixels
 
