@@ -23,11 +23,11 @@ from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_unit
 from pipeline.check.rules import METRICS
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
-from pipeline.common.images import IMAGE_EXTENSIONS, write_image_uint
+from pipeline.common.images import FORMAT_SUFFIXES, IMAGE_EXTENSIONS, write_image_uint
 
 log = logging.getLogger(__name__)
 
-GENERATED_NAME = re.compile(r"\d{6}\.png")
+GENERATED_NAME = re.compile(r"\d{6}(" + "|".join(map(re.escape, FORMAT_SUFFIXES.values())) + ")")  # generate's images
 
 
 def find_images(folder: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:

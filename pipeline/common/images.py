@@ -12,6 +12,7 @@ from pipeline.common.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what image folders are scanned for
 SIXTEEN_BIT_SUFFIXES = (".png", ".tif", ".tiff")  # written files that keep 16-bit pixels
+FORMAT_SUFFIXES = {"png": ".png", "bmp": ".bmp", "tiff": ".tif"}  # generate.format → its images' suffix
 LUMA_BT601 = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luminance weights of R, G, B
 
 
