@@ -30,7 +30,7 @@ from results_io import headline, write_result
 from pipeline.check.analyze import analyze_image
 from pipeline.check.folder import analyze_folder
 from pipeline.common.config import CircularityConfig
-from pipeline.common.images import to_unit, write_png
+from pipeline.common.images import to_unit, write_image
 from pipeline.data.synthetic import generate_irises
 
 RESULTS = Path(__file__).parent / "results" / "bench_circularity.json"
@@ -82,7 +82,7 @@ def main() -> None:
         folder = Path(tmp) / "eyes"
         folder.mkdir()
         for i, img in enumerate(images):
-            write_png(folder / f"{i:05d}.png", img)
+            write_image(folder / f"{i:05d}.png", img)
         result = {
             "benchmark": "circularity-check at 128x128",
             "quick": args.quick,

@@ -110,10 +110,10 @@ def run_point(cfg: Config, diffusion: Path, vae: Path, point: dict, n: int, seed
 
 def write_grid(path: Path, columns: list[np.ndarray]) -> None:
     """Rows = seeds, columns = the given image sets (first GRID_SEEDS images of each)."""
-    from pipeline.common.images import make_grid, write_png
+    from pipeline.common.images import make_grid, write_image
 
     stacked = np.stack([c[:GRID_SEEDS] for c in columns], axis=1)  # (seeds, columns, C, H, W)
-    write_png(path, make_grid(stacked.reshape(-1, *stacked.shape[2:]), ncol=len(columns)))
+    write_image(path, make_grid(stacked.reshape(-1, *stacked.shape[2:]), ncol=len(columns)))
 
 
 def plot_sweep(result: dict, path: Path) -> None:

@@ -263,13 +263,13 @@ def main() -> None:
 
     from results_io import machine_facts
 
-    from pipeline.common.images import make_grid, write_png
+    from pipeline.common.images import make_grid, write_image
 
     references: dict[int, dict] = {}
     results = [measure_route(path, size, args.n, args.seed, args.temperature, references)
                for path, size in zip(args.vae, sizes, strict=True)]
     if args.grid:
-        write_png(args.grid, make_grid(results[0]["priors"][:64]))
+        write_image(args.grid, make_grid(results[0]["priors"][:64]))
     for r in results:
         del r["priors"]
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine_facts(), "routes": results,

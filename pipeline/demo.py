@@ -22,13 +22,21 @@ SUMMARY_SEEDS, SUMMARY_TILE = 8, 96  # summary.png: this many seeds, each about 
 MODES = {"VAE priors": ("from_vae", "priors"), "VAE-seeded": ("from_vae",), "from noise": ("from_noise",)}
 
 
+def _sample_files(out: Path, parts: tuple[str, ...], count: int) -> list[Path]:
+    """The first `count` images of one mode's folder, in the format its `generate` run recorded."""
+    from pipeline.common.images import FORMAT_SUFFIXES
+
+    suffix = FORMAT_SUFFIXES[json.loads((out / parts[0] / "metadata.json").read_text())["format"]]
+    return [out.joinpath(*parts, f"{i:06d}{suffix}") for i in range(count)]
+
+
 def _read_mode(out: Path, parts: tuple[str, ...], count: int, size: int, channels: int):
     """The first `count` images of one mode's folder, (N, C, H, W) in [-1, 1]."""
     import numpy as np
 
     from pipeline.data.folders import read_image
 
-    return np.stack([read_image(out.joinpath(*parts, f"{i:06d}.png"), size, channels) for i in range(count)])
+    return np.stack([read_image(path, size, channels) for path in _sample_files(out, parts, count)])
 
 
 def headline(out: Path, n: int, size: int, channels: int, cfg: CircularityConfig) -> tuple[list[list[object]], dict]:
@@ -81,13 +89,12 @@ def write_summary_figure(out: Path, count: int, size: int, channels: int) -> Pat
     """OUT/summary.png: the first `count` seeds as three rows (prior, VAE-seeded, from noise), enlarged."""
     import numpy as np
 
-    from pipeline.common.images import enlarged_grid, write_png_uint
+    from pipeline.common.images import enlarged_grid, write_image_uint
     from pipeline.data.folders import read_image
 
-    folders = (out / "from_vae" / "priors", out / "from_vae", out / "from_noise")
-    images = [read_image(f / f"{i:06d}.png", size, channels) for f in folders for i in range(count)]
+    images = [read_image(path, size, channels) for parts in MODES.values() for path in _sample_files(out, parts, count)]
     path = out / "summary.png"
-    write_png_uint(path, enlarged_grid(np.stack(images), count, SUMMARY_TILE))
+    write_image_uint(path, enlarged_grid(np.stack(images), count, SUMMARY_TILE))
     return path
 
 

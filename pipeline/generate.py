@@ -24,7 +24,7 @@ from pipeline.common.config import Config, GenerateConfig, config_to_dict
 from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
-from pipeline.common.images import make_grid, write_png
+from pipeline.common.images import FORMAT_SUFFIXES, SIXTEEN_BIT_SUFFIXES, make_grid, write_image
 from pipeline.common.resize import describe_fit, fit_priors
 from pipeline.common.seeding import describe, numpy_stream, stream_seed
 
@@ -57,6 +57,19 @@ def validate(gen: GenerateConfig, num_timesteps: int) -> None:
         raise UserError(f"--eta must be >= 0, got {gen.eta}")
     if gen.temperature <= 0:
         raise UserError(f"temperature must be positive, got {gen.temperature}")
+
+
+def image_suffix(fmt: str, bits: int) -> str:
+    """The suffix of the images written in format `fmt` at `bits` per sample; UserError for a
+    format or depth that cannot be written (BMP has no 16-bit grey)."""
+    if fmt not in FORMAT_SUFFIXES:
+        raise UserError(f"--format must be one of {', '.join(FORMAT_SUFFIXES)}, got {fmt!r}")
+    if bits not in (8, 16):
+        raise UserError(f"--bits must be 8 or 16, got {bits}")
+    suffix = FORMAT_SUFFIXES[fmt]
+    if bits == 16 and suffix not in SIXTEEN_BIT_SUFFIXES:
+        raise UserError(f"--bits 16 needs --format png or tiff: {fmt.upper()} has no 16-bit grey")
+    return suffix
 
 
 def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,
@@ -280,22 +293,23 @@ def library_versions() -> dict:
     return versions
 
 
-def write_generation(result: Generation, out: Path, overwrite: bool, png16: bool = False) -> Path:
-    """Write images, grid.png, optional priors and metadata.json into `out`, atomically."""
+def write_generation(result: Generation, out: Path, overwrite: bool, fmt: str = "png", bits: int = 8) -> Path:
+    """Write images `{i:06d}.<fmt>` (png, bmp or tif, `bits` per sample; priors/ alike), grid.png and
+    metadata.json (recording the format and bits) into `out`, atomically."""
+    suffix = image_suffix(fmt, bits)
     out = prepare_out_dir(out, overwrite)
     tmp = temp_dir_for(out)
-    bits = 16 if png16 else 8
     for i, img in zip(result.indices, result.images, strict=True):
-        write_png(tmp / f"{i:06d}.png", img, bits=bits)
+        write_image(tmp / f"{i:06d}{suffix}", img, bits=bits)
     if result.priors is not None:
         (tmp / "priors").mkdir()
         for i, img in zip(result.indices, result.priors, strict=True):
-            write_png(tmp / "priors" / f"{i:06d}.png", img, bits=bits)
+            write_image(tmp / "priors" / f"{i:06d}{suffix}", img, bits=bits)
         pairs = np.stack([result.priors, result.images], axis=1).reshape(-1, *result.images.shape[1:])
-        write_png(tmp / "grid.png", make_grid(pairs, ncol=2 * min(4, len(result.images))))
+        write_image(tmp / "grid.png", make_grid(pairs, ncol=2 * min(4, len(result.images))))
     else:
-        write_png(tmp / "grid.png", make_grid(result.images))
-    meta = dict(result.metadata, png_bits=bits)
+        write_image(tmp / "grid.png", make_grid(result.images))
+    meta = dict(result.metadata, format=fmt, bits=bits)
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     replace_dir(tmp, out)
     return out

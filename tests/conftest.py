@@ -32,3 +32,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """An untrained 32 px grey diffusion checkpoint (raw weights only): enough wherever the pixels
+    need not look like eyes (priors at strength 0, file formats, …); made in about a second."""
+    import torch
+
+    from guided_diffusion.training.checkpoint import save_checkpoint
+    from guided_diffusion.training.factory import create_model
+    from pipeline.common.config import config_from_dict
+    from tests.test_train_cli import TINY
+
+    cfg = config_from_dict({**TINY, "data": {**TINY["data"], "image_size": 32},
+                            "model": {**TINY["model"], "attention_resolutions": [16]}})
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("run32")
+    save_checkpoint(root, 0, cfg, create_model(cfg).state_dict(), {}, {"step": 0}, keep_last=0)
+    return root

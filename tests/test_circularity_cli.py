@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.check.folder import _guided_chunks
 from pipeline.cli.circularity_check import main
-from pipeline.common.images import to_uint8, to_uint16, write_png
+from pipeline.common.images import to_uint8, to_uint16, write_image
 from pipeline.data.synthetic import generate_irises
 
 
@@ -35,9 +35,9 @@ def eye_folder(tmp_path_factory) -> Path:
     kinds = [None] * 9 + ["bleed", "oval", "offcenter"]
     images, _ = generate_irises(len(kinds), 128, seed=2, defects=kinds)
     for i, img in enumerate(images):
-        write_png(root / ("sub" if i % 2 else "") / f"eye{i:02d}.png", img)
+        write_image(root / ("sub" if i % 2 else "") / f"eye{i:02d}.png", img)
     rgb, _ = generate_irises(1, 128, seed=20, channels=3)
-    write_png(root / "rgb.png", rgb[0])
+    write_image(root / "rgb.png", rgb[0])
     cv2.imwrite(str(root / "deep16.png"), to_uint16(images[0, 0]))
     small, _ = generate_irises(1, 96, seed=21)
     cv2.imwrite(str(root / "small.bmp"), to_uint8(small[0, 0]))
@@ -101,7 +101,7 @@ def test_reference_comparison(eye_folder, tmp_path, capsys):
     ref.mkdir()
     images, _ = generate_irises(6, 128, seed=9)
     for i, img in enumerate(images):
-        write_png(ref / f"r{i}.png", img)
+        write_image(ref / f"r{i}.png", img)
     out = tmp_path / "cmp"
     assert _run([eye_folder, "--out", out, "--workers", 1, "--reference", ref]) == 0
     printed = capsys.readouterr().out

@@ -298,10 +298,10 @@ def test_cuda_mixed_precision_is_close_to_fp32(models):
 
 
 def test_image_priors_and_index(models, tmp_path):
-    from pipeline.common.images import write_png
+    from pipeline.common.images import write_image
 
     for i in range(3):
-        write_png(tmp_path / f"p{i}.png", np.full((1, 32, 32), 0.3 * i - 0.3, np.float32))
+        write_image(tmp_path / f"p{i}.png", np.full((1, 32, 32), 0.3 * i - 0.3, np.float32))
     root, _ = models
     cfg = load_config(None, [*TINY, "generate.n=5", "generate.steps=3", "generate.sampler=ddpm"])
     runs = [gen_mod.generate(cfg, root / "diffusion", source="images", images_dir=tmp_path, device="cpu",

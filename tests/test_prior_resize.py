@@ -1,8 +1,8 @@
 """Any-size seeding (issue 18): priors of another size or channel count than the diffusion model.
 
 `fit_priors` is checked against closed forms (block means, a linear ramp, BT.601 weights) and
-cv2 called directly; the end-to-end tests seed a 32 px untrained diffusion checkpoint (strength 0
-returns the priors, so its weights do not matter) with a folder of 16 px PNGs.
+cv2 called directly; the end-to-end tests seed a 32 px untrained diffusion checkpoint (conftest's
+`tiny_run`; strength 0 returns the priors, so its weights do not matter) with a folder of 16 px PNGs.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ import logging
 import cv2
 import numpy as np
 import pytest
-import torch
 
-from guided_diffusion.training.checkpoint import save_checkpoint
-from guided_diffusion.training.factory import create_model
 from pipeline import generate as gen_mod
 from pipeline.cli import generate as gen_cli
 from pipeline.common.config import config_from_dict
 from pipeline.common.errors import UserError
-from pipeline.common.images import write_png_uint
+from pipeline.common.images import write_image_uint
 from pipeline.common.resize import fit_priors
-from tests.test_train_cli import TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -110,24 +106,13 @@ def test_other_channel_counts_are_user_errors(have, want):
 # ------------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """An untrained 32 px grey diffusion checkpoint (raw weights only)."""
-    cfg = config_from_dict({**TINY, "data": {**TINY["data"], "image_size": 32},
-                            "model": {**TINY["model"], "attention_resolutions": [16]}})
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("run32")
-    save_checkpoint(root, 0, cfg, create_model(cfg).state_dict(), {}, {"step": 0}, keep_last=0)
-    return root
-
-
 def _write_folder(folder, sizes, seed=0) -> list[np.ndarray]:
     """8-bit grey PNGs of the given (H, W) sizes; returns their pixels as [-1, 1] floats."""
     folder.mkdir()
     rng, pixels = np.random.default_rng(seed), []
     for i, (h, w) in enumerate(sizes):
         u8 = rng.integers(0, 256, (h, w), dtype=np.uint8)
-        write_png_uint(folder / f"p{i}.png", u8)
+        write_image_uint(folder / f"p{i}.png", u8)
         pixels.append(u8.astype(np.float32) / 255 * 2 - 1)
     return pixels
 

@@ -93,7 +93,7 @@ def test_sample_grid_swaps_the_ema_into_the_training_model_and_puts_it_back(tmp_
                    for k, v in model.state_dict().items()}
     before = copy.deepcopy(model.state_dict())
     grids = []
-    monkeypatch.setattr(loop, "write_png", lambda path, img: grids.append(img))
+    monkeypatch.setattr(loop, "write_image", lambda path, img: grids.append(img))
     for batch in (1, 8):
         loop.write_sample_grid(tmp_path / "grid.png", cfg, model, ema_weights, torch.device("cpu"), nullcontext, batch)
         assert model.training

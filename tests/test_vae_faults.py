@@ -185,14 +185,14 @@ def test_a_full_disk_elsewhere_in_the_run_folder_is_one_line_too(tmp_path, monke
     """The first write of an epoch's end is the sample grid: a full disk there is a one-line error too."""
     from vae import callbacks
 
-    real_write = callbacks.write_png
+    real_write = callbacks.write_image
 
-    def write_png(path, image):
+    def write_image(path, image):
         if path.name == "epoch_001.png":
             _full_disk(path)
         real_write(path, image)
 
-    monkeypatch.setattr(callbacks, "write_png", write_png)
+    monkeypatch.setattr(callbacks, "write_image", write_image)
     run = tmp_path / "run"
     code, err = _run(["--out", str(run), *_args("vae.epochs=3")], capsys)
     line = err.replace("\r", "\n").strip().splitlines()[-1]

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.common.errors import UserError
 from pipeline.common.files import fsync_file, save_figure_atomic
-from pipeline.common.images import make_grid, nhwc_to_nchw, write_png
+from pipeline.common.images import make_grid, nhwc_to_nchw, write_image
 from pipeline.common.interrupts import GracefulStop, TrainingInterrupted
 from vae.losses import kl_warmup_weight
 
@@ -144,7 +144,7 @@ class SampleGrid(keras.callbacks.Callback):
 
         self.folder.mkdir(exist_ok=True)
         images = keras.ops.convert_to_numpy(self.model.decode(to_prior(self.model, self.eps)))
-        write_png(self.folder / f"epoch_{epoch:03d}.png", make_grid(nhwc_to_nchw(images)))
+        write_image(self.folder / f"epoch_{epoch:03d}.png", make_grid(nhwc_to_nchw(images)))
 
 
 def read_log(path: Path) -> list[dict[str, str]]:

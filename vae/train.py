@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.common.config import Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for, write_text_atomic
-from pipeline.common.images import make_grid, nchw_to_nhwc, write_png
+from pipeline.common.images import make_grid, nchw_to_nhwc, write_image
 from pipeline.common.interrupts import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,8 @@ def write_priors(vae_path: str | Path, out: str | Path, n: int, seed: int, tempe
     tmp = temp_dir_for(out)
     try:
         for i, img in enumerate(priors):
-            write_png(tmp / f"{i:06d}.png", img)
-        write_png(tmp / "grid.png", make_grid(priors))
+            write_image(tmp / f"{i:06d}.png", img)
+        write_image(tmp / "grid.png", make_grid(priors))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

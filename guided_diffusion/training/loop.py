@@ -49,7 +49,7 @@ from guided_diffusion.training.step import check_batching, forward_backward, res
 from pipeline.common.batches import epoch_permutation, flip_mask
 from pipeline.common.config import Config, TrainConfig
 from pipeline.common.errors import UserError
-from pipeline.common.images import make_grid, write_png
+from pipeline.common.images import make_grid, write_image
 from pipeline.common.interrupts import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def write_sample_grid(path: Path, cfg: Config, model: nn.Module, weights: dict[s
         model.load_state_dict(training_weights)
         model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(path, make_grid(torch.cat(chunks).clamp(-1, 1).numpy()))
+    write_image(path, make_grid(torch.cat(chunks).clamp(-1, 1).numpy()))
 
 
 # ------------------------------------------------------------------------------------- set-up

@@ -23,11 +23,11 @@ from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_unit
 from pipeline.check.rules import METRICS
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
-from pipeline.common.images import IMAGE_EXTENSIONS, write_png_uint
+from pipeline.common.images import FORMAT_SUFFIXES, IMAGE_EXTENSIONS, write_image_uint
 
 log = logging.getLogger(__name__)
 
-GENERATED_NAME = re.compile(r"\d{6}\.png")
+GENERATED_NAME = re.compile(r"\d{6}(" + "|".join(map(re.escape, FORMAT_SUFFIXES.values())) + ")")  # generate's images
 
 
 def find_images(folder: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
@@ -99,7 +99,7 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
     if overlay_dir is not None:
         out = Path(overlay_dir, rel).with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_png_uint(out, draw_overlay(img, metrics, geometry))
+        write_image_uint(out, draw_overlay(img, metrics, geometry))
     if want_features:
         from pipeline.check.metrics import proxy_features
 

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.common.images import write_png_uint  # noqa: E402
+from pipeline.common.images import write_image_uint  # noqa: E402
 
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
@@ -90,5 +90,5 @@ def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], path: s
         for k, line in enumerate(caption.splitlines()[:2]):
             cv2.putText(sheet, line[:40], (x + 3, y + 12 + 13 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.33, (0, 0, 0), 1, cv2.LINE_AA)
         sheet[y + cap_h : y + cap_h + rgb.shape[0], x : x + rgb.shape[1]] = rgb
-    write_png_uint(path, sheet)
+    write_image_uint(path, sheet)
     return path

@@ -4,6 +4,7 @@ noising and diffusion denoising; writes the images, grid.png and metadata.json (
     generate --from-vae runs/vae/vae.keras --diffusion runs/diffusion --n 64 --strength 0.5
     generate --from-noise --diffusion runs/diffusion --n 64 --sampler dpm++2m --steps 15
     generate … --index 17          re-make image 17 of the run the other arguments describe
+    generate … --format bmp        000000.bmp … (--format tiff --bits 16: 16-bit 000000.tif …)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import GenerateConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir
-from pipeline.generate import generate, write_generation
+from pipeline.generate import generate, image_suffix, write_generation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("batch_size", int, "images per network batch; 0 = 64 on CUDA, 16 elsewhere"),
         ("temperature", float, "VAE latent temperature"),
         ("precision", str, "network precision: auto | fp32 | bf16 | fp16 (auto: bf16 on capable GPUs, fp32 on CPU)"),
+        ("format", str, "file type of the images: png | bmp | tiff (many iris matchers read BMP); grid.png stays PNG"),
+        ("bits", int, "bits per pixel sample: 8 | 16 (png and tiff only)"),
     ):
         default = fields[name].default
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{text} (default: {default})")
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-priors", action="store_true", help="save each prior and a prior | result grid")
     parser.add_argument("--interpolate", action="store_true",
                         help="with --from-vae: n frames slerping from the latent of image 0 of --seed to that of image 1")
-    parser.add_argument("--png16", action="store_true", default=None, help="write 16-bit PNGs")
+    parser.add_argument("--png16", dest="bits", action="store_const", const=16, help="deprecated: the same as --bits 16")
     parser.add_argument("--index", type=int, nargs="+", default=None, metavar="I",
                         help="re-make only image(s) I of the run given by the other arguments")
     return parser
@@ -68,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     for name in ("n", "strength", "sampler", "steps", "eta", "seed", "batch_size", "temperature", "precision",
-                 "clip_denoised", "png16", "use_ema"):
+                 "format", "bits", "clip_denoised", "use_ema"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg.generate, name, value)
     if args.interpolate and not args.from_vae:
         raise UserError("--interpolate needs --from-vae")
+    image_suffix(cfg.generate.format, cfg.generate.bits)  # a bad --format/--bits fails before any work
     out = prepare_out_dir(args.out, args.overwrite)
     source = "vae" if args.from_vae else "images" if args.from_images else "noise"
     result = generate(
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.save_priors:
         result.priors = None
-    write_generation(result, out, args.overwrite, png16=cfg.generate.png16)
+    write_generation(result, out, args.overwrite, fmt=cfg.generate.format, bits=cfg.generate.bits)
     meta = result.metadata
     print(f"wrote {len(result.indices)} images ({meta['source']}, strength {meta['strength']}, t_start {meta['t_start']}, "
           f"{meta['nfe_per_image']} network evaluations each) to {out}")

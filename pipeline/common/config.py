@@ -139,7 +139,8 @@ class GenerateConfig:
     clip_denoised: bool = True
     use_ema: float = -1.0  # -1 → the slowest EMA rate saved with the checkpoint; 0 → raw weights
     temperature: float = 1.0  # VAE latent temperature
-    png16: bool = False
+    format: str = "png"  # png | bmp | tiff: the images' file type (grid.png stays PNG)
+    bits: int = 8  # 8 | 16 (png and tiff only)
 
 
 @dataclass
@@ -240,9 +241,21 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _upgrade(data: dict | None) -> dict | None:
+    """Read the keys of older saved configs (checkpoints' config.yaml is re-read) as their
+    replacements: generate.png16 (before issue 19) → generate.bits 16 when true and bits is unset."""
+    gen = data.get("generate") if isinstance(data, dict) else None
+    if not isinstance(gen, dict) or "png16" not in gen:
+        return data
+    gen = dict(gen)
+    if _coerce(gen.pop("png16"), bool, "generate.png16"):
+        gen.setdefault("bits", 16)
+    return {**data, "generate": gen}
+
+
 def config_from_dict(data: dict | None) -> Config:
     """Build a `Config` from a nested mapping (e.g. parsed YAML)."""
-    return _build(Config, data, "")
+    return _build(Config, _upgrade(data), "")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -1,4 +1,4 @@
-"""Pixel conventions in one place: float32 [-1, 1] ↔ uint8/uint16, NCHW ↔ NHWC, grey ↔ RGB, PNG I/O, grids."""
+"""Pixel conventions in one place: float32 [-1, 1] ↔ uint8/uint16, NCHW ↔ NHWC, grey ↔ RGB, image files (PNG, BMP, TIFF), grids."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 from pipeline.common.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # what image folders are scanned for
+SIXTEEN_BIT_SUFFIXES = (".png", ".tif", ".tiff")  # written files that keep 16-bit pixels
+FORMAT_SUFFIXES = {"png": ".png", "bmp": ".bmp", "tiff": ".tif"}  # generate.format → its images' suffix
 LUMA_BT601 = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 luminance weights of R, G, B
 
 
@@ -64,18 +66,26 @@ def _to_cv(img_hwc: np.ndarray) -> np.ndarray:
     return img_hwc
 
 
-def write_png(path: str | Path, img_chw: np.ndarray, bits: int = 8) -> None:
-    """Write one (C, H, W) float [-1, 1] image as an 8- or 16-bit PNG, atomically."""
+def write_image(path: str | Path, img_chw: np.ndarray, bits: int = 8) -> None:
+    """Write one (C, H, W) float [-1, 1] image as an 8- or 16-bit file, atomically; the file type
+    follows the suffix (see `write_image_uint`)."""
     conv = to_uint16 if bits == 16 else to_uint8
-    write_png_uint(path, conv(np.transpose(img_chw, (1, 2, 0))))
+    write_image_uint(path, conv(np.transpose(img_chw, (1, 2, 0))))
 
 
-def write_png_uint(path: str | Path, img_hwc: np.ndarray) -> None:
-    """Write an HWC (or HW) uint8/uint16 image (RGB order) as PNG via temp + rename."""
+def write_image_uint(path: str | Path, img_hwc: np.ndarray) -> None:
+    """Write an HWC (or HW) uint8/uint16 image (RGB order) via temp + rename, encoded as its suffix
+    says (.png, .bmp, .tif/.tiff, …); uint16 only where the format keeps 16 bits (PNG, TIFF)."""
     path = Path(path)
-    ok, buf = cv2.imencode(".png", _to_cv(np.ascontiguousarray(img_hwc)))
+    suffix = path.suffix.lower()
+    if img_hwc.dtype == np.uint16 and suffix not in SIXTEEN_BIT_SUFFIXES:  # cv2 would cut it to 8 bits silently
+        raise UserError(f"{path.name}: {suffix or 'no suffix'} cannot hold 16-bit pixels (PNG and TIFF can)")
+    try:
+        ok, buf = cv2.imencode(suffix, _to_cv(np.ascontiguousarray(img_hwc)))
+    except cv2.error:  # no encoder for this suffix
+        ok = False
     if not ok:
-        raise UserError(f"could not encode PNG for {path}")
+        raise UserError(f"could not encode {path} as {suffix or 'an image (no suffix)'}")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(buf.tobytes())
     os.replace(tmp, path)

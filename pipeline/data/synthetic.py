@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
-from pipeline.common.images import write_png
+from pipeline.common.images import write_image
 from pipeline.data.synthetic_layers import (
     LUT,
     TAU,
@@ -319,7 +319,7 @@ def write_dataset(out: str | Path, n: int, size: int = 128, seed: int = 0, chann
         labels = []
         for i, (img, rec) in enumerate(tqdm(irises, total=n, desc="drawing", unit="img", leave=False)):
             labels.append({"file": f"{i:06d}.png", **rec})
-            write_png(tmp / labels[-1]["file"], img)
+            write_image(tmp / labels[-1]["file"], img)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
         replace_dir(tmp, final)
     except BaseException:
