@@ -11,6 +11,11 @@ are multiplied by s/128):
 4. Iris (limbus): `pipeline.check.limbus`.
 5. Bleed and 6. ISO/IEC 29794-6 style quality figures: `pipeline.check.quality`.
 
+Camera frames (an eye filling little of the image, anywhere in it): a large image in which no iris
+is found at its own scale is measured again at half the scale (a smaller eye), and wherever the
+eye is found filling less than 0.8 of the image, steps 1–6 run again on a window `EYE_SPAN` iris
+radii wide around it, at the window's scale: the framing the constants are tuned for.
+
 The verdict (which metric must be above or below what) is `pipeline.check.rules`.
 """
 

@@ -25,6 +25,7 @@ from pipeline.check.fit import circle_lsq
 from pipeline.check.pupil import Pupil
 
 SECTOR_UP_DEG, _SECTOR_DOWN_DEG = 30.0, 40.0  # limbus search sectors about the horizontal
+_MAX_TILT = math.tan(math.radians(35.0))  # an edge facing more than this far from the ray is not the limbus
 
 
 def _refine_circle(x: np.ndarray, y: np.ndarray, tol: float,
@@ -141,12 +142,19 @@ def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray,
     if n < 4 * lag + 3:  # no room between the pupil and the search limit
         none = np.zeros((len(_ANGLES), k))
         return none, none, none
-    prof = cv2.remap(sm, cx + _COS[:, None] * radii, cy + _SIN[:, None] * radii,
-                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    xs, ys = cx + _COS[:, None] * radii, cy + _SIN[:, None] * radii
+    prof = cv2.remap(sm, xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    # The step across the ray (the image 1 lag to either side): an edge facing up or down (an eyelid)
+    # has more of it than the limbus, a circle about the pupil whose edge faces the ray.
+    side_x, side_y = -_SIN[:, None] * np.float32(lag), _COS[:, None] * np.float32(lag)
+    across = (cv2.remap(sm, xs + side_x, ys + side_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+              - cv2.remap(sm, xs - side_x, ys - side_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
     lo, hi = 2 * lag, n - lag  # where the step and the level 2 lags in can be read
     grad = np.zeros_like(prof)
+    step_along = prof[:, lo + lag :] - prof[:, lo - lag : hi - lag]
     valid = (prof[:, : hi - 2 * lag] >= dark_level) & (radii[lo:hi] >= r_from[:, None])
-    grad[:, lo:hi] = np.where(valid, prof[:, lo + lag :] - prof[:, lo - lag : hi - lag], 0.0)
+    valid &= np.abs(across[:, lo:hi]) <= _MAX_TILT * step_along
+    grad[:, lo:hi] = np.where(valid, step_along, 0.0)
     core = grad[:, lo:hi]
     is_max = (core >= grad[:, lo - 1 : hi - 1]) & (core > grad[:, lo + 1 : hi + 1]) & (core > 0.02)
     beyond = np.minimum(np.arange(lo, hi) + int(round(3 * scale / step)), n - 1)

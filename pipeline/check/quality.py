@@ -12,7 +12,11 @@
    (the reference implementation is NIST/MITRE's BIQT-Iris); grey-scale utilisation = entropy in
    bits of the 256-bin histogram over the iris disk (clause 6.2.5; whole image if no iris);
    sharpness = mean power of Daugman's 8×8 band-pass kernel (−3 in the central 4×4, +1 around;
-   "How iris recognition works", 2004) on 0–255 levels (not normalised: compare like with like).
+   "How iris recognition works", 2004) on 0–255 levels (not normalised: compare like with like);
+   usable iris area (clause 6.2.1) = the share of the annulus between the pupil boundary and the
+   limbus circle (π(R² − r²), so iris outside the image counts as hidden) that looks like iris:
+   textured, not skin-bright, not a lash (see `usable_iris_area`). Margin adequacy (6.2.10) needs
+   only the circle and the image size: `pipeline.check.analyze.margin_adequacy`.
 
 Lengths are for 128-px images and scale with the image (see `pipeline.check.analyze`).
 """
@@ -27,6 +31,9 @@ import numpy as np
 from pipeline.check.arrays import kernel, median
 from pipeline.check.limbus import SECTOR_UP_DEG
 from pipeline.check.pupil import Pupil
+
+TEXTURE_SHARE = 0.25  # iris: band-pass energy at least this share of the visible iris's median
+LASH_CONTRAST = 0.2  # lashes: at least this share of the iris level darker than their surroundings
 
 
 def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[float, float, float],
@@ -61,7 +68,9 @@ def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[flo
         reach = max(2, int(round(0.45 * ir)))
         below_lid = cv2.dilate(lid, np.ones((reach, 1), np.uint8), anchor=(0, reach - 1)) > 0
         visible = annulus & ~skin & ~below_lid
-    out = {"grey_utilisation": entropy_bits(g[in_iris])}
+    out = {"grey_utilisation": entropy_bits(g[in_iris]),
+           "usable_iris_area": usable_iris_area(g, sm, r_iris < ir, pupil_mask, dy, sideways, (i_med, s_med), scale)
+           / (math.pi * (ir * ir - pupil.r * pupil.r))}
     n_visible = np.count_nonzero(visible)
     if n_visible:
         dark = (visible & (sm < pupil.level)).astype(np.uint8)
@@ -105,3 +114,28 @@ def _iso_contrasts(p: float, i: float, s: float) -> tuple[float, float]:
     den = s8 + i8 - 2.0 * p8
     isc = max(0.0, 100.0 * (s8 - i8) / den) if den > 0 and math.isfinite(s8) else math.nan
     return ipc, isc
+
+
+def usable_iris_area(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.ndarray, dy: np.ndarray,
+                     sideways: np.ndarray, levels: tuple[float, float], scale: float) -> int:
+    """Pixels of the iris disk outside the pupil that look like iris: textured (band-pass energy at
+    least `TEXTURE_SHARE` of its median in the sideways sectors, where the limbus was found: lid
+    skin and its shadowed margin are smooth), not brighter than the iris/sclera midpoint (skin,
+    glints), and not on a lash (a dark thin line, black-hat, joined to the bright skin above)."""
+    i_med, s_med = levels
+    visible = disk & (pupil_mask == 0)
+    band = cv2.GaussianBlur(g, (0, 0), 0.7 * scale) - cv2.GaussianBlur(g, (0, 0), 2.0 * scale)
+    energy = cv2.GaussianBlur(band * band, (0, 0), 2.0 * scale)
+    reference = visible & sideways
+    if reference.any():
+        visible &= energy >= TEXTURE_SHARE * median(energy[reference])
+    if s_med > i_med + 0.02:
+        skin = (sm > 0.5 * (i_med + s_med)) | (g > s_med)
+        closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
+        dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & (dy < 0)).astype(np.uint8)
+        lid = (skin & (dy < 0)).astype(np.uint8)
+        n, labels = cv2.connectedComponents(dark_lines | lid)
+        from_lid = np.zeros(n, bool)
+        from_lid[labels[lid > 0]] = True
+        visible &= ~skin & ~(from_lid[labels] & (dark_lines > 0))
+    return int(np.count_nonzero(visible))
