@@ -106,7 +106,7 @@ def _measure(g: np.ndarray) -> tuple[dict, Geometry]:
         if side < 0.8 * min(h, w):
             x0, y0 = max(0, int(cx - side / 2)), max(0, int(cy - side / 2))
             m2, geometry2 = _measure_window(g[y0 : int(cy + side / 2) + 1, x0 : int(cx + side / 2) + 1], side)
-            if m2["pupil_found"]:
+            if m2["pupil_found"] and (m2["iris_found"] or not m["iris_found"]):
                 m, geometry = m2, geometry2.shifted(x0, y0)
                 for key in ("pupil_cx", "iris_cx"):
                     m[key] += x0

@@ -25,6 +25,8 @@ from pipeline.check.fit import circle_lsq
 from pipeline.check.pupil import Pupil
 
 SECTOR_UP_DEG, _SECTOR_DOWN_DEG = 30.0, 40.0  # limbus search sectors about the horizontal
+_CONCENTRIC = 0.15  # a limbus centre within this many radii of the pupil's is nearly concentric
+_ECCENTRIC_SUPPORT = 0.7  # an eccentric limbus needs 1/0.7 times the edge support of a concentric one
 _MAX_TILT = math.tan(math.radians(35.0))  # an edge facing more than this far from the ray is not the limbus
 
 
@@ -45,16 +47,18 @@ def _refine_circle(x: np.ndarray, y: np.ndarray, tol: float,
     return circle, keep
 
 
-def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
-                      near: tuple[float, float], r_range: tuple[float, float]) -> tuple[float, float, float] | None:
+def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float, near: tuple[float, float],
+                      r_range: tuple[float, float], offset: float = 0.5) -> tuple[float, float, float] | None:
     """RANSAC: of circles through 3 candidate edges (x, y, weight: (rays, k) arrays), the one that
-    the most edge weight agrees with (one candidate per ray, within `tol`), its centre within half
-    a radius of `near` and its radius in `r_range`."""
+    the most edge weight agrees with (one candidate per ray, within `tol`), its centre within
+    `offset` radii of `near` and its radius in `r_range`."""
     flat = np.flatnonzero(weight.ravel() > 0)
     half = weight.size // 2  # rays of the right sector come first, then the left
     right, left = flat[flat < half], flat[flat >= half]
-    if len(flat) < 6 or not len(right) or not len(left):
-        return None
+    if len(flat) < 6 or (not (len(right) and len(left)) and offset > _CONCENTRIC):
+        return None  # edges on one side only (the other beyond the image, say): a nearly concentric circle at most
+    if offset <= _CONCENTRIC:  # centred: any three edges, one side alone included
+        right = left = flat
     # Each circle through an edge on either side and a third anywhere; deterministic: same edges → same circle.
     pick_right, pick_left, pick_any = random_indices(len(flat), (len(right), len(left), len(flat)), 96)
     tri = np.column_stack([right[pick_right], left[pick_left], flat[pick_any]])
@@ -68,7 +72,7 @@ def _consensus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: flo
     ux = (q1 * (y2 - y3) + q2 * (y3 - y1) + q3 * (y1 - y2)) / den
     uy = (q1 * (x3 - x2) + q2 * (x1 - x3) + q3 * (x2 - x1)) / den
     r = np.hypot(x1 - ux, y1 - uy)
-    ok &= (r > r_range[0]) & (r < r_range[1]) & (np.hypot(ux - near[0], uy - near[1]) < 0.5 * r)
+    ok &= (r > r_range[0]) & (r < r_range[1]) & (np.hypot(ux - near[0], uy - near[1]) < offset * r)
     if not ok.any():
         return None
     ux, uy, r = ux[ok, None], uy[ok, None], r[ok, None]
@@ -106,16 +110,30 @@ def _first_limbus_circle(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: 
                          r_range: tuple[float, float]) -> tuple[tuple[float, float, float], np.ndarray] | None:
     """The limbus circle from the first-pass candidates, refined (`_refine_circle`): started from the
     least-squares circle through each ray's best edge when, refined, 90 % of the edge weight agrees
-    with it (an unoccluded limbus: no consensus to search for), else from the RANSAC consensus."""
+    with it (an unoccluded limbus: no consensus to search for), else from the RANSAC consensus; and
+    when that circle is eccentric, the best nearly concentric one instead unless it has far less
+    support (lid and lash edges, or one side of the iris beyond the image, fit eccentric circles)."""
     keep = weight > 0
     best = keep[:, 0]
+    fit = None
     if np.count_nonzero(best) >= 6:
         guess = circle_lsq(x[best, 0], y[best, 0])
         fit = _refine_circle(x[keep], y[keep], tol, guess) if guess is not None else None
-        if fit is not None and _plausible(fit[0], near, r_range) and _agreement(x, y, weight, tol, fit[0]) >= 0.9:
-            return fit
-    circle = _consensus_circle(x, y, weight, tol, near, r_range)
-    return None if circle is None else _refine_circle(x[keep], y[keep], tol, circle)
+        if fit is not None and not (_plausible(fit[0], near, r_range) and _agreement(x, y, weight, tol, fit[0]) >= 0.9):
+            fit = None
+    if fit is None:
+        circle = _consensus_circle(x, y, weight, tol, near, r_range)
+        fit = None if circle is None else _refine_circle(x[keep], y[keep], tol, circle)
+    if fit is None or math.hypot(fit[0][0] - near[0], fit[0][1] - near[1]) <= _CONCENTRIC * fit[0][2]:
+        return fit
+    # Off-centre: an eccentric iris, or edges of lids and lashes fitted where little limbus shows.
+    # The best nearly concentric circle wins unless the eccentric one has far more support.
+    circle = _consensus_circle(x, y, weight, tol, near, r_range, _CONCENTRIC)
+    concentric = None if circle is None else _refine_circle(x[keep], y[keep], tol, circle)
+    if concentric is not None and (_agreement(x, y, weight, tol, concentric[0])
+                                   >= _ECCENTRIC_SUPPORT * _agreement(x, y, weight, tol, fit[0])):
+        return concentric
+    return fit
 
 
 def _ray_angles() -> np.ndarray:
@@ -154,6 +172,9 @@ def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray,
     step_along = prof[:, lo + lag :] - prof[:, lo - lag : hi - lag]
     valid = (prof[:, : hi - 2 * lag] >= dark_level) & (radii[lo:hi] >= r_from[:, None])
     valid &= np.abs(across[:, lo:hi]) <= _MAX_TILT * step_along
+    h, w = sm.shape
+    inside = (xs >= 0) & (ys >= 0) & (xs <= w - 1) & (ys <= h - 1)  # beyond the image: no edge to see
+    valid &= inside[:, lo + lag :]
     grad[:, lo:hi] = np.where(valid, step_along, 0.0)
     core = grad[:, lo:hi]
     is_max = (core >= grad[:, lo - 1 : hi - 1]) & (core > grad[:, lo + 1 : hi + 1]) & (core > 0.02)

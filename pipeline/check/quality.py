@@ -124,8 +124,8 @@ def usable_iris_area(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask
     glints), and not on a lash (a dark thin line, black-hat, joined to the bright skin above)."""
     i_med, s_med = levels
     visible = disk & (pupil_mask == 0)
-    band = cv2.GaussianBlur(g, (0, 0), 0.7 * scale) - cv2.GaussianBlur(g, (0, 0), 2.0 * scale)
-    energy = cv2.GaussianBlur(band * band, (0, 0), 2.0 * scale)
+    band = cv2.GaussianBlur(g, (0, 0), 0.5 * scale) - cv2.GaussianBlur(g, (0, 0), 1.5 * scale)
+    energy = cv2.GaussianBlur(band * band, (0, 0), scale)  # texture energy about each pixel
     reference = visible & sideways
     if reference.any():
         visible &= energy >= TEXTURE_SHARE * median(energy[reference])
