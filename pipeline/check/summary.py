@@ -25,10 +25,10 @@ from pipeline.common.config import CircularityConfig
 PLOT_METRICS = (
     "pupil_circularity", "pupil_axis_ratio", "pupil_radial_dev", "bleed_fraction", "concentricity",
     "iris_circularity", "pupil_iris_ratio", "pupil_r", "iris_r", "iris_pupil_contrast",
-    "iris_sclera_contrast", "grey_utilisation", "sharpness",
+    "iris_sclera_contrast", "grey_utilisation", "sharpness", "usable_iris_area", "margin_adequacy",
 )
 TABLE_METRICS = ("pupil_circularity", "pupil_axis_ratio", "pupil_radial_dev", "bleed_fraction",
-                 "concentricity", "iris_circularity", "pupil_iris_ratio")
+                 "concentricity", "iris_circularity", "pupil_iris_ratio", "usable_iris_area")
 WORST_COUNT = 24
 
 

@@ -1,5 +1,9 @@
 """`synthetic-irises OUT --n 1000 --size 128 [--defects 0.2]`: write the built-in synthetic eyes as
-PNGs with their ground truth in labels.json."""
+PNGs with their ground truth in labels.json.
+
+`synthetic-irises OUT --frame 640x480 --n 200 [--occluded 0.2 --cut 0.1] [--format bmp]` writes camera
+frames instead (the eye anywhere, of any size; pipeline.data.synthetic_frames): something to try
+`prepare-data` and `circularity-check` on before your own frames, with the truth beside them."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import argparse
 from pipeline.cli.entry import cli_entry
 from pipeline.common.errors import UserError
 from pipeline.data.synthetic import write_dataset
+from pipeline.data.synthetic_frames import write_frames
 
 
 @cli_entry
@@ -20,10 +25,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 = grey, 3 = RGB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--defects", type=float, default=0.0, help="fraction of images with a defect")
+    parser.add_argument("--frame", metavar="WxH", help="write camera frames of this size (e.g. 640x480) instead")
+    parser.add_argument("--occluded", type=float, default=0.0, help="with --frame: share of heavily occluded eyes")
+    parser.add_argument("--cut", type=float, default=0.0, help="with --frame: share of eyes cut by the frame's edge")
+    parser.add_argument("--format", default="bmp", choices=("bmp", "png", "tif"), help="with --frame: file format (default bmp)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.frame:
+        width, _, height = args.frame.lower().partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise UserError(f"--frame must be WIDTHxHEIGHT, e.g. 640x480, got {args.frame!r}")
+        final = write_frames(args.out, args.n, int(height), int(width), args.seed, (args.occluded, args.cut),
+                             args.format, args.overwrite)
+        print(f"wrote {args.n} {width}x{height} frames and labels.json to {final}")
+        return 0
     final = write_dataset(args.out, args.n, args.size, args.seed, args.channels, args.defects, args.overwrite)
     print(f"wrote {args.n} images and labels.json to {final}")
     return 0
