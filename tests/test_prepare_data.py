@@ -282,16 +282,19 @@ def test_bad_input_exits_2_with_one_line_and_no_output(frames, prepared, tmp_pat
 
 def test_nothing_kept_writes_the_rejects_and_exits_2(tmp_path, capsys):
     src = tmp_path / "src"
+    out = src / "prepared"  # inside the source: never read back as frames
     write(src / "blank.png", np.full((240, 320), 200, np.uint8))
     write(src / "small.png", np.zeros((30, 40), np.uint8))
-    code, out, err = run([src, tmp_path / "out"], capsys)
-    assert code == 2 and err.strip().splitlines()[-1] == f"error: no frame kept of 2; see {tmp_path / 'out' / 'rejects.csv'}"
-    assert out.startswith("kept 0 of 2 frames; rejected: too small 1, no pupil 1;")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rejects.csv", "summary.json"]
-    # --overwrite replaces a finished output whole.
+    code, stdout, err = run([src, out], capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: no frame kept of 2; see {out / 'rejects.csv'}"
+    assert stdout.startswith("kept 0 of 2 frames; rejected: too small 1, no pupil 1;")
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.csv", "summary.json"]
+    # --overwrite replaces a finished output whole; the output's own crops are not taken for frames.
     write(src / "eye.png", eye_frame(320, 240, *KEPT["a_centre.png"][2:4]))
-    assert run([src, tmp_path / "out", "--overwrite"], capsys)[0] == 0
-    assert len(read_cache(tmp_path / "out" / "dataset.npz").labels) == 1
+    for _ in range(2):
+        code, stdout, _ = run([src, out, "--overwrite"], capsys)
+        assert code == 0 and stdout.startswith("kept 1 of 3 frames;")
+    assert len(read_cache(out / "dataset.npz").labels) == 1
 
 
 def test_runs_as_a_module_with_help():

@@ -39,7 +39,7 @@ def cache_file(path: str | Path) -> Path | None:
     """The cache `data.path` names, or None when it names something else: a `.npz` file itself,
     or the `dataset.npz` in a folder written by prepare-data."""
     path = Path(path)
-    if path.suffix.lower() == ".npz":
+    if path.suffix.lower() == ".npz" and not path.is_dir():
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
         return path
