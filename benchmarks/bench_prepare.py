@@ -19,7 +19,11 @@ JSON to stdout and benchmarks/results/bench_prepare.json, with the machine's fac
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import math
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -81,3 +85,99 @@ def frames_accuracy(cfg: CircularityConfig, n: int) -> dict:
                                           "bias": round(float(np.mean(err)), 4),
                                           "margin_adequacy_mean_abs_error": round(float(np.mean(np.abs(margin))), 4)}
     return out
+
+
+def _crop_errors(labels: list[dict], truth: dict[str, dict], size: int, margin: float) -> dict:
+    """On kept crops of good frames: the true iris centre's distance from the crop centre (% of the
+    side) and the true iris radius against size / (2 · margin) (%), the truth mapped into the crop
+    with the label's box and scale."""
+    centre, radius = [], []
+    for lab in labels:
+        rec = truth[Path(lab["source"]).name]
+        if rec["kind"] != "good":
+            continue
+        left, top, scale = lab["crop_box"][0], lab["crop_box"][1], lab["scale"]
+        x, y = (rec["iris_cx"] - left + 0.5) * scale - 0.5, (rec["iris_cy"] - top + 0.5) * scale - 0.5
+        centre.append(100 * math.hypot(x - (size - 1) / 2, y - (size - 1) / 2) / size)
+        radius.append(100 * abs(rec["iris_r"] * scale / (size / (2 * margin)) - 1))
+    return {"n": len(centre), "iris_centre_off_pct_of_side": {"mean": round(float(np.mean(centre)), 3), "max": round(float(np.max(centre)), 3)},
+            "iris_radius_error_pct": {"mean": round(float(np.mean(radius)), 3), "max": round(float(np.max(radius)), 3)}}
+
+
+def prepare_speed(n: int, workers: list[int], size: int = 128) -> dict:
+    """`prepare-data` on n BMP frames (640x480): wall frames/s per worker count, reasons by kind of
+    frame, and the crops' placement."""
+    out: dict = {"n": n, "size": size}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_frames(Path(tmp, "frames"), n, 480, 640, seed=11, kinds=FRAME_SHARES, fmt="bmp")
+        truth = {rec["file"]: rec for rec in json.loads((src / "labels.json").read_text())}
+        (src / "labels.json").unlink()  # the frames only: prepare-data must find everything itself
+        for w in workers:
+            dest = Path(tmp, f"prepared_{w}")
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "pipeline.cli.prepare_data", str(src), str(dest), "--size", str(size),
+                            "--workers", str(w)], check=True, capture_output=True)
+            seconds = time.perf_counter() - start
+            out[f"workers_{w}"] = {"seconds": round(seconds, 2), "frames_per_second": round(n / seconds, 1)}
+        summary = json.loads((dest / "summary.json").read_text())
+        labels = json.loads((dest / "labels.json").read_text())
+        with open(dest / "rejects.csv", newline="") as f:
+            rejects = list(csv.DictReader(f))
+        verdicts: dict[str, Counter] = {kind: Counter() for kind in ("good", "occluded", "cut")}
+        for lab in labels:
+            verdicts[truth[Path(lab["source"]).name]["kind"]]["kept"] += 1
+        for row in rejects:
+            verdicts[truth[Path(row["file"]).name]["kind"]][row["reason"]] += 1
+        out["verdicts_by_kind"] = {kind: dict(c) for kind, c in verdicts.items()}
+        out["margin"] = summary["config"]["margin"]
+        out["crops"] = _crop_errors(labels, truth, size, out["margin"])
+    return out
+
+
+def _headlines(result: dict) -> list[dict]:
+    eyes, frames, prep = result["eyes_128"], result["frames"], result["prepare"]
+    good = frames["good"]
+    usable = {k: frames[f"usable_area_{k}"]["mean_abs_error"] for k in ("good", "occluded", "cut") if f"usable_area_{k}" in frames}
+    failed = sum(eyes[f"{d}_failed"] for d in DEFECT_RULES)
+    defects = len(DEFECT_RULES) * eyes["per_defect"]
+    best = max(v["frames_per_second"] for k, v in prep.items() if k.startswith("workers_"))
+    return [
+        headline("checker on 200 built-in 128 px eyes: pupil / iris centre error",
+                 f"{eyes['pupil_centre_px']:.3f} / {eyes['iris_centre_px']:.3f} px", "≤ 0.1 / ≤ 0.2 px",
+                 eyes["pupil_centre_px"] <= 0.1 and eyes["iris_centre_px"] <= 0.2),
+        headline("checker on 128 px eyes: good pass, defects caught",
+                 f"{eyes['good_pass']}/{eyes['n']} pass, {failed}/{defects} defects fail", "≥ 99 %, ≥ 95 %",
+                 eyes["good_pass"] >= 0.99 * eyes["n"] and failed >= 0.95 * defects),
+        headline(f"checker on {good['n']} good 640x480 frames: pupil / iris centre, radii",
+                 f"{good['pupil_centre_px']:.2f} / {good['iris_centre_px']:.2f} px, {good['pupil_radius_pct']:.2f} / "
+                 f"{good['iris_radius_pct']:.2f} %", "< 1 / < 2 px, < 3 %",
+                 good["pupil_centre_px"] < 1 and good["iris_centre_px"] < 2 and max(good["pupil_radius_pct"], good["iris_radius_pct"]) < 3),
+        headline("usable iris area error (good / occluded / cut frames)",
+                 " / ".join(f"{v:.3f}" for v in usable.values()), "< 0.05", all(v < 0.05 for v in usable.values())),
+        headline("prepare-data on 640x480 BMP frames", f"{best:.1f} frames/s", "", None),
+        headline("prepared crops (good frames): iris centre off the crop centre, radius error",
+                 f"{prep['crops']['iris_centre_off_pct_of_side']['max']:.2f} % of the side (max), "
+                 f"{prep['crops']['iris_radius_error_pct']['max']:.2f} % (max)", "< 2 %, < 3 %",
+                 prep["crops"]["iris_centre_off_pct_of_side"]["max"] < 2 and prep["crops"]["iris_radius_error_pct"]["max"] < 3),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
+    parser.add_argument("--frames", type=int, default=200, help="synthetic 640x480 frames (default 200)")
+    parser.add_argument("--workers", type=int, default=2, help="prepare-data workers besides 1 (default 2)")
+    args = parser.parse_args()
+    cfg = load_config(None).circularity
+    n = 40 if args.quick else args.frames
+    eyes = eyes_128(cfg, 20 if args.quick else 200, 6 if args.quick else 60)
+    eyes["n"] = 20 if args.quick else 200
+    result = {"benchmark": "bench_prepare", "date": time.strftime("%Y-%m-%d"), "machine": machine_facts(),
+              "eyes_128": eyes, "frames": frames_accuracy(cfg, n),
+              "prepare": prepare_speed(n, sorted({1, args.workers}))}
+    result["headline"] = _headlines(result)
+    write_result(RESULTS, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.check.folder import _guided_chunks
 from pipeline.cli.circularity_check import main
 from pipeline.common.images import to_uint8, to_uint16, write_image
+from pipeline.common.pool import guided_chunks
 from pipeline.data.synthetic import generate_irises
 
 
@@ -151,7 +151,7 @@ def test_bad_options_exit_2(eye_folder, tmp_path, capsys):
 
 @pytest.mark.parametrize(("n", "workers"), [(1, 2), (7, 2), (1000, 2), (333, 3)])
 def test_guided_chunks_cover_the_items_in_order_and_shrink(n, workers):
-    chunks = _guided_chunks(list(range(n)), workers)
+    chunks = guided_chunks(list(range(n)), workers)
     assert [i for c in chunks for i in c] == list(range(n))
     sizes = [len(c) for c in chunks]
     assert max(sizes) <= 64 and sizes == sorted(sizes, reverse=True)

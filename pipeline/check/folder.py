@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing
 import os
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ from pipeline.check.rules import METRICS
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.images import FORMAT_SUFFIXES, IMAGE_EXTENSIONS, write_image_uint
+from pipeline.common.pool import chunked_map
 
 log = logging.getLogger(__name__)
 
@@ -107,40 +107,6 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
     return row
 
 
-def _work_chunk(tasks: list[tuple[Path, str]], cfg: CircularityConfig, overlay_dir: Path | None,
-                want_features: bool) -> list[dict]:
-    """`_work` on each task of a chunk: one message to and from the pool per chunk."""
-    return [_work(t, cfg, overlay_dir, want_features) for t in tasks]
-
-
-def _guided_chunks(items: list, workers: int, largest: int = 64, smallest: int = 4) -> list[list]:
-    """`items` in chunks that shrink towards the end (guided scheduling): each chunk costs the pool
-    a few milliseconds of the parent's time (64 images: ~1%), and small last chunks let the
-    workers finish together."""
-    chunks, i = [], 0
-    while i < len(items):
-        size = max(smallest, min(largest, (len(items) - i) // (2 * workers)))
-        chunks.append(items[i : i + size])
-        i += size
-    return chunks
-
-
-def _pool_context():
-    """Workers start from a clean fork server (or spawn): forking this process directly is unsafe
-    once it holds threads (progress bars, BLAS) and can deadlock. The server imports the main module
-    and this one once, so that its workers start with them loaded."""
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["__main__", "pipeline.check.folder"])
-        return ctx
-    return multiprocessing.get_context("spawn")
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one image per process: no nested threading
-
-
 def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_dir: Path | None = None,
                    want_features: bool = False, exclude: tuple[Path, ...] = ()) -> tuple[list[dict], list[dict]]:
     """Rows for every readable image under `folder`, and {file, error} for the unreadable ones.
@@ -149,19 +115,12 @@ def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_d
     scripts calling this need the usual `if __name__ == "__main__":` guard."""
     files = find_images(folder, exclude)
     tasks = [(p, p.relative_to(folder).as_posix()) for p in files]
-    bar = tqdm(total=len(tasks), unit="img", desc=folder.name or str(folder), disable=None, leave=False)
+    work = functools.partial(_work, cfg=cfg, overlay_dir=overlay_dir, want_features=want_features)
     results = []
-    with bar:
-        if workers <= 1 or len(tasks) < 2:
-            for t in tasks:
-                results.append(_work(t, cfg, overlay_dir, want_features))
-                bar.update()
-        else:
-            work = functools.partial(_work_chunk, cfg=cfg, overlay_dir=overlay_dir, want_features=want_features)
-            with _pool_context().Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
-                for rows in pool.imap(work, _guided_chunks(tasks, workers)):
-                    results.extend(rows)
-                    bar.update(len(rows))
+    with tqdm(total=len(tasks), unit="img", desc=folder.name or str(folder), disable=None, leave=False) as bar:
+        for rows in chunked_map(work, tasks, workers, preload=("pipeline.check.folder",)):
+            results.extend(rows)
+            bar.update(len(rows))
     rows = [r for r in results if "error" not in r]
     bad = [r for r in results if "error" in r]
     for r in bad:

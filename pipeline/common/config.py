@@ -164,6 +164,19 @@ class CircularityConfig:
 
 
 @dataclass
+class PrepareConfig:
+    """`prepare-data`: real frames → iris-centred training crops (see pipeline/prepare.py)."""
+
+    size: int = 128  # side of the square crops, pixels
+    margin: float = 1.2  # crop side = 2 · margin · iris radius (1 → the iris touches the edges)
+    channels: int = 1  # 1 = grey, 3 = RGB (grey frames repeated, RGB frames → BT.601 luminance for 1)
+    min_frame_side: int = 64  # shorter frame side below this → rejected "too small"
+    max_iris_outside: float = 0.1  # share of the iris disk's area outside the frame above which → "iris cut by frame"
+    min_usable_iris_area: float = 0.5  # usable_iris_area (unoccluded share of the annulus) below this → "occluded"
+    workers: int = 0  # processes; 0 → min(4, CPUs); 1 runs inline
+
+
+@dataclass
 class Config:
     """A whole run: every section, each with defaults."""
 
@@ -174,6 +187,7 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     circularity: CircularityConfig = field(default_factory=CircularityConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
 
 def _type_name(tp: Any) -> str:

@@ -5,7 +5,9 @@ A folder is fingerprinted by its image files' sorted relative names and sizes: n
 modification times (copying a folder to or from Google Drive changes them) and not their bytes
 (hashing a large folder at every start would cost minutes). So the same files moved to another
 path (Drive → the Colab VM's local disk) have the same fingerprint. The built-in synthetic set is
-fingerprinted by the settings that draw it.
+fingerprinted by the settings that draw it; a prepare-data cache (a .npz, or a folder holding
+dataset.npz, which is what gets loaded then) by its bytes, which the same frames and settings
+always reproduce (a cache is one file: hashing it costs about a second per GB).
 """
 
 from __future__ import annotations
@@ -15,20 +17,27 @@ import json
 from pathlib import Path
 
 from pipeline.common.config import DataConfig
+from pipeline.common.files import sha256_file
 from pipeline.data.folders import list_image_files
+from pipeline.data.prepared import cache_file, read_labels
 
 SHOWN = 3  # file names shown per kind of change
 
 
 def dataset_fingerprint(data: DataConfig) -> dict:
     """{'path', 'count', 'sha256'} of the dataset `data` names, plus what the sha256 covers:
-    'settings' (synthetic: count, seed, defects, image size, channels) or 'files' (a folder: one
+    'settings' (synthetic: count, seed, defects, image size, channels), 'cache' (a prepare-data
+    cache: its file name; the hash is of its bytes) or 'files' (a folder: one
     'relative/name<TAB>size' line per image file)."""
     if data.path == "synthetic":
         settings = {"count": data.synthetic_count, "seed": data.seed, "defects": data.synthetic_defects,
                     "image_size": data.image_size, "channels": data.channels}
         text = json.dumps(settings, sort_keys=True)
         return {"path": data.path, "count": data.synthetic_count, "sha256": _sha256(text), "settings": settings}
+    prepared = cache_file(data.path)
+    if prepared is not None:
+        return {"path": data.path, "count": len(read_labels(prepared)), "sha256": sha256_file(prepared),
+                "cache": prepared.name}
     folder = Path(data.path)
     files = list_image_files(folder, report_skipped=False)  # loading the images reports them
     text = "".join(f"{p.relative_to(folder).as_posix()}\t{p.stat().st_size}\n" for p in files)

@@ -1,4 +1,5 @@
-"""Image datasets: a folder of images or the built-in synthetic irises, as [-1, 1] float arrays.
+"""Image datasets: a folder of images, a prepare-data cache or the built-in synthetic irises, as
+[-1, 1] float arrays.
 
 Loaded arrays are cached per process (`data.cache`), so a second trainer in the same process does
 not decode the folder again (unless files were added, removed or replaced meanwhile). Batch order
@@ -8,6 +9,8 @@ lives in `pipeline.common.batches`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -17,6 +20,8 @@ from tqdm import tqdm
 from pipeline.common.config import DataConfig
 from pipeline.common.errors import UserError
 from pipeline.common.images import convert_channels, from_uint
+from pipeline.common.resize import describe_fit, fit_priors
+from pipeline.data.prepared import cache_file, read_cache
 from pipeline.data.synthetic import iter_irises
 
 log = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ def list_image_files(folder: str | Path, report_skipped: bool = True) -> list[Pa
     return images
 
 
-def _decode(path: Path) -> np.ndarray:
+def decode_image(path: Path) -> np.ndarray:
     """Decode a file to HW or HWC uint8/uint16 (RGB order); UserError if unreadable."""
     try:
         buf = np.fromfile(path, dtype=np.uint8)
@@ -100,13 +105,13 @@ def _resize_crop(img: np.ndarray, size: int, path: Path) -> np.ndarray:
 def read_image(path: str | Path, size: int, channels: int) -> np.ndarray:
     """One image file → (channels, size, size) float32 in [-1, 1]."""
     path = Path(path)
-    img = from_uint(_decode(path))
+    img = from_uint(decode_image(path))
     return _to_channels(_resize_crop(img, size, path), channels)
 
 
 def read_image_native(path: str | Path, channels: int) -> np.ndarray:
     """One image file → (channels, H, W) float32 in [-1, 1] at the file's own size (no resize, no crop)."""
-    return _to_channels(from_uint(_decode(Path(path))), channels)
+    return _to_channels(from_uint(decode_image(Path(path))), channels)
 
 
 def _check(data: DataConfig) -> None:
@@ -116,29 +121,50 @@ def _check(data: DataConfig) -> None:
         raise UserError(f"data.image_size must be >= 8, got {data.image_size}")
 
 
+def _load_prepared(path: Path, data: DataConfig) -> np.ndarray:
+    """A prepare-data cache as float32 (N, C, H, W) in [-1, 1], fitted to data.image_size and
+    data.channels (area averaging to shrink, bicubic to enlarge, grey ↔ RGB), with one log line."""
+    cache = read_cache(path)
+    images, info = fit_priors(from_uint(cache.images), (data.channels, data.image_size, data.image_size))
+    fitted = "" if info["method"] == "none" and info["channels"] == "kept" else f"; {describe_fit(info)}"
+    log.info("loaded %d prepared images from %s (the cache, not its PNGs%s)", len(images), path, fitted)
+    return images
+
+
+def _read_all(items: Iterator[np.ndarray], n: int, data: DataConfig, desc: str) -> np.ndarray:
+    images = np.empty((n, data.channels, data.image_size, data.image_size), np.float32)
+    for i, img in enumerate(tqdm(items, total=n, desc=desc, unit="img", leave=False)):
+        images[i] = img
+    return images
+
+
 def load_image_array(data: DataConfig) -> np.ndarray:
-    """All images of the dataset as float32 (N, C, H, W) in [-1, 1] (synthetic when data.path == 'synthetic')."""
+    """All images of the dataset as float32 (N, C, H, W) in [-1, 1]: the synthetic set when
+    data.path == 'synthetic'; the prepare-data cache when data.path is one (a .npz) or a folder
+    holding one (dataset.npz: preferred to decoding its PNGs); else the folder's image files."""
     _check(data)
     synthetic = data.path == "synthetic"
+    prepared = None if synthetic else cache_file(data.path)
     if synthetic:
         if data.synthetic_count < 1:
             raise UserError(f"data.synthetic_count must be >= 1, got {data.synthetic_count}")
         n = data.synthetic_count
         contents: tuple = (data.synthetic_count, data.synthetic_defects, data.seed)
         items = (img for img, _ in iter_irises(n, data.image_size, data.seed, data.channels, data.synthetic_defects))
-        desc = "drawing synthetic irises"
+        load = partial(_read_all, items, n, data, "drawing synthetic irises")
+    elif prepared is not None:
+        stat = prepared.stat()
+        contents = ((str(prepared), stat.st_size, stat.st_mtime_ns),)  # rewritten: a miss
+        load = partial(_load_prepared, prepared, data)
     else:
         files = list_image_files(data.path)
-        n = len(files)
         contents = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)  # files added or replaced: a miss
         items = (read_image(path, data.image_size, data.channels) for path in files)
-        desc = f"loading {data.path}"
+        load = partial(_read_all, items, len(files), data, f"loading {data.path}")
     key = (data.path, data.image_size, data.channels, contents)
     if data.cache and key in _CACHE:
         return _CACHE[key]
-    images = np.empty((n, data.channels, data.image_size, data.image_size), np.float32)
-    for i, img in enumerate(tqdm(items, total=n, desc=desc, unit="img", leave=False)):
-        images[i] = img
+    images = load()
     if data.cache:
         for stale in [k for k in _CACHE if k[:3] == key[:3] and not synthetic]:  # the folder before it changed
             del _CACHE[stale]

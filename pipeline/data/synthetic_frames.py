@@ -27,12 +27,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.images import write_image_uint
 from pipeline.data.synthetic import GOOD_LIDS, DrawnEye, Eye, optics_and_sensor, paint_eye
 from pipeline.data.synthetic_layers import TAU, Draws, grids, pupil_shape, shading
 
@@ -157,8 +157,7 @@ def write_frames(out: str | Path, n: int, height: int = 480, width: int = 640, s
         labels = []
         for i, (frame, rec) in enumerate(tqdm(frames, total=n, desc="drawing frames", unit="frame", leave=False)):
             labels.append({"file": f"{i:06d}.{fmt}", **rec})
-            if not cv2.imwrite(str(tmp / labels[-1]["file"]), frame):
-                raise UserError(f"cannot write frames as {fmt!r} (try bmp, png or tif)")
+            write_image_uint(tmp / labels[-1]["file"], frame)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
         replace_dir(tmp, final)
     except BaseException:
