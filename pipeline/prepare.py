@@ -7,7 +7,10 @@ that fails is the frame's reject reason:
   too small          its shorter side is below `prepare.min_frame_side` (64 px: below that the
                      measurement has too few pixels per pupil, and real frames are 240 px or more)
   no pupil           circularity-check's measurement (`analyze_with_geometry`) finds no dark pupil
-  no limbus          … finds the pupil but no iris boundary around it
+  no limbus          … finds the pupil but no iris boundary around it, or one no eye has: its
+                     centre farther from the pupil's than `circularity.max_concentricity` iris radii,
+                     or the pupil/iris ratio outside the circularity limits (most often the limbus
+                     hidden by lids and edges of lids or lashes fitted instead)
   iris cut by frame  more than `prepare.max_iris_outside` of the iris disk's area lies outside the
                      frame (`disk_outside_fraction`)
   occluded           the measured `usable_iris_area` (unoccluded share of the iris annulus) is below
@@ -101,13 +104,18 @@ class Rejected(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _judge(metrics: dict, width: int, height: int, cfg: PrepareConfig) -> float:
+def _judge(metrics: dict, width: int, height: int, cfg: PrepareConfig, circularity: CircularityConfig) -> float:
     """The share of the iris outside the frame, or `Rejected` when the measured frame is not to be kept."""
     if not metrics["pupil_found"]:
         raise Rejected("no pupil", "no dark pupil region")
     if not metrics["iris_found"]:
         raise Rejected("no limbus", f"no iris boundary around the pupil at ({metrics['pupil_cx']:.1f}, "
                                     f"{metrics['pupil_cy']:.1f}), r {metrics['pupil_r']:.1f}")
+    offset, ratio = metrics["concentricity"], metrics["pupil_iris_ratio"]
+    if not (offset <= circularity.max_concentricity
+            and circularity.min_pupil_iris_ratio <= ratio <= circularity.max_pupil_iris_ratio):
+        raise Rejected("no limbus", f"implausible iris boundary: centre {offset:.2f} iris radii from the pupil's, "
+                                    f"pupil/iris ratio {ratio:.2f}")
     outside = disk_outside_fraction(metrics["iris_cx"], metrics["iris_cy"], metrics["iris_r"], width, height)
     if outside > cfg.max_iris_outside:
         raise Rejected("iris cut by frame", f"{100 * outside:.1f}% of the iris disk is outside the frame "
@@ -125,7 +133,7 @@ def prepare_frame(img: np.ndarray, cfg: PrepareConfig, circularity: CircularityC
     if min(height, width) < cfg.min_frame_side:
         raise Rejected("too small", f"{width}x{height}: the shorter side is below {cfg.min_frame_side} px")
     metrics, _ = analyze_with_geometry(img, circularity)
-    outside = _judge(metrics, width, height, cfg)
+    outside = _judge(metrics, width, height, cfg, circularity)
     pupil = tuple(float(metrics[f"pupil_{k}"]) for k in ("cx", "cy", "r"))
     iris = tuple(float(metrics[f"iris_{k}"]) for k in ("cx", "cy", "r"))
     box = crop_box(*iris, cfg.margin)

@@ -36,6 +36,7 @@ from pipeline.common.images import to_unit
 
 EYE_SPAN = 2.86  # the built-in 128 px eyes' side over their typical iris radius (0.35 · 128)
 FRAME_SIDE = 200  # images at least this big on both sides may be camera frames with a small eye
+_PLAUSIBLE_OFFSET = 0.3  # pupil-iris centre offsets beyond this many iris radii: look again at half the scale
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
@@ -91,14 +92,16 @@ def analyze_with_geometry(img: np.ndarray, cfg: CircularityConfig) -> tuple[dict
 
 
 def _measure(g: np.ndarray) -> tuple[dict, Geometry]:
-    """Measure the whole image (a large one at half the scale too when no iris is found at its own);
+    """Measure the whole image (a large one at half the scale too when no iris, or a very eccentric
+    one, is found at its own);
     where the eye fills little of it (a camera frame), measure again in a window around the eye
     `EYE_SPAN` iris radii wide (the framing the steps are tuned for)."""
     h, w = g.shape
     m, geometry = _measure_window(g, float(min(h, w)))
-    if not m["iris_found"] and min(h, w) >= FRAME_SIDE:  # perhaps a small eye in a camera frame: at half the scale
+    if not m["concentricity"] <= _PLAUSIBLE_OFFSET and min(h, w) >= FRAME_SIDE:  # perhaps a small eye in a frame
         m_half, geometry_half = _measure_window(g, min(h, w) / 2)
-        if m_half["iris_found"] or (m_half["pupil_found"] and not m["pupil_found"]):
+        if m_half["concentricity"] < m["concentricity"] or (m_half["iris_found"] and not m["iris_found"]) \
+                or (m_half["pupil_found"] and not m["pupil_found"]):
             m, geometry = m_half, geometry_half
     if m["pupil_found"]:
         cx, cy, r = (m["iris_cx"], m["iris_cy"], m["iris_r"]) if m["iris_found"] else (m["pupil_cx"], m["pupil_cy"], m["pupil_r"] / 0.2)
