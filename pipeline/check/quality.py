@@ -121,21 +121,22 @@ def usable_iris_area(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask
     """Pixels of the iris disk outside the pupil that look like iris: textured (band-pass energy at
     least `TEXTURE_SHARE` of its median in the sideways sectors, where the limbus was found: lid
     skin and its shadowed margin are smooth), not brighter than the iris/sclera midpoint (skin,
-    glints), and not on a lash (a dark thin line, black-hat, joined to the bright skin above)."""
+    glints), and not on a lash: a dark thin line (black-hat) in the upper half joined to what is
+    not iris above it (lid, its margin, the sclera beyond the limbus)."""
     i_med, s_med = levels
-    visible = disk & (pupil_mask == 0)
+    annulus = disk & (pupil_mask == 0)
     band = cv2.GaussianBlur(g, (0, 0), 0.5 * scale) - cv2.GaussianBlur(g, (0, 0), 1.5 * scale)
     energy = cv2.GaussianBlur(band * band, (0, 0), scale)  # texture energy about each pixel
-    reference = visible & sideways
-    if reference.any():
-        visible &= energy >= TEXTURE_SHARE * median(energy[reference])
+    reference = annulus & sideways
+    iris_like = energy >= TEXTURE_SHARE * median(energy[reference]) if reference.any() else np.ones_like(disk)
     if s_med > i_med + 0.02:
-        skin = (sm > 0.5 * (i_med + s_med)) | (g > s_med)
-        closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
-        dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & (dy < 0)).astype(np.uint8)
-        lid = (skin & (dy < 0)).astype(np.uint8)
-        n, labels = cv2.connectedComponents(dark_lines | lid)
-        from_lid = np.zeros(n, bool)
-        from_lid[labels[lid > 0]] = True
-        visible &= ~skin & ~(from_lid[labels] & (dark_lines > 0))
-    return int(np.count_nonzero(visible))
+        iris_like &= (sm <= 0.5 * (i_med + s_med)) & (g <= s_med)  # not skin, not a glint
+    upper = dy < 0
+    closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
+    dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & upper).astype(np.uint8)
+    above = ((~iris_like | ~disk) & upper & (pupil_mask == 0)).astype(np.uint8)
+    n, labels = cv2.connectedComponents(dark_lines | above)
+    hanging = np.zeros(n, bool)
+    hanging[labels[above > 0]] = True
+    lashes = hanging[labels] & (dark_lines > 0)
+    return int(np.count_nonzero(annulus & iris_like & ~lashes))
