@@ -11,8 +11,9 @@ Measured (truth from the generators: `pipeline.data.synthetic`, `pipeline.data.s
              found, mean centre and radius errors of the good ones; per kind, the usable iris area
              error (mean |measured − truth|, and bias) and the margin adequacy error.
   prepare    the same frames as BMP files through `prepare-data` (1 and N workers): frames/s, kept
-             and rejected by reason per kind of frame, and on the kept good crops the iris centre's
-             distance from the crop centre (% of the side) and its radius against size/(2·margin).
+             and rejected by reason per group of frames (cut, or by true usable iris area: the
+             default limit is 0.5), and on the kept good crops the iris centre's distance from the
+             crop centre (% of the side) and its radius against size/(2·margin).
 JSON to stdout and benchmarks/results/bench_prepare.json, with the machine's facts.
 """
 
@@ -104,6 +105,17 @@ def _crop_errors(labels: list[dict], truth: dict[str, dict], size: int, margin: 
             "iris_radius_error_pct": {"mean": round(float(np.mean(radius)), 3), "max": round(float(np.max(radius)), 3)}}
 
 
+VERDICT_GROUPS = ("usable ≥ 0.6", "usable 0.4–0.6", "usable < 0.4", "cut")
+
+
+def _verdict_group(rec: dict) -> str:
+    """A frame's group by its truth: cut by the frame's edge, else its true usable iris area."""
+    if rec["kind"] == "cut":
+        return "cut"
+    usable = rec["usable_iris_area"]
+    return VERDICT_GROUPS[0] if usable >= 0.6 else VERDICT_GROUPS[1] if usable >= 0.4 else VERDICT_GROUPS[2]
+
+
 def prepare_speed(n: int, workers: list[int], size: int = 128) -> dict:
     """`prepare-data` on n BMP frames (640x480): wall frames/s per worker count, reasons by kind of
     frame, and the crops' placement."""
@@ -123,12 +135,11 @@ def prepare_speed(n: int, workers: list[int], size: int = 128) -> dict:
         labels = json.loads((dest / "labels.json").read_text())
         with open(dest / "rejects.csv", newline="") as f:
             rejects = list(csv.DictReader(f))
-        verdicts: dict[str, Counter] = {kind: Counter() for kind in ("good", "occluded", "cut")}
-        for lab in labels:
-            verdicts[truth[Path(lab["source"]).name]["kind"]]["kept"] += 1
-        for row in rejects:
-            verdicts[truth[Path(row["file"]).name]["kind"]][row["reason"]] += 1
-        out["verdicts_by_kind"] = {kind: dict(c) for kind, c in verdicts.items()}
+        verdicts: dict[str, Counter] = {group: Counter() for group in VERDICT_GROUPS}
+        for name, verdict in [(Path(lab["source"]).name, "kept") for lab in labels] + \
+                             [(Path(row["file"]).name, row["reason"]) for row in rejects]:
+            verdicts[_verdict_group(truth[name])][verdict] += 1
+        out["verdicts_by_truth"] = {group: dict(c) for group, c in verdicts.items()}
         out["margin"] = summary["config"]["margin"]
         out["crops"] = _crop_errors(labels, truth, size, out["margin"])
     return out
@@ -142,7 +153,7 @@ def _headlines(result: dict) -> list[dict]:
     defects = len(DEFECT_RULES) * eyes["per_defect"]
     best = max(v["frames_per_second"] for k, v in prep.items() if k.startswith("workers_"))
     return [
-        headline("checker on 200 built-in 128 px eyes: pupil / iris centre error",
+        headline(f"checker on {eyes['n']} built-in 128 px eyes: pupil / iris centre error",
                  f"{eyes['pupil_centre_px']:.3f} / {eyes['iris_centre_px']:.3f} px", "≤ 0.1 / ≤ 0.2 px",
                  eyes["pupil_centre_px"] <= 0.1 and eyes["iris_centre_px"] <= 0.2),
         headline("checker on 128 px eyes: good pass, defects caught",
