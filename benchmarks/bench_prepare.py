@@ -1,7 +1,7 @@
 """Real-frame readiness: the checker's accuracy on the built-in 128 px eyes and on synthetic
 640x480 camera frames, and `prepare-data`'s speed and crops on a folder of such frames.
 
-    python benchmarks/bench_prepare.py [--quick] [--frames N] [--workers 2]
+    python benchmarks/bench_prepare.py [--quick] [--frames N] [--workers 2] [--figure PNG]
 
 Measured (truth from the generators: `pipeline.data.synthetic`, `pipeline.data.synthetic_frames`):
   eyes_128   200 good built-in eyes and 60 of each defect (seed 1, as tests/test_circularity.py):
@@ -30,14 +30,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 from results_io import headline, machine_facts, write_result
 
-from pipeline.check.analyze import analyze_image
-from pipeline.common.config import CircularityConfig, load_config
-from pipeline.common.images import to_unit
+from pipeline.check.analyze import analyze_image, analyze_with_geometry
+from pipeline.check.folder import draw_overlay
+from pipeline.common.config import CircularityConfig, PrepareConfig, load_config
+from pipeline.common.images import to_unit, write_image_uint
 from pipeline.data.synthetic import generate_irises
-from pipeline.data.synthetic_frames import iter_frames, write_frames
+from pipeline.data.synthetic_frames import FRAME_KINDS, iter_frames, render_frame, write_frames
+from pipeline.prepare import Rejected, prepare_frame
 
 RESULTS = Path(__file__).parent / "results" / "bench_prepare.json"
 DEFECT_RULES = {"bleed": ("bleed_fraction",), "irregular": ("pupil_circularity", "pupil_radial_dev"),
@@ -145,6 +148,29 @@ def prepare_speed(n: int, workers: list[int], size: int = 128) -> dict:
     return out
 
 
+def write_figure(path: Path, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+    """Frames (a good, an occluded and a cut one per seed row) with the boundaries the checker found,
+    each beside its prepared crop or the reason it was turned away."""
+    cfg, circularity = PrepareConfig(), CircularityConfig()
+    rows = []
+    for seed in seeds:
+        tiles = []
+        for kind in FRAME_KINDS:
+            frame, _ = render_frame(np.random.default_rng([40, seed]), 480, 640, kind)
+            metrics, geometry = analyze_with_geometry(frame, circularity)
+            tiles.append(cv2.resize(draw_overlay(frame, metrics, geometry), (240, 180), interpolation=cv2.INTER_AREA))
+            crop = np.full((180, 180, 3), 255, np.uint8)
+            try:
+                image, _ = prepare_frame(frame, cfg, circularity)
+                crop[26:154, 26:154] = image[0][:, :, None]
+            except Rejected as exc:
+                cv2.putText(crop, exc.reason, (8, 95), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (200, 0, 0), 1, cv2.LINE_AA)
+            tiles.append(crop)
+        rows.append(np.hstack(tiles))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_image_uint(path, np.vstack(rows))
+
+
 def _headlines(result: dict) -> list[dict]:
     eyes, frames, prep = result["eyes_128"], result["frames"], result["prepare"]
     good = frames["good"]
@@ -178,7 +204,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
     parser.add_argument("--frames", type=int, default=200, help="synthetic 640x480 frames (default 200)")
     parser.add_argument("--workers", type=int, default=2, help="prepare-data workers besides 1 (default 2)")
+    parser.add_argument("--figure", type=Path, metavar="PNG", help="also draw frames, boundaries and crops here")
     args = parser.parse_args()
+    if args.figure:
+        write_figure(args.figure)
     cfg = load_config(None).circularity
     n = 40 if args.quick else args.frames
     eyes = eyes_128(cfg, 20 if args.quick else 200, 6 if args.quick else 60)
