@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,14 +312,21 @@ def generate_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
 def write_dataset(out: str | Path, n: int, size: int = 128, seed: int = 0, channels: int = 1,
                   defects: float | Sequence[str] = 0.0, overwrite: bool = False) -> Path:
     """Write `OUT/000000.png …` and `OUT/labels.json` (records with a `file` key), atomically."""
-    final = prepare_out_dir(out, overwrite)
     irises = iter_irises(n, size, seed, channels, defects)  # checks the arguments before touching disk
+    return write_labelled(out, irises, n, "png", write_image, overwrite)
+
+
+def write_labelled(out: str | Path, items: Iterable[tuple[np.ndarray, dict]], n: int, suffix: str,
+                   write: Callable[[Path, np.ndarray], None], overwrite: bool) -> Path:
+    """Write n (image, record) pairs as `OUT/000000.<suffix> …` (by `write(path, image)`) and
+    `OUT/labels.json` (the records with a `file` key), built in a temp folder and renamed."""
+    final = prepare_out_dir(out, overwrite)
     tmp = temp_dir_for(final)
     try:
         labels = []
-        for i, (img, rec) in enumerate(tqdm(irises, total=n, desc="drawing", unit="img", leave=False)):
-            labels.append({"file": f"{i:06d}.png", **rec})
-            write_image(tmp / labels[-1]["file"], img)
+        for i, (img, rec) in enumerate(tqdm(items, total=n, desc="drawing", unit="img", leave=False)):
+            labels.append({"file": f"{i:06d}.{suffix}", **rec})
+            write(tmp / labels[-1]["file"], img)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
         replace_dir(tmp, final)
     except BaseException:

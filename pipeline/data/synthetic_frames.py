@@ -21,19 +21,22 @@ area), iris_outside (share of the iris disk outside the frame) and margin_adequa
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
 from pipeline.common.images import write_image_uint
-from pipeline.data.synthetic import GOOD_LIDS, DrawnEye, Eye, optics_and_sensor, paint_eye
+from pipeline.data.synthetic import (
+    GOOD_LIDS,
+    DrawnEye,
+    Eye,
+    optics_and_sensor,
+    paint_eye,
+    write_labelled,
+)
 from pipeline.data.synthetic_layers import TAU, Draws, grids, pupil_shape, shading
 
 FRAME_KINDS = ("good", "occluded", "cut")
@@ -150,17 +153,4 @@ def iter_frames(n: int, height: int = 480, width: int = 640, seed: int = 0,
 def write_frames(out: str | Path, n: int, height: int = 480, width: int = 640, seed: int = 0,
                  kinds: tuple[float, float] = (0.0, 0.0), fmt: str = "bmp", overwrite: bool = False) -> Path:
     """Write `OUT/000000.<fmt> …` and `OUT/labels.json` (records with a `file` key), atomically."""
-    final = prepare_out_dir(out, overwrite)
-    frames = iter_frames(n, height, width, seed, kinds)
-    tmp = temp_dir_for(final)
-    try:
-        labels = []
-        for i, (frame, rec) in enumerate(tqdm(frames, total=n, desc="drawing frames", unit="frame", leave=False)):
-            labels.append({"file": f"{i:06d}.{fmt}", **rec})
-            write_image_uint(tmp / labels[-1]["file"], frame)
-        (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return write_labelled(out, iter_frames(n, height, width, seed, kinds), n, fmt, write_image_uint, overwrite)
