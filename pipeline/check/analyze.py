@@ -11,8 +11,9 @@ are multiplied by s/128):
 4. Iris (limbus): `pipeline.check.limbus`.
 5. Bleed and 6. ISO/IEC 29794-6 style quality figures: `pipeline.check.quality`.
 
-Camera frames (an eye filling little of the image, anywhere in it): a large image in which no iris
-is found at its own scale is measured again at half the scale (a smaller eye), and wherever the
+Camera frames (an eye filling little of the image, anywhere in it): a large image in which no iris,
+or a very eccentric one, is found at its own scale is measured again at half the scale (a smaller
+eye), and wherever the
 eye is found filling less than 0.8 of the image, steps 1–6 run again on a window `EYE_SPAN` iris
 radii wide around it, at the window's scale: the framing the constants are tuned for.
 
@@ -93,9 +94,8 @@ def analyze_with_geometry(img: np.ndarray, cfg: CircularityConfig) -> tuple[dict
 
 def _measure(g: np.ndarray) -> tuple[dict, Geometry]:
     """Measure the whole image (a large one at half the scale too when no iris, or a very eccentric
-    one, is found at its own);
-    where the eye fills little of it (a camera frame), measure again in a window around the eye
-    `EYE_SPAN` iris radii wide (the framing the steps are tuned for)."""
+    one, is found at its own); where the eye fills little of it (a camera frame), measure again in
+    a window around the eye `EYE_SPAN` iris radii wide (the framing the steps are tuned for)."""
     h, w = g.shape
     m, geometry = _measure_window(g, float(min(h, w)))
     if not m["concentricity"] <= _PLAUSIBLE_OFFSET and min(h, w) >= FRAME_SIDE:  # perhaps a small eye in a frame

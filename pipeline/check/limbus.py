@@ -2,11 +2,17 @@
 
 4. Iris (limbus). Along rays from the pupil centre in two sectors about the horizontal (30° above
    to 40° below, left and right: where eyelids and lashes rarely reach), the two strongest
-   dark→bright steps outside the pupil are candidate edges; a circle is refined by least squares
-   on the edges within 1.5 px of it, started from the fit to each ray's strongest edge when 90 % of
-   the edge strength then agrees with it (an unoccluded limbus), else from a RANSAC circle (most
-   edge strength within 1.5 px); rays are cast again from its centre and the circle refitted. This
-   is Daugman's radial-gradient search restricted to occlusion-free sectors.
+   dark→bright steps outside the pupil are candidate edges. Only visible arcs count: a step must
+   face the ray (its component across the ray at most tan 35° of the one along it: an eyelid's
+   edge faces up or down), and a ray beyond the image's edge sees none. A circle is refined by
+   least squares on the edges within 1.5 px of it, started from the fit to each ray's strongest
+   edge when 90 % of the edge strength then agrees with it (an unoccluded limbus), else from a
+   RANSAC circle (most edge strength within 1.5 px); if that circle's centre is over 0.15 radii
+   from the pupil's, the best nearly concentric circle (RANSAC within 0.15 radii, one side's edges
+   alone allowed) replaces it unless the eccentric one has over 1/0.7 times its support (an
+   eccentric iris keeps its circle; edges of lids, lashes or a cut-off side do not). Rays are cast
+   again from its centre and the circle refitted. This is Daugman's radial-gradient search
+   restricted to occlusion-free sectors.
    `iris_circularity` = 1 − 1.4826·MAD/median of the limbus distance from the fitted centre over
    those rays (a robust 1 − std/mean: a few rays caught by lashes do not count).
 

@@ -3,8 +3,10 @@ tongues reaching out of it cut off.
 
 1. Pupil region. The smoothed image is thresholded between its dark end (0.5th percentile) and its
    median; an opening removes lashes and noise; of the dark components, the one that best combines
-   size, darkness and nearness to the image centre (a border-touching one is heavily discounted)
-   is kept and its holes filled. Specular reflections near it (small spots far brighter than their
+   size, darkness of its core (10th percentile, to the 4th power), compactness (a clump of lashes is
+   not a disk) and nearness to the image centre (a border-touching one is heavily discounted) is
+   kept and its holes filled; if it holds a much darker core (a small pupil and a dim iris both
+   under the threshold of a large frame), the core is taken instead. Specular reflections near it (small spots far brighter than their
    surroundings: white top-hat) are filled by harmonic interpolation from around them. The level
    is then refined to the midpoint between the pupil level P and the level I of a ring just outside
    it: a blurred step crosses half height at the true edge, whatever the blur or contrast.
