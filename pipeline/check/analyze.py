@@ -43,16 +43,21 @@ _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 @dataclass
 class Geometry:
-    """What an overlay draws: the pupil proper's boundary and the fitted circles (NaN when absent)."""
+    """What was found besides the metrics: the pupil proper's boundary, the fitted circles (NaN when
+    absent) and, when the iris was found, its usable pixels (`pipeline.check.quality.usable_iris`)
+    as a bool mask whose pixel (0, 0) is the image's `visible_origin` (x, y)."""
 
     pupil_contour: np.ndarray  # (K, 2) x, y
     pupil: tuple[float, float, float]  # cx, cy, r
     iris: tuple[float, float, float]
+    visible: np.ndarray | None = None
+    visible_origin: tuple[int, int] = (0, 0)
 
-    def shifted(self, dx: float, dy: float) -> Geometry:
+    def shifted(self, dx: int, dy: int) -> Geometry:
         """The same boundaries in an image whose pixel (0, 0) is this one's (−dx, −dy)."""
-        (px, py, pr), (ix, iy, ir) = self.pupil, self.iris
-        return Geometry(self.pupil_contour + (dx, dy), (px + dx, py + dy, pr), (ix + dx, iy + dy, ir))
+        (px, py, pr), (ix, iy, ir), (ox, oy) = self.pupil, self.iris, self.visible_origin
+        return Geometry(self.pupil_contour + (dx, dy), (px + dx, py + dy, pr), (ix + dx, iy + dy, ir),
+                        self.visible, (ox + dx, oy + dy))
 
 
 def to_grey_unit(img: np.ndarray) -> np.ndarray:
@@ -153,5 +158,6 @@ def _measure_window(g: np.ndarray, s: float) -> tuple[dict, Geometry]:
         concentricity=math.hypot(pupil.cx - icx, pupil.cy - icy) / ir, pupil_iris_ratio=pupil.r / ir,
     )
     geometry.iris = (icx, icy, ir)
-    m.update(annulus_metrics(g, sm, pupil, (icx, icy, ir), scale))
+    quality, geometry.visible, geometry.visible_origin = annulus_metrics(g, sm, pupil, (icx, icy, ir), scale)
+    m.update(quality)
     return m, geometry

@@ -37,8 +37,10 @@ LASH_CONTRAST = 0.2  # lashes: at least this share of the iris level darker than
 
 
 def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[float, float, float],
-                    scale: float) -> dict:
-    """Bleed fraction, ISO contrasts and grey-scale utilisation from the iris annulus."""
+                    scale: float) -> tuple[dict, np.ndarray, tuple[int, int]]:
+    """Bleed fraction, ISO contrasts, grey-scale utilisation and usable iris area from the iris
+    annulus; and the usable iris pixels (`usable_iris`) as a mask of the window around the iris
+    whose top-left pixel is returned last, (x0, y0) in `g`."""
     icx, icy, ir = iris
     h, w = g.shape
     reach = 1.25 * ir + 2
@@ -68,9 +70,9 @@ def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[flo
         reach = max(2, int(round(0.45 * ir)))
         below_lid = cv2.dilate(lid, np.ones((reach, 1), np.uint8), anchor=(0, reach - 1)) > 0
         visible = annulus & ~skin & ~below_lid
+    usable = usable_iris(g, sm, r_iris < ir, pupil_mask, dy, sideways, (i_med, s_med), scale)
     out = {"grey_utilisation": entropy_bits(g[in_iris]),
-           "usable_iris_area": usable_iris_area(g, sm, r_iris < ir, pupil_mask, dy, sideways, (i_med, s_med), scale)
-           / (math.pi * (ir * ir - pupil.r * pupil.r))}
+           "usable_iris_area": np.count_nonzero(usable) / (math.pi * (ir * ir - pupil.r * pupil.r))}
     n_visible = np.count_nonzero(visible)
     if n_visible:
         dark = (visible & (sm < pupil.level)).astype(np.uint8)
@@ -84,7 +86,7 @@ def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[flo
             attached[labels[rim & (dark > 0)]] = True
             out["bleed_fraction"] = np.count_nonzero(attached[labels]) / n_visible
     out["iris_pupil_contrast"], out["iris_sclera_contrast"] = _iso_contrasts(p_med, i_med, s_med)
-    return out
+    return out, usable, (x0, y0)
 
 
 def entropy_bits(values: np.ndarray) -> float:
@@ -116,9 +118,9 @@ def _iso_contrasts(p: float, i: float, s: float) -> tuple[float, float]:
     return ipc, isc
 
 
-def usable_iris_area(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.ndarray, dy: np.ndarray,
-                     sideways: np.ndarray, levels: tuple[float, float], scale: float) -> int:
-    """Pixels of the iris disk outside the pupil that look like iris: textured (band-pass energy at
+def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.ndarray, dy: np.ndarray,
+                sideways: np.ndarray, levels: tuple[float, float], scale: float) -> np.ndarray:
+    """The pixels (a bool mask) of the iris disk outside the pupil that look like iris: textured (band-pass energy at
     least `TEXTURE_SHARE` of its median in the sideways sectors, where the limbus was found: lid
     skin and its shadowed margin are smooth), not brighter than the iris/sclera midpoint (skin,
     glints), and not on a lash: a dark thin line (black-hat) in the upper half joined to what is
@@ -139,4 +141,4 @@ def usable_iris_area(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask
     hanging = np.zeros(n, bool)
     hanging[labels[above > 0]] = True
     lashes = hanging[labels] & (dark_lines > 0)
-    return int(np.count_nonzero(annulus & iris_like & ~lashes))
+    return annulus & iris_like & ~lashes
