@@ -32,6 +32,7 @@ from pipeline.check.arrays import kernel, median
 from pipeline.check.limbus import SECTOR_UP_DEG
 from pipeline.check.pupil import Pupil
 
+LID_MIN_AREA, LID_SPILL = 0.03, 3.5  # smooth regions this big (share of the disk) lose this rim (× scale)
 TEXTURE_SHARE = 0.25  # iris: band-pass energy at least this share of the visible iris's median
 LASH_CONTRAST = 0.2  # lashes: at least this share of the iris level darker than their surroundings
 
@@ -120,19 +121,31 @@ def _iso_contrasts(p: float, i: float, s: float) -> tuple[float, float]:
 
 def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.ndarray, dy: np.ndarray,
                 sideways: np.ndarray, levels: tuple[float, float], scale: float) -> np.ndarray:
-    """The pixels (a bool mask) of the iris disk outside the pupil that look like iris: textured (band-pass energy at
-    least `TEXTURE_SHARE` of its median in the sideways sectors, where the limbus was found: lid
-    skin and its shadowed margin are smooth), not brighter than the iris/sclera midpoint (skin,
-    glints), and not on a lash: a dark thin line (black-hat) in the upper half joined to what is
-    not iris above it (lid, its margin, the sclera beyond the limbus)."""
+    """The pixels (a bool mask) of the iris disk outside the pupil that look like iris: textured
+    (band-pass energy at least `TEXTURE_SHARE` of its median in the sideways sectors, where the
+    limbus was found: lid skin and its shadowed margin are smooth), not brighter than the
+    iris/sclera midpoint (skin, glints), not within `LID_SPILL` of a large smooth region (the
+    energy's spill into a lid), and not on a lash: a dark thin line (black-hat) in the upper half
+    joined to what is not iris above it (lid, its margin, the sclera beyond the limbus)."""
     i_med, s_med = levels
     annulus = disk & (pupil_mask == 0)
     band = cv2.GaussianBlur(g, (0, 0), 0.5 * scale) - cv2.GaussianBlur(g, (0, 0), 1.5 * scale)
     energy = cv2.GaussianBlur(band * band, (0, 0), scale)  # texture energy about each pixel
     reference = annulus & sideways
-    iris_like = energy >= TEXTURE_SHARE * median(energy[reference]) if reference.any() else np.ones_like(disk)
+    textured = energy >= TEXTURE_SHARE * median(energy[reference]) if reference.any() else np.ones_like(disk)
+    iris_like = textured.copy()
     if s_med > i_med + 0.02:
-        iris_like &= (sm <= 0.5 * (i_med + s_med)) & (g <= s_med)  # not skin, not a glint
+        not_bright = (sm <= 0.5 * (i_med + s_med)) & (g <= s_med)
+        iris_like &= not_bright  # not skin, not a glint
+    else:
+        not_bright = np.ones_like(disk)
+    # Texture energy spills a few pixels past the iris into a smooth lid that is as grey as the iris
+    # (where brightness cannot tell them apart): pull the iris back from every large smooth region.
+    smooth = (~textured & not_bright & disk & (pupil_mask == 0)).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(smooth, 8)
+    large = np.zeros(n, bool)
+    large[1:] = stats[1:, cv2.CC_STAT_AREA] >= LID_MIN_AREA * np.count_nonzero(disk)
+    iris_like &= cv2.dilate(large[labels].astype(np.uint8), kernel(LID_SPILL * scale)) == 0
     upper = dy < 0
     closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
     dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & upper).astype(np.uint8)
