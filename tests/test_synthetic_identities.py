@@ -8,7 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.cli.synthetic_irises import main
 from pipeline.common.errors import UserError
+from pipeline.common.images import to_uint8
 from pipeline.data.synthetic import generate_irises
 from pipeline.data.synthetic_frames import iter_frames
 from pipeline.data.synthetic_identities import iter_identities, render_capture
@@ -126,3 +128,37 @@ def test_bad_arguments_are_user_errors_before_any_drawing():
             iter_identities(*args)
     with pytest.raises(UserError, match="identity must be >= 0"):
         render_capture(-1, 0)
+
+
+def test_cli_writes_identities_with_labels(tmp_path, capsys):
+    out = tmp_path / "ids"
+    with pytest.raises(SystemExit) as exc:
+        main([str(out), "--identities", "3", "--captures", "2", "--size", "48", "--seed", "5"])
+    assert exc.value.code == 0
+    labels = json.loads((out / "labels.json").read_text())
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    assert [(lab["identity"], lab["capture"]) for lab in labels] == [(i, c) for i in range(3) for c in range(2)]
+    for i, (lab, (img, rec)) in enumerate(zip(labels, iter_identities(3, 2, 48, seed=5), strict=True)):
+        assert lab == {"file": f"{i:06d}.png", **rec}
+        assert np.array_equal(cv2.imread(str(out / lab["file"]), cv2.IMREAD_UNCHANGED), to_uint8(img[0]))
+    assert "3 eyes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--identities", "-2", "--captures", "2"], "must be >= 1"),
+    (["--identities", "2", "--captures", "0"], "must be >= 1"),
+    (["--identities", "2"], "go together"),
+    (["--captures", "2"], "go together"),
+    (["--identities", "2", "--captures", "2", "--frame", "640x480"], "--frame"),
+    (["--identities", "2", "--captures", "2", "--defects", "0.2"], "--defects"),
+    (["--identities", "2", "--captures", "2", "--n", "5"], "--n"),
+    (["--identities", "2", "--captures", "2", "--seed", "-1"], "seed"),
+])
+def test_cli_bad_identity_arguments_are_one_line_errors(tmp_path, capsys, args, msg):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exc:
+        main([str(out), "--size", "32", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and msg in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []
