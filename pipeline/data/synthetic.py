@@ -76,6 +76,30 @@ class Eye:
     off: float
     s: float  # the eye's scale: lengths drawn for a 128 px image are multiplied by it
 
+    @classmethod
+    def around(cls, size: int, icx: float, icy: float, ir: float, ratio: float, off: float,
+               direction: float, s: float) -> Eye:
+        """The eye whose pupil (radius ratio·ir) sits `off` px from the iris centre towards
+        `direction` (radians from +x towards +y)."""
+        return cls(size, icx, icy, ir, icx + off * math.cos(direction), icy + off * math.sin(direction),
+                   ratio * ir, off, s)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """An eye's grey levels in [0, 1], before the global gain/offset."""
+
+    sclera: float
+    skin: float
+    iris: float  # the iris texture's base level
+    pupil: float
+
+
+def draw_levels(d: Draws) -> Levels:
+    """Sclera, skin (a little darker than the sclera), iris base and pupil grey."""
+    sclera = d.uniform(0.6, 0.78)
+    return Levels(sclera, sclera - d.uniform(0.0, 0.1), d.uniform(0.36, 0.5), d.uniform(0.03, 0.08))
+
 
 def _place_eye(d: Draws, size: int, defect: str | None) -> Eye:
     """Iris radius and centre, pupil/iris ratio and the pupil's offset from the iris centre."""
@@ -87,16 +111,14 @@ def _place_eye(d: Draws, size: int, defect: str | None) -> Eye:
     else:
         off = d.uniform(0.0, 0.06) * ir
         ratio = d.uniform(0.35, 0.6) if defect == "irregular" else d.uniform(0.2, 0.7)  # lobes need room
-    direction = d.uniform(0, TAU)
-    pcx, pcy = icx + off * math.cos(direction), icy + off * math.sin(direction)
-    return Eye(size, icx, icy, ir, pcx, pcy, ratio * ir, off, size / 128.0)
+    return Eye.around(size, icx, icy, ir, ratio, off, d.uniform(0, TAU), size / 128.0)
 
 
-def _paint_iris(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: Eye, base: float) -> None:
-    """The iris, mapped from its rubber-sheet texture (only inside its bounding box)."""
+def _paint_iris(img: np.ndarray, eye: Eye, tex: np.ndarray) -> None:
+    """The iris, mapped from its rubber-sheet texture (`iris_texture`) between the circle of the
+    pupil's radius and the limbus, both about the iris centre (only inside its bounding box)."""
     f32 = np.float32
     X, Y, _, _ = grids(eye.size)
-    tex = iris_texture(rng, d, round(128 * eye.s), base)
     rows, cols = tex.shape[0] - 1, tex.shape[1]
     where = box(eye.icx, eye.icy, eye.ir + 3 * eye.s, eye.size)
     r_i, th_i = cv2.cartToPolar(X[where] - f32(eye.icx), Y[where] - f32(eye.icy))
@@ -203,47 +225,39 @@ class DrawnEye:
     lash_alpha: np.ndarray | None
 
 
-def paint_eye(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: Eye, shape: dict,
-              levels: tuple[float, float, float], lids: tuple[tuple[float, float], tuple[float, float]]) -> DrawnEye:
-    """Paint an eye over a square background in place, back to front: iris, pupil, eyelids
-    (`lids`: see `_paint_lids`), lashes and glints. `levels`: iris base, pupil and skin grey in [0, 1]."""
-    iris_base, pupil_val, skin = levels
-    _paint_iris(img, rng, d, eye, iris_base)
-    _paint_pupil(img, d, eye, shape, pupil_val)
+def paint_eye(img: np.ndarray, rng: np.random.Generator, d: Draws, eye: Eye, shape: dict, texture: np.ndarray,
+              levels: Levels, lids: tuple[tuple[float, float], tuple[float, float]]) -> DrawnEye:
+    """Paint an eye over a square background in place, back to front: iris (from its rubber-sheet
+    `texture`), pupil, eyelids (`lids`: see `_paint_lids`), lashes and glints."""
+    _paint_iris(img, eye, texture)
+    _paint_pupil(img, d, eye, shape, levels.pupil)
     keep_clear = shape["extent"] + max(0.08 * eye.ir, 2.0)  # lids and lashes stay off the pupil
-    upper_lid, lower_lid = _paint_lids(img, d, eye, keep_clear, skin, lids)
+    upper_lid, lower_lid = _paint_lids(img, d, eye, keep_clear, levels.skin, lids)
     n_lashes, lash_alpha = draw_lashes(rng, d, img, upper_lid, eye.ir, (eye.pcx, eye.pcy, keep_clear))
     glints = _place_glints(d, eye)
     draw_glints(img, glints, d.uniform(0.92, 1.0))
     return DrawnEye(upper_lid, lower_lid, glints, n_lashes, lash_alpha)
 
 
-def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
-                defect: str | None = None) -> tuple[np.ndarray, dict]:
-    """Draw one eye; returns a (channels, size, size) float32 image in [-1, 1] and its record."""
+def background(d: Draws, size: int, sclera: float) -> np.ndarray:
+    """The (size, size) sclera behind the eye: separable soft shading and vignetting."""
     _, _, _, unit = grids(size)
-    d = Draws(rng)
-    eye = _place_eye(d, size, defect)
-    shape = pupil_shape(d, defect, eye.pr, eye.ir)
-    # Grey levels before the global gain/offset, in [0, 1].
-    sclera = d.uniform(0.6, 0.78)
-    skin = sclera - d.uniform(0.0, 0.1)
-    iris_base = d.uniform(0.36, 0.5)
-    pupil_val = d.uniform(0.03, 0.08)
-    # Background: separable soft shading and vignetting; then the layers, back to front.
     vignette = unit * unit * np.float32(d.uniform(0.025, 0.1))
-    img = np.add.outer(shading(d, unit, 0.04) - vignette + np.float32(sclera), shading(d, unit, 0.04) - vignette)
-    drawn = paint_eye(img, rng, d, eye, shape, (iris_base, pupil_val, skin), GOOD_LIDS)
-    out, gain, offset, noise_sigma = optics_and_sensor(img, d, eye.s, channels)
+    return np.add.outer(shading(d, unit, 0.04) - vignette + np.float32(sclera), shading(d, unit, 0.04) - vignette)
 
+
+def expose(img: np.ndarray, d: Draws, eye: Eye, shape: dict, drawn: DrawnEye, levels: Levels, channels: int,
+           defect: str | None) -> tuple[np.ndarray, dict]:
+    """The painted eye through `optics_and_sensor`, and its record (the module docstring's keys)."""
+    out, gain, offset, noise_sigma = optics_and_sensor(img, d, eye.s, channels)
     record = {
         "pupil_cx": float(eye.pcx), "pupil_cy": float(eye.pcy), "pupil_r": float(eye.pr),
         "pupil_axis_ratio": float(shape["axis_ratio"]), "pupil_angle": float(shape["angle"]),
         "iris_cx": float(eye.icx), "iris_cy": float(eye.icy), "iris_r": float(eye.ir),
         "defect": defect,
         "pupil_iris_ratio": float(eye.pr / eye.ir), "concentricity": float(eye.off / eye.ir),
-        "pupil_value": 2.0 * (pupil_val * gain + offset) - 1.0,
-        "iris_value": 2.0 * (iris_base * gain + offset) - 1.0,
+        "pupil_value": 2.0 * (levels.pupil * gain + offset) - 1.0,
+        "iris_value": 2.0 * (levels.iris * gain + offset) - 1.0,
         "upper_lid": drawn.upper_lid, "lower_lid": drawn.lower_lid,
         "reflections": drawn.glints, "lashes": drawn.lashes, "noise_sigma": noise_sigma,
     }
@@ -251,6 +265,18 @@ def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
         if key in shape:
             record[key] = shape[key]
     return out, record
+
+
+def render_iris(rng: np.random.Generator, size: int, channels: int = 1,
+                defect: str | None = None) -> tuple[np.ndarray, dict]:
+    """Draw one eye; returns a (channels, size, size) float32 image in [-1, 1] and its record."""
+    d = Draws(rng)
+    eye = _place_eye(d, size, defect)
+    shape = pupil_shape(d, defect, eye.pr, eye.ir)
+    levels = draw_levels(d)
+    img = background(d, size, levels.sclera)
+    drawn = paint_eye(img, rng, d, eye, shape, iris_texture(rng, d, round(128 * eye.s), levels.iris), levels, GOOD_LIDS)
+    return expose(img, d, eye, shape, drawn, levels, channels, defect)
 
 
 def _check_defects(n: int, defects: float | Sequence[str | None]) -> float | list[str | None]:
@@ -268,6 +294,14 @@ def _check_defects(n: int, defects: float | Sequence[str | None]) -> float | lis
     return names
 
 
+def check_size_and_seed(size: int, seed: int) -> None:
+    """UserError unless the image side is at least 16 px and the seed is >= 0."""
+    if size < 16:
+        raise UserError(f"synthetic image size must be >= 16, got {size}")
+    if seed < 0:
+        raise UserError(f"seed must be >= 0, got {seed}")
+
+
 def iter_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
                 defects: float | Sequence[str] = 0.0) -> Iterator[tuple[np.ndarray, dict]]:
     """Yield (image (channels, size, size), record) one at a time; see `generate_irises`.
@@ -276,12 +310,9 @@ def iter_irises(n: int, size: int = 128, seed: int = 0, channels: int = 1,
     """
     if n < 0:
         raise UserError(f"number of images must be >= 0, got {n}")
-    if size < 16:
-        raise UserError(f"synthetic image size must be >= 16, got {size}")
+    check_size_and_seed(size, seed)
     if channels not in (1, 3):
         raise UserError(f"channels must be 1 or 3, got {channels}")
-    if seed < 0:
-        raise UserError(f"seed must be >= 0, got {seed}")
     kinds = _check_defects(n, defects)
 
     def draw() -> Iterator[tuple[np.ndarray, dict]]:

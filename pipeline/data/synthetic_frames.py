@@ -33,11 +33,12 @@ from pipeline.data.synthetic import (
     GOOD_LIDS,
     DrawnEye,
     Eye,
+    draw_levels,
     optics_and_sensor,
     paint_eye,
     write_labelled,
 )
-from pipeline.data.synthetic_layers import TAU, Draws, grids, pupil_shape, shading
+from pipeline.data.synthetic_layers import TAU, Draws, grids, iris_texture, pupil_shape, shading
 
 FRAME_KINDS = ("good", "occluded", "cut")
 OCCLUDED_LIDS = ((0.0, 0.15), (0.0, 0.2))  # lid apexes down to (clamped: just off) the pupil
@@ -57,8 +58,7 @@ def _place(d: Draws, height: int, width: int, kind: str, radius: tuple[float, fl
         side, at = d.integer(0, 4), inside * ir
         icx = (at - 0.5, width - 0.5 - at, icx, icx)[side]
         icy = (icy, icy, at - 0.5, height - 0.5 - at)[side]
-    pcx, pcy = icx + off * math.cos(direction), icy + off * math.sin(direction)
-    return Eye(max(height, width), icx, icy, ir, pcx, pcy, ratio * ir, off, ir / _IRIS_R_128)
+    return Eye.around(max(height, width), icx, icy, ir, ratio, off, direction, ir / _IRIS_R_128)
 
 
 def _illumination(d: Draws, height: int, width: int, size: int) -> np.ndarray:
@@ -112,11 +112,11 @@ def render_frame(rng: np.random.Generator, height: int = 480, width: int = 640, 
     d = Draws(rng, 160)
     eye = _place(d, height, width, kind, radius)
     shape = pupil_shape(d, None, eye.pr, eye.ir)
-    sclera = d.uniform(0.6, 0.78)
-    skin, iris_base, pupil_val = sclera - d.uniform(0.0, 0.1), d.uniform(0.36, 0.5), d.uniform(0.03, 0.08)
+    levels = draw_levels(d)
     _, _, _, unit = grids(eye.size)  # drawn on a square canvas, then cut to the frame
-    img = np.add.outer(shading(d, unit, 0.04) + np.float32(sclera), shading(d, unit, 0.04))
-    drawn = paint_eye(img, rng, d, eye, shape, (iris_base, pupil_val, skin), OCCLUDED_LIDS if kind == "occluded" else GOOD_LIDS)
+    img = np.add.outer(shading(d, unit, 0.04) + np.float32(levels.sclera), shading(d, unit, 0.04))
+    texture = iris_texture(rng, d, round(128 * eye.s), levels.iris)
+    drawn = paint_eye(img, rng, d, eye, shape, texture, levels, OCCLUDED_LIDS if kind == "occluded" else GOOD_LIDS)
     img *= _illumination(d, height, width, eye.size)
     out, _, _, _ = optics_and_sensor(img, d, eye.s, 1)
     frame = np.round((out[0, :height, :width] + 1.0) * 127.5).astype(np.uint8)
