@@ -80,6 +80,17 @@ def test_a_circular_shift_of_the_polar_image_shifts_the_code(s):
     assert bits == 2 * np.count_nonzero(a.mask) > 0.9 * 2 * np.count_nonzero(valid)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_occluders_do_not_ring_into_the_code(seed):
+    polar = texture((16, 256), seed)
+    lid, lashes = polar.copy(), polar.copy()
+    valid_lid, valid_lashes = np.ones(polar.shape, bool), np.ones(polar.shape, bool)
+    lid[:, 40:70], valid_lid[:, 40:70] = 1.0, False  # bright skin here, dark lashes there
+    lashes[:, 100:140], valid_lashes[:, 100:140] = 0.0, False
+    hd, bits, _ = hamming_distance(encode(lid, valid_lid), encode(lashes, valid_lashes), 0)
+    assert hd < 0.05 and bits > 0.6 * 2 * polar.size
+
+
 def test_the_bits_are_the_quadrant_of_the_phase():
     n_angles, cycles = 256, 16  # the default wavelength A/16: a sinusoid at the filter's centre
     phase = 2 * np.pi * cycles * np.arange(n_angles) / n_angles + 0.3
