@@ -190,7 +190,9 @@ class IdentityConfig:
     max_pairs: int = 20000  # impostor pairs compared per set; more pairs than this → this many sampled with `seed`
     seed: int = 0
     workers: int = 0  # processes coding images; 0 → min(4, CPUs); 1 runs inline
-    rescale: bool = True  # report Daugman's rescaled HD, 0.5 − (0.5 − HD)·√(bits / 911): fewer bits, nearer 0.5
+    # Report Daugman's rescaled HD, 0.5 − (0.5 − HD)·√(n / n_typ), n the bits compared: fewer bits, nearer
+    # 0.5. n_typ is the run's median bits compared (Daugman's 911 fits his 2048-bit code, not this grid).
+    rescale: bool = True
 
 
 @dataclass
