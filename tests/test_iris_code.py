@@ -80,6 +80,17 @@ def test_a_circular_shift_of_the_polar_image_shifts_the_code(s):
     assert bits == 2 * np.count_nonzero(a.mask) > 0.9 * 2 * np.count_nonzero(valid)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_occluders_do_not_ring_into_the_code(seed):
+    polar = texture((16, 256), seed)
+    lid, lashes = polar.copy(), polar.copy()
+    valid_lid, valid_lashes = np.ones(polar.shape, bool), np.ones(polar.shape, bool)
+    lid[:, 40:70], valid_lid[:, 40:70] = 1.0, False  # bright skin here, dark lashes there
+    lashes[:, 100:140], valid_lashes[:, 100:140] = 0.0, False
+    hd, bits, _ = hamming_distance(encode(lid, valid_lid), encode(lashes, valid_lashes), 0)
+    assert hd < 0.05 and bits > 0.6 * 2 * polar.size
+
+
 def test_the_bits_are_the_quadrant_of_the_phase():
     n_angles, cycles = 256, 16  # the default wavelength A/16: a sinusoid at the filter's centre
     phase = 2 * np.pi * cycles * np.arange(n_angles) / n_angles + 0.3
@@ -203,6 +214,28 @@ def test_code_image_tells_eyes_apart_and_turned_eyes_alike():
         assert reason == ""
         hd, bits, shift = hamming_distance(code, turned, 10)
         assert hd < 0.3 and abs(shift - round(-7 / 360 * 256)) <= 1 and bits > 4000
+
+
+def wedge_of_texture(eye: np.ndarray, record: dict, half_width: float) -> np.ndarray:
+    """The eye with its iris texture flattened (to the iris's median) outside |θ| < half_width."""
+    x, y = np.meshgrid(np.arange(eye.shape[1]) - record["iris_cx"], np.arange(eye.shape[0]) - record["iris_cy"])
+    r = np.hypot(x, y)
+    ring = (r > record["pupil_r"] + 2) & (r < record["iris_r"] - 2)
+    out = eye.copy()
+    out[ring & (np.abs(np.arctan2(y, x)) > half_width)] = np.median(eye[ring])
+    return out
+
+
+def test_the_mask_follows_the_visible_iris():
+    images, records = generate_irises(3, seed=5)
+    cfg = CircularityConfig()
+    for image, record in zip(images, records, strict=True):
+        eye = to_unit(image)[0]
+        code, reason = code_image(wedge_of_texture(eye, record, 0.5 * np.pi), cfg)
+        theta = 2 * np.pi * np.arange(code.mask.shape[1]) / code.mask.shape[1]
+        flat = np.abs(np.angle(np.exp(1j * theta))) > 0.6 * np.pi
+        assert reason == "" and 0.3 < code.mask.mean() < 0.55 and code.mask[2:-2, flat].mean() < 0.05
+        assert code_image(wedge_of_texture(eye, record, 0.15 * np.pi), cfg) == (None, "too little iris visible")
 
 
 def test_code_image_says_why_not():

@@ -74,7 +74,7 @@ def pairwise_hamming(codes_a: list[IrisCode], codes_b: list[IrisCode] | None, ma
 
     Vectorised: each code's masked bits and mask are packed into 64-bit words once per shift, and
     `block` × `block` pairs at all shifts are counted at a time with XOR, AND and popcount: 1000 ×
-    1000 codes at (16, 256) and 17 shifts take about 11 s on one CPU core (5 s for 1000 codes
+    1000 codes at (16, 256) and 17 shifts take 9–11 s on one shared CPU core (5 s for 1000 codes
     against themselves, each pair counted once).
     """
     shifts = _shift_order(max_shift)

@@ -84,8 +84,10 @@ def encode(polar: np.ndarray, valid: np.ndarray, wavelength: float | None = None
            sigma_on_f: float = 0.5) -> IrisCode:
     """Daugman's phase bits of each ring's log-Gabor response along θ (see `log_gabor`).
 
-    `valid` (R, A) marks the samples that show iris. bits = (Re > 0, Im > 0); mask = valid and
-    |response| ≥ `WEAK_SHARE` × the median magnitude over the ring's valid samples. The default
+    `valid` (R, A) marks the samples that show iris; the others are set to the mean of their ring's
+    valid ones before filtering, so that an occluder's edge (a bright lid, dark lashes) does not
+    ring into the neighbouring bits. bits = (Re > 0, Im > 0); mask = valid and |response| ≥
+    `WEAK_SHARE` × the median magnitude over the ring's valid samples. The default
     wavelength is A/16 samples: 16 cycles around the iris, about 17 px on the built-in eyes'
     280 px circumference, close to Masek's best (18 samples of 240); σ/f₀ = 0.5 gives his bandwidth
     of about two octaves.
@@ -93,6 +95,8 @@ def encode(polar: np.ndarray, valid: np.ndarray, wavelength: float | None = None
     polar = np.asarray(polar, np.float64)
     valid = np.asarray(valid, bool)
     n_angles = polar.shape[1]
+    ring_mean = np.where(valid, polar, 0.0).sum(axis=1) / np.maximum(valid.sum(axis=1), 1)
+    polar = np.where(valid, polar, ring_mean[:, None])
     gabor = log_gabor(n_angles, n_angles / 16 if wavelength is None else wavelength, sigma_on_f)
     response = np.fft.ifft(np.fft.fft(polar, axis=1) * gabor, axis=1)
     bits = np.stack([response.real > 0, response.imag > 0], axis=-1)
