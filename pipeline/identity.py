@@ -102,6 +102,11 @@ class CodedSet:
         """The file (or cache label) of each code."""
         return [self.images.names[i] for i in self.index]
 
+    @property
+    def sizes(self) -> Counter:
+        """How many readable images have each size, as 'WxH'."""
+        return Counter(f"{r['width']}x{r['height']}" for r in self.rows if r["reason"] != UNREADABLE)
+
     def tile(self, k: int) -> tuple[np.ndarray, str]:
         """Code k's image and a caption naming its set and file."""
         return self.images.image(self.index[k]), f"{self.images.label}: {self.files[k]}"
@@ -256,11 +261,10 @@ def hd_stats(scores: Scores, threshold: float) -> dict:
 
 def _set_summary(coded: CodedSet) -> dict:
     rows = coded.rows
-    sizes = Counter(f"{r['width']}x{r['height']}" for r in rows if r["reason"] != UNREADABLE)
     return {"source": str(coded.images.path), "kind": "folder" if coded.images.pixels is None else "cache",
             "n_images": len(rows), "n_usable": len(coded.codes),
             "unusable": {reason: sum(r["reason"] == reason for r in rows) for reason in REASONS},
-            "sizes": dict(sizes.most_common()),
+            "sizes": dict(coded.sizes.most_common()),
             "median_usable_bits": float(np.median([r["usable_bits"] for r in rows if r["usable"]]))}
 
 
@@ -289,9 +293,8 @@ def _nearest_summary(gen: CodedSet, train: CodedSet, scores: Scores, cfg: Identi
 
 
 def _notes(sets: list[CodedSet], cfg: IdentityConfig) -> list[str]:
-    sizes = Counter()
-    for coded in sets:
-        sizes.update(_set_summary(coded)["sizes"])
+    """A note when the sets' images are not all of one size."""
+    sizes = sum((coded.sizes for coded in sets), Counter())
     if len(sizes) < 2:
         return []
     listed = ", ".join(f"{size} ×{n}" for size, n in sizes.most_common())
