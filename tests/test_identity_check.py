@@ -202,9 +202,15 @@ def test_usage_errors_exit_2_with_one_line_and_nothing_written(eyes, tmp_path, c
         assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["blanks", "empty", "existing"]
 
 
-def test_runs_as_a_module():
+def test_runs_as_a_module(eyes, tmp_path):
+    """`python -m`: the help, and a run whose worker pool's fork server imports the module as __main__."""
     done = subprocess.run([sys.executable, "-m", "pipeline.cli.identity_check", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: identity-check ")
     assert "--train" in done.stdout and "--reference" in done.stdout
+    out = tmp_path / "as_module"
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli.identity_check", eyes["real"], "--out", out,
+                           "--workers", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}/" in done.stdout and json.loads((out / "summary.json").read_text())["workers"] == 2
     assert 'identity-check = "pipeline.cli.identity_check:main"' in (REPO / "pyproject.toml").read_text()
