@@ -99,7 +99,7 @@ def console_table(summary: dict) -> str:
     """A few lines: images, impostor statistics of each set, nearest training, notes."""
     sets = [(label, summary[label]) for label in ("generated", "reference") if summary.get(label)]
     impostor = [s["impostor"] or {} for _, s in sets]
-    rows = [("images (unusable)", [f"{s['n_usable']} ({s['n_images'] - s['n_usable']})" for _, s in sets]),
+    rows = [("usable images (unusable)", [f"{s['n_usable']} ({s['n_images'] - s['n_usable']})" for _, s in sets]),
             ("impostor pairs", [str(i.get("n_pairs", 0)) for i in impostor])]
     rows += [(f"{name} HD", [fmt_value(i.get(name)) for i in impostor]) for name in ("mean", "std", "min")]
     rows += [("degrees of freedom", [fmt_value(i.get("dof")) for i in impostor]),
