@@ -38,7 +38,6 @@ import functools
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from pipeline.check.folder import find_images
 from pipeline.common.config import CircularityConfig, PrepareConfig
 from pipeline.common.errors import UserError
 from pipeline.common.images import write_image_uint
-from pipeline.common.pool import chunked_map
+from pipeline.common.pool import chunked_map, resolve_workers
 from pipeline.data.folders import decode_image
 from pipeline.data.iris_crop import crop_box, disk_outside_fraction, to_crop, training_crop
 from pipeline.data.prepared import CACHE_NAME, write_cache
@@ -71,13 +70,6 @@ LABEL_KEYS = (
     "padded_fraction",  # share of the crop's area that is padding
     "iris_outside",     # share of the iris disk's area outside the frame
 )
-
-
-def resolve_workers(workers: int) -> int:
-    """`prepare.workers`: 0 → min(4, CPUs); a negative count is a UserError."""
-    if workers < 0:
-        raise UserError(f"workers must be >= 1 (or 0 for min(4, CPUs)), got {workers}")
-    return workers or min(4, os.cpu_count() or 1)
 
 
 def check_settings(cfg: PrepareConfig) -> None:

@@ -27,17 +27,19 @@ def _finite(values: Sequence[float]) -> np.ndarray:
 def plot_histograms(groups: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
                     metrics: Sequence[str] | None = None,
                     thresholds: Mapping[str, Sequence[float]] | None = None,
-                    title: str | None = None, ncols: int = 4, bins: int = 30) -> Path:
+                    title: str | None = None, ncols: int = 4, bins: int = 30,
+                    panel_size: tuple[float, float] = (3.2, 2.5)) -> Path:
     """One panel per metric; each group (e.g. "samples", "reference") drawn as its own histogram,
     overlaid and normalised to density when there are several. Dashed lines mark `thresholds`.
 
-    `groups` maps a group label to {metric: values}; NaNs are ignored. Writes a PNG to `path`."""
+    `groups` maps a group label to {metric: values}; NaNs are ignored. `panel_size` is each
+    panel's (width, height) in inches. Writes a PNG to `path`."""
     path = Path(path)
     labels = list(groups)
     names = list(metrics) if metrics is not None else list(dict.fromkeys(k for g in groups.values() for k in g))
     ncols = max(1, min(ncols, len(names)))
     nrows = max(1, math.ceil(len(names) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False)
     for ax, name in zip(axes.ravel(), names, strict=False):
         data = [_finite(groups[g].get(name, ())) for g in labels]
         pooled = np.concatenate(data) if data else np.zeros(0)

@@ -128,27 +128,32 @@ def plot_groups(groups: dict[str, list[dict]], path: Path, cfg: CircularityConfi
     plot_histograms(data, path, PLOT_METRICS, thresholds, title=title)
 
 
-def _fmt(v) -> str:
+def fmt_value(v: object) -> str:
+    """A table cell: 4 significant digits for floats, '-' for None and non-finite values."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def text_table(labels: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """Right-aligned columns under `labels`, one line per (name, values) row."""
+    width = max(12, *(len(label) for label in labels))
+    lines = [f"{'':24s}" + "".join(f"{label[:width]:>{width + 2}s}" for label in labels)]
+    lines += [f"{name:24s}" + "".join(f"{v:>{width + 2}s}" for v in values) for name, values in rows]
+    return "\n".join(lines)
+
+
 def console_table(summaries: list[tuple[str, dict]]) -> str:
     """A few lines: counts, pass rate, key medians, top failure reasons, one column per folder."""
-    width = max(12, *(len(label) for label, _ in summaries))
-    head = f"{'':24s}" + "".join(f"{label[:width]:>{width + 2}s}" for label, _ in summaries)
-    lines = [head]
-
-    def row(name: str, values: list[str]) -> None:
-        lines.append(f"{name:24s}" + "".join(f"{v:>{width + 2}s}" for v in values))
-
-    row("images (unreadable)", [f"{s['n_analysed']} ({s['n_unreadable']})" for _, s in summaries])
-    row("pass rate", [f"{100 * s['pass_rate']:.1f}%" for _, s in summaries])
-    row("round pupil, no bleed", [f"{100 * s['round_pupil_rate']:.1f}%" for _, s in summaries])
-    row("pupil / iris found", [f"{100 * s['pupil_found_rate']:.0f}% / {100 * s['iris_found_rate']:.0f}%" for _, s in summaries])
-    for m in TABLE_METRICS:
-        row(f"median {m}", [_fmt(s["metrics"][m]["median"]) for _, s in summaries])
+    rows = [
+        ("images (unreadable)", [f"{s['n_analysed']} ({s['n_unreadable']})" for _, s in summaries]),
+        ("pass rate", [f"{100 * s['pass_rate']:.1f}%" for _, s in summaries]),
+        ("round pupil, no bleed", [f"{100 * s['round_pupil_rate']:.1f}%" for _, s in summaries]),
+        ("pupil / iris found", [f"{100 * s['pupil_found_rate']:.0f}% / {100 * s['iris_found_rate']:.0f}%"
+                                for _, s in summaries]),
+        *((f"median {m}", [fmt_value(s["metrics"][m]["median"]) for _, s in summaries]) for m in TABLE_METRICS),
+    ]
+    lines = [text_table([label for label, _ in summaries], rows)]
     for label, s in summaries:
         top = ", ".join(f"{k} {v}" for k, v in list(s["failure_reasons"].items())[:4]) or "none"
         lines.append(f"failures ({label}): {top}")

@@ -177,6 +177,25 @@ class PrepareConfig:
 
 
 @dataclass
+class IdentityConfig:
+    """`identity-check`: iris codes of generated eyes, their impostor statistics and their nearest
+    training eyes (see pipeline/identity.py)."""
+
+    grid: list[int] = field(default_factory=lambda: [16, 256])  # rings × angles of the code (pipeline.check.iris_code)
+    max_shift: int = 8  # angular samples tried either way for rotation (8 of 256: ±11°)
+    # A pair below this Hamming distance counts as the same eye: 0.32 is the decision criterion of
+    # J. Daugman's iris recognition ("How iris recognition works", IEEE TCSVT 14(1), 2004), at which
+    # his impostor distribution's binomial tail gives odds of a false match of about 1 in 26 million.
+    near_copy_hd: float = 0.32
+    max_pairs: int = 20000  # impostor pairs compared per set; more pairs than this → this many sampled with `seed`
+    seed: int = 0
+    workers: int = 0  # processes coding images; 0 → min(4, CPUs); 1 runs inline
+    # Report Daugman's rescaled HD, 0.5 − (0.5 − HD)·√(n / n_typ), n the bits compared: fewer bits, nearer
+    # 0.5. n_typ is the run's median bits compared (Daugman's 911 fits his 2048-bit code, not this grid).
+    rescale: bool = True
+
+
+@dataclass
 class Config:
     """A whole run: every section, each with defaults."""
 
@@ -188,6 +207,7 @@ class Config:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     circularity: CircularityConfig = field(default_factory=CircularityConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
 
 
 def _type_name(tp: Any) -> str:

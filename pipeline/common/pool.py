@@ -1,7 +1,7 @@
-"""A process pool for per-image work (circularity-check, prepare-data): a clean fork server, one
-OpenCV thread per worker, and chunks that shrink towards the end.
+"""A process pool for per-image work (circularity-check, prepare-data, identity-check): a clean
+fork server, one OpenCV thread per worker, and chunks that shrink towards the end.
 
-`chunked_map` is the whole interface: results in the items' order, inline when one worker is asked
+`chunked_map` is the interface (and `resolve_workers` for a `workers` setting): results in the items' order, inline when one worker is asked
 for, so a run's output does not depend on the number of workers.
 """
 
@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import cv2
 
+from pipeline.common.errors import UserError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def resolve_workers(workers: int) -> int:
+    """A `workers` setting (prepare.workers, identity.workers): 0 → min(4, CPUs); a negative count
+    is a UserError."""
+    if workers < 0:
+        raise UserError(f"workers must be >= 1 (or 0 for min(4, CPUs)), got {workers}")
+    return workers or min(4, os.cpu_count() or 1)
 
 
 def guided_chunks(items: list, workers: int, largest: int = 64, smallest: int = 4) -> list[list]:
