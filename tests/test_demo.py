@@ -40,8 +40,21 @@ def test_quick_demo_writes_report(quick_demo, capfd):
     assert [line.split(" | ")[0] for line in headline[2:5]] == ["| VAE priors", "| VAE-seeded", "| from noise"]
     assert "McNemar exact p =" in headline[-1]
     for path in ("vae/vae.keras", "diffusion/config.yaml", "from_vae/grid.png", "from_noise/metadata.json",
-                 "check/comparison.json"):
+                 "check/comparison.json", "identity_from_vae/closest.png", "identity_from_noise/nearest.csv"):
         assert (out / path).exists(), path
+
+
+def test_quick_demo_reports_identity_from_identity_checks_summaries(quick_demo):
+    out = quick_demo
+    report = (out / "report.html").read_text()
+    assert "Are they new eyes?" in report
+    table = demo.identity_table(out)
+    assert [row[0] for row in table[1:]] == ["VAE-seeded", "from noise", "held-out eyes"]
+    vae = json.loads((out / "identity_from_vae" / "summary.json").read_text())
+    assert table[1][1] == f"{vae['generated']['n_usable']} of 4"
+    assert vae["nearest_training"]["n_training"] > 0 and vae["reference"]["n_images"] == 4
+    for row in table[1:]:  # every row of the table is in the page
+        assert f"<td>{row[0]}</td><td>{row[1]}</td>" in report
 
 
 def test_summary_figure_stacks_prior_result_and_noise_rows(quick_demo):

@@ -2,7 +2,8 @@
 
 Trains a tiny VAE and a tiny diffusion model (configs/tiny-cpu.yaml), generates N images from VAE
 priors and N from pure noise with the same model and seeds, runs the circularity check on both and
-writes `OUT/report.html` (`pipeline.demo`). Each stage runs the same code as its console script.
+identity-check on both (against the training eyes, beside N held-out eyes), and writes
+`OUT/report.html` (`pipeline.demo`). Each stage runs the same code as its console script.
 `--serve` opens a web page on an earlier demo's models (`pipeline.serve`).
 """
 
@@ -22,6 +23,7 @@ from pipeline.demo import text_table, write_demo_report
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+HELD_OUT_SEED = 1000  # held-out eyes: the training set's generator at data.seed + this (other eyes)
 QUICK = ["data.synthetic_count=128", "vae.epochs=2", "train.max_steps=40", "train.save_every=40",
          "train.sample_every=40", "train.log_every=10", "train.stats_every=20"]
 
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path = out / "config.yaml"
     write_text_atomic(config_path, dump_config(cfg))
 
-    from pipeline.cli import circularity_check, generate, train_diffusion, train_vae
+    from pipeline.cli import circularity_check, generate, identity_check, train_diffusion, train_vae
+    from pipeline.data.synthetic import write_dataset
 
     timings: dict[str, float] = {}
 
@@ -82,6 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     stage("circularity check", circularity_check.main,
           [str(out / "from_vae"), "--reference", str(out / "from_noise"), "--out", str(out / "check"),
            "--overwrite", "--workers", "1", *common])
+
+    train_set = out / "train_images" if cfg.data.path == "synthetic" else Path(cfg.data.path)
+    t0 = time.perf_counter()
+    if cfg.data.path == "synthetic":  # the eyes the models learnt from, and unseen ones drawn the same way
+        write_dataset(train_set, cfg.data.synthetic_count, cfg.data.image_size, cfg.data.seed, cfg.data.channels,
+                      cfg.data.synthetic_defects, overwrite=True)
+    write_dataset(out / "held_out", n, cfg.data.image_size, cfg.data.seed + HELD_OUT_SEED, cfg.data.channels,
+                  overwrite=True)
+    timings["write training and held-out eyes"] = time.perf_counter() - t0
+    for mode in ("from_vae", "from_noise"):
+        stage(f"identity check ({mode})", identity_check.main,
+              [str(out / mode), "--train", str(train_set), "--reference", str(out / "held_out"),
+               "--out", str(out / f"identity_{mode}"), "--overwrite", "--workers", "1", *common])
 
     report, table, paired = write_demo_report(out, cfg.data.image_size, cfg.data.channels, n, timings, cfg.circularity)
     print(text_table(table))
