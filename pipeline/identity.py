@@ -28,8 +28,9 @@ the bits compared: a score from fewer bits than usual is pulled towards 0.5, so 
 cannot pass for a match. Daugman's n_typ = 911 is the typical overlap of his 2048-bit code; a
 (16, 256) code of a 128 px eye overlaps in some 6000 correlated bits, and 911 would stretch every
 score away from 0.5 (impostors down to 0.2). So n_typ is the median bits compared over the
-generated impostor pairs (over the nearest-training pairs when there are none), one value for the
-whole run (`typical_bits` in summary.json): a typical pair keeps its raw HD, and an exact copy with
+reference set's impostor pairs (else the generated ones, else the nearest-training pairs), one value
+for the whole run (`typical_bits` in summary.json), the same for every run against one reference: a
+typical pair keeps its raw HD, and an exact copy with
 more usable bits than that scores a little below 0.
 
 With more than one worker the processes come from a fork server, which imports the caller's main
@@ -317,7 +318,9 @@ def check_identity(generated: Path, train: Path | None, reference: Path | None, 
     gen_pairs = impostor_scores(gen.codes, cfg, "generated") if len(gen.codes) > 1 else None
     ref_pairs = impostor_scores(ref.codes, cfg, "reference") if ref and len(ref.codes) > 1 else None
     nearest = nearest_scores(gen.codes, trained.codes, cfg.max_shift) if trained else None
-    typical = typical_bits(gen_pairs, nearest) if cfg.rescale else None
+    # n_typ from the reference's own pairs when there is one: every set of the run, and every run with
+    # that reference, is then rescaled alike (from the generated pairs, it would move with the model).
+    typical = typical_bits(ref_pairs, gen_pairs, nearest) if cfg.rescale else None
     for scores in (gen_pairs, ref_pairs, nearest):
         report_hd(scores, typical)
     seconds = time.perf_counter() - start

@@ -191,7 +191,7 @@ class IdentityConfig:
     seed: int = 0
     workers: int = 0  # processes coding images; 0 → min(4, CPUs); 1 runs inline
     # Report Daugman's rescaled HD, 0.5 − (0.5 − HD)·√(n / n_typ), n the bits compared: fewer bits, nearer
-    # 0.5. n_typ is the run's median bits compared (Daugman's 911 fits his 2048-bit code, not this grid).
+    # 0.5. n_typ is the median bits compared of the reference's pairs, else the generated ones (Daugman's 911 fits his 2048-bit code).
     rescale: bool = True
 
 
