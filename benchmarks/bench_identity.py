@@ -9,7 +9,10 @@ N synthetic eyes (400; 150 with --quick) are written as PNGs to a temp folder. M
                 fork server starting) and best/median of the calls after it;
   pairwise      `pairwise_hamming` at the default grid (16, 256) and identity.max_shift (±8): the
                 N codes against themselves (N(N − 1)/2 pairs) and against another N codes (N² pairs,
-                as for the nearest training image): pairs per second, best of the repeats.
+                as for the nearest training image): pairs per second, best of the repeats;
+  separation    200 synthetic identities x 4 captures (50 with --quick; pipeline.data.synthetic_identities):
+                genuine and impostor raw HDs at ±16 shifts, the impostors' degrees of freedom and
+                the equal error rate (target ≤ 1 %).
 JSON to stdout and to benchmarks/results/bench_identity.json, with the machine's facts (the
 numbers are only as good as the machine is quiet).
 """
@@ -25,11 +28,12 @@ import cv2
 import numpy as np
 from results_io import headline, machine_facts, write_result
 
-from pipeline.check.hamming import pairwise_hamming
+from pipeline.check.hamming import degrees_of_freedom, equal_error_rate, pairwise_hamming
 from pipeline.check.iris_code import DEFAULT_GRID, IrisCode, code_image
 from pipeline.common.config import CircularityConfig, IdentityConfig
 from pipeline.common.images import to_unit, write_image
 from pipeline.data.synthetic import generate_irises
+from pipeline.data.synthetic_identities import iter_identities
 from pipeline.identity import code_set, open_set
 
 RESULTS = Path(__file__).parent / "results" / "bench_identity.json"
@@ -81,6 +85,30 @@ def _timed(func) -> float:
     return time.perf_counter() - t
 
 
+SEPARATION_SHIFT = 16  # two captures turn by up to ±10° each: ±16 of 256 angular samples (±22.5°) cover it
+
+
+def separation(circularity: CircularityConfig, identities: int, captures: int) -> dict:
+    """Genuine (captures of one synthetic eye) against impostor (different eyes) raw HDs: means,
+    Daugman's degrees of freedom of the impostors and the equal error rate."""
+    codes, ids = [], []
+    for img, rec in iter_identities(identities, captures, 128, seed=5):
+        code, _ = code_image(to_unit(img[0]), circularity)
+        if code is not None:
+            codes.append(code)
+            ids.append(rec["identity"])
+    hd, _ = pairwise_hamming(codes, None, SEPARATION_SHIFT)
+    ids = np.array(ids)
+    upper = np.triu_indices(len(codes), 1)
+    same = (ids[:, None] == ids[None, :])[upper]
+    genuine, impostor = hd[upper][same], hd[upper][~same]
+    eer, threshold = equal_error_rate(genuine, impostor)
+    return {"identities": identities, "captures": captures, "coded": len(codes), "max_shift": SEPARATION_SHIFT,
+            "genuine_mean": float(np.nanmean(genuine)), "genuine_max": float(np.nanmax(genuine)),
+            "impostor_mean": float(np.nanmean(impostor)), "impostor_min": float(np.nanmin(impostor)),
+            "impostor_dof": degrees_of_freedom(impostor), "eer": eer, "eer_threshold": threshold}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer eyes and repeats")
@@ -97,8 +125,9 @@ def main() -> None:
             write_image(folder / f"{i:05d}.png", img)
         folders = [folder_speed(folder, circularity, w, repeats) for w in (1, 2)]
     pairs = pairwise_speed(codes, max_shift, repeats)
-    result = {"benchmark": "identity-check at 128x128", "quick": args.quick, "code_only": alone,
-              "folder": folders, "pairwise": pairs}
+    result = {"benchmark": "identity-check at 128x128", "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
+              "code_only": alone, "folder": folders, "pairwise": pairs,
+              "separation": separation(circularity, 50 if args.quick else 200, 4)}
     one, two = folders
     result["headline"] = [
         headline(f"iris codes, folder of {n} images (128 px), 2 workers, calls after the first",
@@ -109,6 +138,11 @@ def main() -> None:
                  f"{pairs['self']['pairs_per_s']:,} pairs/s ({len(codes)} vs themselves); "
                  f"{pairs['a_vs_b']['pairs_per_s']:,} pairs/s (a vs b)"),
     ]
+    sep = result["separation"]
+    result["headline"].append(headline(
+        f"synthetic identities, {sep['identities']} eyes x {sep['captures']} captures: genuine / impostor mean HD, EER",
+        f"{sep['genuine_mean']:.3f} / {sep['impostor_mean']:.3f}, EER {100 * sep['eer']:.2f} %", "EER ≤ 1 %",
+        sep["eer"] <= 0.01))
     result["machine"] = machine_facts()
     write_result(RESULTS, result)
 
