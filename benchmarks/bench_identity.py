@@ -28,7 +28,12 @@ import cv2
 import numpy as np
 from results_io import headline, machine_facts, write_result
 
-from pipeline.check.hamming import degrees_of_freedom, equal_error_rate, pairwise_hamming
+from pipeline.check.hamming import (
+    degrees_of_freedom,
+    equal_error_rate,
+    genuine_and_impostor,
+    pairwise_hamming,
+)
 from pipeline.check.iris_code import DEFAULT_GRID, IrisCode, code_image
 from pipeline.common.config import CircularityConfig, IdentityConfig
 from pipeline.common.images import to_unit, write_image
@@ -98,10 +103,7 @@ def separation(circularity: CircularityConfig, identities: int, captures: int) -
             codes.append(code)
             ids.append(rec["identity"])
     hd, _ = pairwise_hamming(codes, None, SEPARATION_SHIFT)
-    ids = np.array(ids)
-    upper = np.triu_indices(len(codes), 1)
-    same = (ids[:, None] == ids[None, :])[upper]
-    genuine, impostor = hd[upper][same], hd[upper][~same]
+    genuine, impostor = genuine_and_impostor(hd, np.array(ids))
     eer, threshold = equal_error_rate(genuine, impostor)
     return {"identities": identities, "captures": captures, "coded": len(codes), "max_shift": SEPARATION_SHIFT,
             "genuine_mean": float(np.nanmean(genuine)), "genuine_max": float(np.nanmax(genuine)),

@@ -5,7 +5,12 @@ dilation, rotation, lids and noise) against impostor pairs (different eyes), on 
 import numpy as np
 import pytest
 
-from pipeline.check.hamming import degrees_of_freedom, equal_error_rate, pairwise_hamming
+from pipeline.check.hamming import (
+    degrees_of_freedom,
+    equal_error_rate,
+    genuine_and_impostor,
+    pairwise_hamming,
+)
 from pipeline.check.iris_code import code_image
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import to_unit
@@ -25,10 +30,7 @@ def scores():
         codes.append(code)
         ids.append(rec["identity"])
     hd, _ = pairwise_hamming(codes, None, MAX_SHIFT)
-    ids = np.array(ids)
-    upper = np.triu_indices(len(codes), 1)
-    same = (ids[:, None] == ids[None, :])[upper]
-    return hd[upper][same], hd[upper][~same]
+    return genuine_and_impostor(hd, np.array(ids))
 
 
 def test_genuine_and_impostor_distances_separate(scores):

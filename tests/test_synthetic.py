@@ -222,6 +222,14 @@ def test_cli_writes_pngs_and_labels_and_refuses_to_overwrite(tmp_path, capsys):
     (["--defects", "1.5"], "fraction"),
     (["--seed", "-3"], "seed"),
     (["--size", "8"], "size"),
+    (["--identities", "-2", "--captures", "2"], "must be >= 1"),
+    (["--identities", "2", "--captures", "0"], "must be >= 1"),
+    (["--identities", "2"], "go together"),
+    (["--captures", "2"], "go together"),
+    (["--identities", "2", "--captures", "2", "--frame", "640x480"], "--frame"),
+    (["--identities", "2", "--captures", "2", "--defects", "0.2"], "--defects"),
+    (["--identities", "2", "--captures", "2", "--n", "5"], "--n"),
+    (["--identities", "2", "--captures", "2", "--seed", "-1"], "seed"),
 ])
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys, args, msg):
     out = tmp_path / "o"
@@ -230,4 +238,4 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys, args, msg):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and msg in err and "\n" not in err
-    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -143,3 +143,11 @@ def equal_error_rate(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, 
     fnmr = 1 - np.searchsorted(gen, t, side="right") / len(gen)
     k = int(np.argmin(np.abs(fmr - fnmr)))
     return float((fmr[k] + fnmr[k]) / 2), float(t[k])
+
+
+def genuine_and_impostor(hd: np.ndarray, identities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The HDs of a set against itself (`pairwise_hamming(codes, None, …)`) split by the codes'
+    identity labels: each unordered pair once, same identity (genuine) and different (impostor)."""
+    upper = np.triu_indices(len(identities), 1)
+    same = (identities[:, None] == identities[None, :])[upper]
+    return hd[upper][same], hd[upper][~same]
