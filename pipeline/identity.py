@@ -85,8 +85,12 @@ class ImageSet:
 
     def image(self, i: int) -> np.ndarray:
         """Image i's pixels (HW / HWC); ValueError when its file does not decode."""
-        source = self.source(i)
-        return read_image(source) if isinstance(source, Path) else source
+        return _pixels(self.source(i))
+
+
+def _pixels(source: Path | np.ndarray) -> np.ndarray:
+    """An image's pixels from its file (decoded; ValueError when it does not) or as they are."""
+    return read_image(source) if isinstance(source, Path) else source
 
 
 @dataclass
@@ -159,7 +163,7 @@ def _code(task: tuple[str, Path | np.ndarray], circularity: CircularityConfig, g
     """One image (its name, and its file or pixels) → its codes.csv row and its code (None if unusable)."""
     name, source = task
     try:
-        img = read_image(source) if isinstance(source, Path) else source
+        img = _pixels(source)
         code, reason = code_image(img, circularity, grid)
     except (ValueError, OSError) as exc:
         log.warning("unreadable image %s: %s", name, exc)

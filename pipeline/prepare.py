@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from pipeline.check.analyze import analyze_with_geometry
 from pipeline.check.folder import find_images
+from pipeline.check.rules import IRIS_PLACE_METRICS, passes_rules
 from pipeline.common.config import CircularityConfig, PrepareConfig
 from pipeline.common.errors import UserError
 from pipeline.common.images import write_image_uint
@@ -103,11 +104,9 @@ def _judge(metrics: dict, width: int, height: int, cfg: PrepareConfig, circulari
     if not metrics["iris_found"]:
         raise Rejected("no limbus", f"no iris boundary around the pupil at ({metrics['pupil_cx']:.1f}, "
                                     f"{metrics['pupil_cy']:.1f}), r {metrics['pupil_r']:.1f}")
-    offset, ratio = metrics["concentricity"], metrics["pupil_iris_ratio"]
-    if not (offset <= circularity.max_concentricity
-            and circularity.min_pupil_iris_ratio <= ratio <= circularity.max_pupil_iris_ratio):
-        raise Rejected("no limbus", f"implausible iris boundary: centre {offset:.2f} iris radii from the pupil's, "
-                                    f"pupil/iris ratio {ratio:.2f}")
+    if not passes_rules(metrics, circularity, IRIS_PLACE_METRICS):
+        raise Rejected("no limbus", f"implausible iris boundary: centre {metrics['concentricity']:.2f} iris radii "
+                                    f"from the pupil's, pupil/iris ratio {metrics['pupil_iris_ratio']:.2f}")
     outside = disk_outside_fraction(metrics["iris_cx"], metrics["iris_cy"], metrics["iris_r"], width, height)
     if outside > cfg.max_iris_outside:
         raise Rejected("iris cut by frame", f"{100 * outside:.1f}% of the iris disk is outside the frame "

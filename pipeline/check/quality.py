@@ -79,13 +79,8 @@ def annulus_metrics(g: np.ndarray, sm: np.ndarray, pupil: Pupil, iris: tuple[flo
         dark = (visible & (sm < pupil.level)).astype(np.uint8)
         dark = cv2.morphologyEx(dark, cv2.MORPH_OPEN, kernel(scale))  # thin lashes, noise
         # Bleed flows out of the pupil: keep dark patches that start at its rim (not lash clumps).
-        n, labels = cv2.connectedComponents(dark)
-        out["bleed_fraction"] = 0.0
-        if n > 1:
-            rim = (cv2.dilate(band, kernel(2 * scale)) > 0) & (band == 0)
-            attached = np.zeros(n, bool)
-            attached[labels[rim & (dark > 0)]] = True
-            out["bleed_fraction"] = np.count_nonzero(attached[labels]) / n_visible
+        rim = (cv2.dilate(band, kernel(2 * scale)) > 0) & (band == 0)
+        out["bleed_fraction"] = np.count_nonzero(_touching(dark, rim & (dark > 0))) / n_visible
     out["iris_pupil_contrast"], out["iris_sclera_contrast"] = _iso_contrasts(p_med, i_med, s_med)
     return out, usable, (x0, y0)
 
@@ -133,15 +128,12 @@ def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.
     energy = cv2.GaussianBlur(band * band, (0, 0), scale)  # texture energy about each pixel
     reference = annulus & sideways
     textured = energy >= TEXTURE_SHARE * median(energy[reference]) if reference.any() else np.ones_like(disk)
-    iris_like = textured.copy()
-    if s_med > i_med + 0.02:
-        not_bright = (sm <= 0.5 * (i_med + s_med)) & (g <= s_med)
-        iris_like &= not_bright  # not skin, not a glint
-    else:
-        not_bright = np.ones_like(disk)
+    # Not skin, not a glint (where the sclera stands out from the iris at all).
+    not_bright = (sm <= 0.5 * (i_med + s_med)) & (g <= s_med) if s_med > i_med + 0.02 else np.ones_like(disk)
+    iris_like = textured & not_bright
     # Texture energy spills a few pixels past the iris into a smooth lid that is as grey as the iris
     # (where brightness cannot tell them apart): pull the iris back from every large smooth region.
-    smooth = (~textured & not_bright & disk & (pupil_mask == 0)).astype(np.uint8)
+    smooth = (~textured & not_bright & annulus).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(smooth, 8)
     large = np.zeros(n, bool)
     large[1:] = stats[1:, cv2.CC_STAT_AREA] >= LID_MIN_AREA * np.count_nonzero(disk)
@@ -150,8 +142,14 @@ def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.
     closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
     dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & upper).astype(np.uint8)
     above = ((~iris_like | ~disk) & upper & (pupil_mask == 0)).astype(np.uint8)
-    n, labels = cv2.connectedComponents(dark_lines | above)
-    hanging = np.zeros(n, bool)
-    hanging[labels[above > 0]] = True
-    lashes = hanging[labels] & (dark_lines > 0)
+    lashes = _touching(dark_lines | above, above > 0) & (dark_lines > 0)
     return annulus & iris_like & ~lashes
+
+
+def _touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The pixels of the connected components (8-connected) of a 0/1 uint8 `mask` that hold a pixel of `seed`."""
+    n, labels = cv2.connectedComponents(mask)
+    hit = np.zeros(n, bool)
+    hit[labels[seed]] = True
+    hit[0] = False
+    return hit[labels]

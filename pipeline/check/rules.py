@@ -68,10 +68,15 @@ def evaluate_rules(metrics: dict, cfg: CircularityConfig) -> tuple[bool, str]:
 
 
 PUPIL_SHAPE_METRICS = ("pupil_circularity", "pupil_axis_ratio", "bleed_fraction")
+IRIS_PLACE_METRICS = ("concentricity", "pupil_iris_ratio")  # where the limbus sits around the pupil
+
+
+def passes_rules(metrics: dict, cfg: CircularityConfig, names: tuple[str, ...]) -> bool:
+    """Whether the metrics pass every rule of `cfg` on one of the metrics `names` (NaN fails)."""
+    return all(rule.passes(float(metrics[rule.metric])) for rule in rules_from_config(cfg) if rule.metric in names)
 
 
 def round_pupil_without_bleed(metrics: dict, cfg: CircularityConfig) -> bool:
     """The pupil-shape rules alone (a pupil found; its circularity, axis ratio and bleed within
     the thresholds): the failure VAE seeding is meant to fix, apart from iris and quality rules."""
-    return bool(metrics["pupil_found"]) and all(
-        rule.passes(float(metrics[rule.metric])) for rule in rules_from_config(cfg) if rule.metric in PUPIL_SHAPE_METRICS)
+    return bool(metrics["pupil_found"]) and passes_rules(metrics, cfg, PUPIL_SHAPE_METRICS)
