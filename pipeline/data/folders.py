@@ -19,14 +19,12 @@ from tqdm import tqdm
 
 from pipeline.common.config import DataConfig
 from pipeline.common.errors import UserError
-from pipeline.common.images import convert_channels, from_uint
+from pipeline.common.images import IMAGE_EXTENSIONS, convert_channels, from_uint
 from pipeline.common.resize import describe_fit, fit_priors
 from pipeline.data.prepared import cache_file, read_cache
 from pipeline.data.synthetic import iter_irises
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _CACHE: dict[tuple, np.ndarray] = {}
 

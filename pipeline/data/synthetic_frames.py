@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common.errors import UserError
-from pipeline.common.images import write_image_uint
+from pipeline.common.images import to_uint8, write_image_uint
 from pipeline.data.synthetic import (
     GOOD_LIDS,
     DrawnEye,
@@ -95,6 +95,11 @@ def _truth(eye: Eye, drawn: DrawnEye, height: int, width: int) -> dict:
             "margin_adequacy": float(min(1.0, max(0.0, min(margins))))}
 
 
+def _default_radius(height: int, width: int) -> tuple[float, float]:
+    """Iris radii drawn by default: 0.125–0.27 of the frame's shorter side (60–130 px at 640x480)."""
+    return 0.125 * min(height, width), 0.27 * min(height, width)
+
+
 def _check_frame(height: int, width: int, radius: tuple[float, float]) -> None:
     if min(height, width) < _MIN_SIDE:
         raise UserError(f"frames must be at least {_MIN_SIDE} px on each side, got {width}x{height}")
@@ -107,7 +112,7 @@ def render_frame(rng: np.random.Generator, height: int = 480, width: int = 640, 
     """One (height, width) uint8 grey frame of the given kind and its record (module docstring)."""
     if kind not in FRAME_KINDS:
         raise UserError(f"unknown frame kind {kind!r}; valid: {', '.join(FRAME_KINDS)}")
-    radius = iris_radius or (0.125 * min(height, width), 0.27 * min(height, width))
+    radius = iris_radius or _default_radius(height, width)
     _check_frame(height, width, radius)
     d = Draws(rng, 160)
     eye = _place(d, height, width, kind, radius)
@@ -119,7 +124,7 @@ def render_frame(rng: np.random.Generator, height: int = 480, width: int = 640, 
     drawn = paint_eye(img, rng, d, eye, shape, texture, levels, OCCLUDED_LIDS if kind == "occluded" else GOOD_LIDS)
     img *= _illumination(d, height, width, eye.size)
     out, _, _, _ = optics_and_sensor(img, d, eye.s, 1)
-    frame = np.round((out[0, :height, :width] + 1.0) * 127.5).astype(np.uint8)
+    frame = to_uint8(out[0, :height, :width])
     record = {
         "kind": kind, "width": width, "height": height,
         "pupil_cx": eye.pcx, "pupil_cy": eye.pcy, "pupil_r": eye.pr, "iris_cx": eye.icx, "iris_cy": eye.icy,
@@ -138,7 +143,7 @@ def iter_frames(n: int, height: int = 480, width: int = 640, seed: int = 0,
     occluded, cut = kinds
     if min(occluded, cut) < 0 or occluded + cut > 1:
         raise UserError(f"occluded and cut shares must be >= 0 and sum to <= 1, got {occluded}, {cut}")
-    _check_frame(height, width, (0.125 * min(height, width), 0.27 * min(height, width)))
+    _check_frame(height, width, _default_radius(height, width))
 
     def draw() -> Iterator[tuple[np.ndarray, dict]]:
         for i in range(n):
