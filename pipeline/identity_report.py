@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.check.analyze import to_grey_unit
+from pipeline.check.analyze import to_grey_uint8
 from pipeline.check.summary import fmt_value, text_table
+from pipeline.common.files import numpy_json_default
 
 if TYPE_CHECKING:
     from pipeline.identity import Scores
@@ -59,12 +60,7 @@ def write_nearest_csv(path: Path, files: list[str], train_files: list[str], s: S
 
 def write_summary(path: Path, summary: dict) -> None:
     """summary.json (NumPy scalars as plain numbers)."""
-    def default(value: object) -> object:
-        if isinstance(value, np.generic):
-            return value.item()
-        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-    path.write_text(json.dumps(summary, indent=2, default=default, allow_nan=False))
+    path.write_text(json.dumps(summary, indent=2, default=numpy_json_default, allow_nan=False))
 
 
 def plot_hd_histograms(path: Path, groups: dict[str, np.ndarray], threshold: float, kind: str) -> None:
@@ -78,10 +74,6 @@ def plot_hd_histograms(path: Path, groups: dict[str, np.ndarray], threshold: flo
                     panel_size=(8.0, 4.5))
 
 
-def _grey_uint8(img: np.ndarray) -> np.ndarray:
-    return np.round(to_grey_unit(img) * 255).astype(np.uint8)
-
-
 def write_closest_sheet(path: Path, pairs: Sequence[tuple[tuple[np.ndarray, str], tuple[np.ndarray, str], float]],
                         threshold: float, title: str) -> None:
     """closest.png: each pair ((image, caption), (image, caption), HD) side by side, two pairs a row."""
@@ -89,7 +81,7 @@ def write_closest_sheet(path: Path, pairs: Sequence[tuple[tuple[np.ndarray, str]
 
     tiles, captions = [], []
     for (left, left_caption), (right, right_caption), hd in pairs:
-        tiles += [_grey_uint8(left), _grey_uint8(right)]
+        tiles += [to_grey_uint8(left), to_grey_uint8(right)]
         verdict = "  NEAR COPY" if hd < threshold else ""
         captions += [f"{left_caption[-36:]}\nHD {hd:.3f}{verdict}", f"{right_caption[-36:]}\n"]
     contact_sheet(tiles, captions, path, ncols=4, title=title)

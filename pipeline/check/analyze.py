@@ -79,6 +79,11 @@ def to_grey_unit(img: np.ndarray) -> np.ndarray:
     return x if integer else np.fmin(np.fmax(x, 0.0, out=x), 1.0, out=x)  # clipped, NaN → 0
 
 
+def to_grey_uint8(img: np.ndarray) -> np.ndarray:
+    """`to_grey_unit` as 0–255 uint8 levels (for pictures of the image)."""
+    return np.round(to_grey_unit(img) * 255).astype(np.uint8)
+
+
 def analyze_image(img: np.ndarray, cfg: CircularityConfig) -> dict:
     """Metrics (see `METRICS`), `pass` and `reason` for one image (HW or HWC; uint8, uint16 or
     float in [0, 1]), measured at the image's own size."""

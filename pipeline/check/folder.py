@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_unit
+from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_uint8, to_grey_unit
 from pipeline.check.rules import METRICS
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
@@ -63,7 +63,7 @@ def read_image(path: Path) -> np.ndarray:
 def draw_overlay(img: np.ndarray, metrics: dict, geometry: Geometry) -> np.ndarray:
     """RGB uint8 picture of the image (enlarged to ≥ 256 px) with the traced pupil boundary and
     the fitted iris circle: green when the image passes, red when it fails."""
-    grey = np.round(to_grey_unit(img) * 255).astype(np.uint8)
+    grey = to_grey_uint8(img)
     f = max(1, int(math.ceil(256 / max(grey.shape))))
     rgb = cv2.cvtColor(cv2.resize(grey, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST), cv2.COLOR_GRAY2RGB)
     colour = (40, 200, 40) if metrics["pass"] else (230, 40, 40)

@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.check.folder import analyze_folder
 from pipeline.check.summary import (
     console_table,
@@ -43,7 +41,7 @@ from pipeline.check.summary import (
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.files import numpy_json_default, prepare_out_dir, replace_dir, temp_dir_for
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -105,7 +103,7 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
     summary.update(seconds=seconds, images_per_second=len(rows) / seconds if seconds > 0 else None,
                    workers=args.workers, fail_under=args.fail_under, config=dataclasses.asdict(cfg))
     write_csv(rows, tmp / "results.csv")
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=numpy_json_default))
     label = folder.name or "images"
     plot_groups({label: rows}, tmp / "histograms.png", cfg,
                  f"{label}: pass rate {100 * summary['pass_rate']:.1f}% of {len(rows)}")
@@ -124,7 +122,7 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
         "reference": {k: v for k, v in ref_summary.items() if k != "unreadable"},
         "distances": distances(rows, ref_rows, folder, reference, args.inception_weights),
     }
-    (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2, default=_json_default))
+    (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2, default=numpy_json_default))
     plot_groups({label: rows, ref_label: ref_rows}, tmp / "comparison.png", cfg, f"{label} vs {ref_label}")
     return summary, [(label, summary), (ref_label, ref_summary)], comparison
 
@@ -156,12 +154,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pass rate {summary['pass_rate']:.3f} is below --fail-under {args.fail_under}", file=sys.stderr)
         return 1
     return 0
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,16 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.common.errors import UserError
+
+
+def numpy_json_default(value: object) -> object:
+    """`json.dumps(default=...)` for NumPy scalars: their plain Python number; TypeError otherwise."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def sha256_file(path: str | Path) -> str:
