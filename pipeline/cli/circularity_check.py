@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pipeline.check.summary import (
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
-from pipeline.common.files import numpy_json_default, prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.files import building, numpy_json_default, prepare_out_dir
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -132,13 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `circularity-check`."""
     args = _parse(argv)
     cfg, folder, reference, out = _inputs(args)
-    tmp = temp_dir_for(out.resolve())
-    try:
+    with building(out.resolve()) as tmp:
         summary, tables, comparison = _report(args, cfg, folder, reference, tmp, (out.resolve(), tmp))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(console_table(tables))
     if comparison is not None:
         dist = comparison["distances"]

@@ -25,12 +25,11 @@ Exit codes: 0 done; 2 usage error (missing or empty folder, no usable iris, outp
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.files import building, prepare_out_dir
 from pipeline.identity import check_identity, check_settings
 from pipeline.identity_report import console_table
 
@@ -76,14 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     resolved = generated.resolve()
     stem = resolved.stem if resolved.is_file() else resolved.name
     out = prepare_out_dir(Path(args.out) if args.out else resolved.parent / f"{stem}_identity", args.overwrite)
-    tmp = temp_dir_for(out.resolve())
-    try:
+    with building(out.resolve()) as tmp:
         summary = check_identity(generated, train, reference, tmp, cfg.identity, cfg.circularity,
                                  exclude=(out.resolve(), tmp))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(console_table(summary))
     written = ["codes.csv", "pairs.csv", *["nearest.csv"] * (train is not None), "summary.json", "histograms.png",
                *["closest.png"] * (train is not None or summary["generated"]["impostor"] is not None)]

@@ -27,12 +27,11 @@ Exit codes: 0 done; 2 usage error (bad folder, no images, OUT exists, bad settin
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.files import building, prepare_out_dir
 from pipeline.prepare import prepare_folder, summary_line
 
 WRITTEN = "images/, labels.json, rejects.csv, dataset.npz, summary.json"
@@ -67,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_dir():
         raise UserError(f"folder not found: {src}" if not src.exists() else f"not a folder: {src}")
     out = prepare_out_dir(args.out, args.overwrite)
-    tmp = temp_dir_for(out.resolve())
-    try:
+    with building(out.resolve()) as tmp:
         summary = prepare_folder(src, tmp, cfg.prepare, cfg.circularity, exclude=(out.resolve(), tmp))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(summary_line(summary))
     if not summary["kept"]:
         raise UserError(f"no frame kept of {summary['frames']}; see {out / 'rejects.csv'}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +96,16 @@ def temp_dir_for(final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     return tmp
+
+
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """Build the folder `final` in a temp folder beside it (`temp_dir_for`): renamed onto `final`
+    (`replace_dir`) when the block completes, removed when anything escapes it (nothing half-written)."""
+    tmp = temp_dir_for(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
+from pipeline.common.files import building, prepare_out_dir
 from pipeline.common.images import write_image
 from pipeline.data.synthetic_layers import (
     LUT,
@@ -352,15 +351,10 @@ def write_labelled(out: str | Path, items: Iterable[tuple[np.ndarray, dict]], n:
     """Write n (image, record) pairs as `OUT/000000.<suffix> …` (by `write(path, image)`) and
     `OUT/labels.json` (the records with a `file` key), built in a temp folder and renamed."""
     final = prepare_out_dir(out, overwrite)
-    tmp = temp_dir_for(final)
-    try:
+    with building(final) as tmp:
         labels = []
         for i, (img, rec) in enumerate(tqdm(items, total=n, desc="drawing", unit="img", leave=False)):
             labels.append({"file": f"{i:06d}.{suffix}", **rec})
             write(tmp / labels[-1]["file"], img)
         (tmp / "labels.json").write_text(json.dumps(labels, indent=1))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
