@@ -19,7 +19,8 @@ The defect-inducing control (`--control-defects F`, default 0.5) trains a second
 data where a fraction F of the pupils are defective (bleed, irregular, oval, off-centre) and runs the
 same sweep with the same (clean) VAE: do the priors pull its samples back to round pupils?
 
-Writes OUT/sweep.json (updated after every point), OUT/sweep.md, OUT/strength_sweep.png and
+Writes OUT/sweep.json (updated after every point), OUT/images.npz (every point's images as uint8,
+key "model|label", for re-scoring and paired tests), OUT/sweep.md, OUT/strength_sweep.png and
 OUT/strength_grid*.png (rows: seeds; columns: prior, strengths 0.1-1, from noise).
 
     python benchmarks/strength_sweep.py --out runs/sweep          # trains the models; ~70 min on 2 CPU
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -46,6 +48,7 @@ from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, save_figure_atomic, write_text_atomic
+from pipeline.common.images import to_uint8
 
 log = logging.getLogger("strength_sweep")
 
@@ -61,7 +64,7 @@ QUICK = {"n": 12, "strengths": (0.0, 0.3, 0.7, 1.0), "ddpm_steps": 40,
 # ------------------------------------------------------------------------------------------ models
 
 
-def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str, Path]:
+def train_models(cfg_path: Path, out: Path, control_defects: float, device: str = "cpu") -> dict[str, Path]:
     """Train the VAE, the diffusion model and (control_defects > 0) the control model under out/models."""
     from pipeline.cli import train_diffusion, train_vae
 
@@ -71,12 +74,12 @@ def train_models(cfg_path: Path, out: Path, control_defects: float) -> dict[str,
     log.info("training the VAE → %s", paths["vae"].parent)
     train_vae.main.__wrapped__([*common, "--out", str(paths["vae"].parent), "--overwrite"])
     log.info("training the diffusion model → %s", paths["clean"])
-    train_diffusion.main.__wrapped__([*common, "--out", str(paths["clean"]), "--overwrite", "--device", "cpu"])
+    train_diffusion.main.__wrapped__([*common, "--out", str(paths["clean"]), "--overwrite", "--device", device])
     if control_defects > 0:
         paths["defects"] = models / "diffusion_defects"
         log.info("training the control model on %.0f%% defective pupils → %s", 100 * control_defects, paths["defects"])
         train_diffusion.main.__wrapped__([*common, "--set", f"data.synthetic_defects={control_defects}", "--out",
-                                          str(paths["defects"]), "--overwrite", "--device", "cpu"])
+                                          str(paths["defects"]), "--overwrite", "--device", device])
     return paths
 
 
@@ -95,17 +98,25 @@ def sweep_points(strengths: tuple[float, ...], steps: int, ddpm_steps: int) -> l
 
 
 def run_point(cfg: Config, diffusion: Path, vae: Path, point: dict, n: int, seed: int,
-              batch_size: int) -> tuple[np.ndarray, dict]:
+              batch_size: int, device: str = "cpu") -> tuple[np.ndarray, dict]:
     """Generate one point's images; returns them and the generation facts."""
     from pipeline.generate import generate
 
     g = cfg.generate
     g.n, g.seed, g.batch_size = n, seed, batch_size
     g.sampler, g.steps, g.strength, g.eta = point["sampler"], point["steps"], point["strength"], 0.0
-    result = generate(cfg, diffusion, source=point["mode"], vae_path=vae, device="cpu", progress=False)
+    result = generate(cfg, diffusion, source=point["mode"], vae_path=vae, device=device, progress=False)
     meta = result.metadata
     return result.images, {"t_start": meta["t_start"], "nfe_per_image": meta["nfe_per_image"],
                            "seconds_per_image": meta["timings_s"]["sampling_per_image"]}
+
+
+def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Every point's images ("model|label" → uint8 N×C×H×W), for re-scoring and paired tests later."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
 
 
 def write_grid(path: Path, columns: list[np.ndarray]) -> None:
@@ -204,6 +215,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--inception-weights", metavar="PATH", help="TorchScript Inception-v3 for real KID")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: leave as is)")
+    parser.add_argument("--device", default="cpu", help="where models train and sample: cpu (default), cuda, auto")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes)")
     parser.add_argument("--label", default="clean", help="name of the main model in the results (default: clean)")
     parser.add_argument("--merge", nargs="+", metavar="DIR",
@@ -236,16 +248,16 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def sweep_model(cfg: Config, args: argparse.Namespace, diffusion: Path, vae: Path, points: list[dict],
-                evaluate: Evaluator, progress: tqdm) -> Iterator[tuple[list[dict], list[np.ndarray]]]:
-    """Run one diffusion model's points; after each, yield the rows so far and the grid columns
-    (VAE strengths ascending, then from noise)."""
+                evaluate: Evaluator, progress: tqdm) -> Iterator[tuple[list[dict], list[np.ndarray], np.ndarray]]:
+    """Run one diffusion model's points; after each, yield the rows so far, the grid columns
+    (VAE strengths ascending, then from noise) and the point's images."""
     rows, grid, noise_ddim = [], {}, None
     for point in points:
         progress.set_postfix_str(point["label"])
         if point["mode"] == "vae" and point["strength"] == 1.0 and noise_ddim is not None:
             images, facts = noise_ddim  # strength 1 is from-noise, byte for byte (tests/test_generate.py)
         else:
-            images, facts = run_point(cfg, diffusion, vae, point, args.n, args.seed, args.batch_size)
+            images, facts = run_point(cfg, diffusion, vae, point, args.n, args.seed, args.batch_size, args.device)
         if point["mode"] == "noise" and point["sampler"] == "ddim":
             noise_ddim = (images, facts)
             grid["noise"] = images[:GRID_SEEDS]
@@ -253,7 +265,7 @@ def sweep_model(cfg: Config, args: argparse.Namespace, diffusion: Path, vae: Pat
             grid[f"VAE s={point['strength']:g}"] = images[:GRID_SEEDS]
         rows.append({**point, **facts, **evaluate(images)})
         progress.update()
-        yield rows, [grid[k] for k in sorted(grid, key=_grid_order)]
+        yield rows, [grid[k] for k in sorted(grid, key=_grid_order)], images
 
 
 def merge(dirs: list[str]) -> dict:
@@ -310,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     if args.vae is None:
-        models = train_models(cfg_path, out, args.control_defects if args.control is None else 0.0)
+        models = train_models(cfg_path, out, args.control_defects if args.control is None else 0.0, args.device)
         models[args.label] = models.pop("clean")
     else:
         models = {"vae": Path(args.vae), args.label: Path(args.diffusion)}
@@ -320,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from guided_diffusion.training.checkpoint import load_for_inference
 
-    train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]
+    train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]  # its config only
     ddpm_steps = train_cfg.diffusion.steps if args.ddpm_steps is None else args.ddpm_steps
     heldout = heldout_images(train_cfg, 2 * args.n)  # image i depends on (seed, i) only: the same first n as before
     evaluate = Evaluator(cfg, heldout[: args.n], args.inception_weights, args.seed)
@@ -338,11 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     # DDPM from noise, the costliest point, runs on the main model only: the control's baseline is DDIM.
     plan = {m: sweep_points(tuple(args.strengths), args.steps, ddpm_steps if m == args.label else 0) for m in names}
     progress = tqdm(total=sum(map(len, plan.values())), unit="point", desc="sweep")
+    saved = {}
     for model in names:
-        for rows, columns in sweep_model(cfg, args, models[model], models["vae"], plan[model], evaluate, progress):
+        for rows, columns, images in sweep_model(cfg, args, models[model], models["vae"], plan[model], evaluate,
+                                                 progress):
             result["models"][model] = rows  # saved after every point, so an interrupted sweep keeps its results
             write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
             write_grid(out / f"strength_grid{'' if model == 'clean' else '_' + model}.png", columns)
+            saved[f"{model}|{rows[-1]['label']}"] = to_uint8(images)
+            save_npz_atomic(out / "images.npz", saved)
     progress.close()
     result["total_seconds"] = time.perf_counter() - t0
     write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
