@@ -9,9 +9,10 @@
 #   2. benchmarks/strength_sweep.py: N = 100 per point, the same seeds at every point, from noise
 #      (DDIM 50) and from VAE priors at s = 0, 0.2, 0.4, 0.6, 1.0, scored by circularity-check, bleed,
 #      proxy KID against held-out images and diversity;
-#   3. into $OUT: run.log (GPU, versions, every step's summary), training.tar.gz (each run's
-#      log.csv, loss.png and summary, the sweep's config.yaml) and sweep/ with sweep.json, sweep.md,
-#      strength_sweep.png, strength_grid*.png and images.npz (every point's images, for paired tests).
+#   3. into $OUT: run.log (GPU, versions, every step's summary and the tables), training.tar.gz
+#      (each run's log.csv, loss.png and summary; the sweep's config.yaml, sweep.md and paired.md) and
+#      sweep/ with sweep.json, paired.json (paired tests between points), strength_sweep.png,
+#      strength_grid*.png and images.npz (every point's images).
 # Settings (environment): CONFIG, N, STRENGTHS, TRAIN_S (default 450), CONTROL (fraction of
 # defective pupils for a control model trained beside the main one; default 0 = none), DDPM_STEPS
 # (a from-noise DDPM point over that many steps; default 0 = none). Needs a CUDA PyTorch, NumPy,
@@ -98,7 +99,9 @@ t1=$SECONDS
   --device "$DEVICE" "${SWEEP[@]}" --config "$CFG" "${SETS[@]}" --out "$OUT/sweep" --overwrite \
   2>&1 | tr '\r' '\n' | grep -v '^\s*$' | grep -v 'sweep:' | tee -a "$LOG"
 echo "sweep: $((SECONDS - t1)) s; total $((SECONDS - t0)) s" | tee -a "$LOG"
-mv "$OUT/sweep/config.yaml" "$WORK/sweep_config.yaml"
-(cd "$WORK" && tar -czf training.tar.gz sweep_config.yaml ./*/log.csv ./*/loss.png ./*/summary.json 2>/dev/null) || true
+# At most 8 files come back from a lent GPU machine: the Markdown tables and the config travel packed.
+mv "$OUT/sweep/config.yaml" "$OUT/sweep/sweep.md" "$OUT/sweep/paired.md" "$WORK/"
+(cd "$WORK" && tar -czf training.tar.gz config.yaml sweep.md paired.md ./*/log.csv ./*/loss.png ./*/summary.json \
+  2>/dev/null) || true
 mv "$WORK/training.tar.gz" "$OUT/" 2>/dev/null || true
 rm -rf "$WORK"

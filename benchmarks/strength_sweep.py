@@ -20,7 +20,7 @@ data where a fraction F of the pupils are defective (bleed, irregular, oval, off
 same sweep with the same (clean) VAE: do the priors pull its samples back to round pupils?
 
 Writes OUT/sweep.json (updated after every point), OUT/images.npz (every point's images as uint8,
-key "model|label", for re-scoring and paired tests), OUT/sweep.md, OUT/strength_sweep.png and
+key "model|label"), OUT/paired.json and paired.md (paired tests between points: sweep_paired.py), OUT/sweep.md, OUT/strength_sweep.png and
 OUT/strength_grid*.png (rows: seeds; columns: prior, strengths 0.1-1, from noise).
 
     python benchmarks/strength_sweep.py --out runs/sweep          # trains the models; ~70 min on 2 CPU
@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from sweep_paired import write_paired
 from sweep_scoring import Evaluator, heldout_images
 from tqdm import tqdm
 
@@ -363,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     result["total_seconds"] = time.perf_counter() - t0
     write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
     print(write_reports(result, out))
-    print(f"wrote {out}/sweep.json, sweep.md, strength_sweep.png, strength_grid*.png")
+    print(write_paired(out, cfg, args.inception_weights))
+    print(f"wrote {out}/sweep.json, sweep.md, paired.json, paired.md, images.npz, strength_sweep.png, "
+          "strength_grid*.png")
     return 0
 
 

@@ -38,21 +38,29 @@ class Evaluator:
             self.features, self.feature_kind = proxy_features, PROXY_NOTE
         self.heldout_features = self.features(heldout)
 
-    def __call__(self, images: np.ndarray) -> dict:
+    def per_image(self, images: np.ndarray) -> dict:
+        """Each image's circularity rows, pass and round-pupil flags, bleed_fraction and features."""
         from pipeline.check.analyze import analyze_batch
-        from pipeline.check.metrics import kid
         from pipeline.check.rules import round_pupil_without_bleed
-        from pipeline.check.summary import failure_key
 
         rows = analyze_batch(images, self.cfg.circularity)
+        return {"rows": rows, "pass": np.array([bool(r["pass"]) for r in rows]),
+                "pupil_ok": np.array([round_pupil_without_bleed(r, self.cfg.circularity) for r in rows]),
+                "bleed": np.array([r["bleed_fraction"] for r in rows], np.float64),
+                "features": self.features(images)}
+
+    def __call__(self, images: np.ndarray) -> dict:
+        from pipeline.check.metrics import kid
+        from pipeline.check.summary import failure_key
+
+        scored = self.per_image(images)
+        rows, feats = scored["rows"], scored["features"]
         n = len(rows)
-        passed = sum(r["pass"] for r in rows)
-        pupil_ok = sum(round_pupil_without_bleed(r, self.cfg.circularity) for r in rows)
+        passed, pupil_ok = int(scored["pass"].sum()), int(scored["pupil_ok"].sum())
         reasons: dict[str, int] = {}
         for r in rows:
             key = "pass" if r["pass"] else failure_key(r["reason"])
             reasons[key] = reasons.get(key, 0) + 1
-        feats = self.features(images)
         kid_mean, kid_std = kid(feats, self.heldout_features, subsets=50, subset_size=min(100, n), seed=self.seed)
 
         def mean_of(key: str) -> float:

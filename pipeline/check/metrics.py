@@ -72,14 +72,38 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
 
 
+def _kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's polynomial kernel k(a, b) = (a·b/d + 1)³ between the rows of x and y."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD² with k(a, b) = (a·b/d + 1)³."""
-    m, d = len(x), x.shape[1]
-    kxx = (x @ x.T / d + 1.0) ** 3
-    kyy = (y @ y.T / d + 1.0) ** 3
-    kxy = (x @ y.T / d + 1.0) ** 3
-    off = m * (m - 1)
+    """Unbiased MMD² with KID's kernel."""
+    kxx, kyy, kxy = _kernel(x, x), _kernel(y, y), _kernel(x, y)
+    off = len(x) * (len(x) - 1)
     return float((kxx.sum() - np.trace(kxx)) / off + (kyy.sum() - np.trace(kyy)) / off - 2.0 * kxy.mean())
+
+
+def mmd2_to_reference(x: np.ndarray, ref: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """MMD² (KID's kernel) of x's rows, re-weighted, against a fixed reference set, for bootstraps.
+
+    Returns f(counts): counts (B, N) are how often each row of x is drawn in B resamples (all ones =
+    x itself); f gives each resample's unbiased MMD² to `ref`, where the within-x term leaves out
+    pairs of draws of the same row (as the unbiased estimator leaves out i = j), so all ones equals
+    the unbiased MMD² of x and ref exactly."""
+    x, ref = _check_features(x, "first"), _check_features(ref, "reference")
+    kxx, kxr = _kernel(x, x), _kernel(x, ref).mean(axis=1)
+    kr = _kernel(ref, ref)
+    ref_term = (kr.sum() - np.trace(kr)) / (len(ref) * (len(ref) - 1))
+    diag = np.diag(kxx)
+
+    def of(counts: np.ndarray) -> np.ndarray:
+        c = np.atleast_2d(np.asarray(counts, np.float64))
+        m = c.sum(axis=1)
+        within = (np.einsum("bi,ij,bj->b", c, kxx, c) - (c * c) @ diag) / (m * m - (c * c).sum(axis=1))
+        return within + ref_term - 2.0 * (c @ kxr) / m
+
+    return of
 
 
 def kid(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
