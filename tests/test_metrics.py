@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.check.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,
     kid,
-    load_inception_features,
     proxy_features,
 )
 from pipeline.common.errors import UserError
@@ -100,24 +98,6 @@ def test_inception_score_extremes():
     assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(UserError):
         inception_score(np.zeros((3, 10)), splits=10)
-
-
-def test_inception_loader(tmp_path):
-    with pytest.raises(UserError, match="TorchScript"):
-        load_inception_features(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(UserError, match="TorchScript"):
-        load_inception_features(tmp_path / "junk.pt")
-
-    class Tiny(torch.nn.Module):  # stands in for Inception: (N, 3, 299, 299) → (N, 2048)
-        def forward(self, x):
-            return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
-
-    torch.jit.script(Tiny()).save(str(tmp_path / "tiny.pt"))
-    extract = load_inception_features(tmp_path / "tiny.pt")
-    imgs = np.full((3, 1, 40, 50), 0.5, np.float32)  # grey, any size, in [-1, 1]
-    feats = extract(imgs)
-    assert feats.shape == (3, 2048) and np.allclose(feats, 0.75, atol=1e-5)  # (0.5 + 1) / 2
 
 
 def test_proxy_features_deterministic():
