@@ -62,6 +62,20 @@ def test_fid_identical_and_shifted_sets():
         fid_from_features(f[:1], f)
 
 
+@pytest.mark.parametrize(("n1", "n2"), [(30, 30), (12, 40), (2, 5)])
+def test_fid_with_fewer_images_than_dimensions_matches_covariances(n1, n2):
+    # The N × N route (few images, many features) against Fréchet on the D × D covariances, whose
+    # square roots of singular matrices lose about sqrt(machine epsilon) of the trace.
+    rng = np.random.default_rng(6)
+    mix = rng.standard_normal((64, 64))
+    f1, f2 = rng.standard_normal((n1, 64)) @ mix, rng.standard_normal((n2, 64)) @ mix + 0.3
+    full = frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert fid_from_features(f1, f2) == pytest.approx(full, rel=1e-6)
+    # A shifted copy: exactly the squared shift (here the D × D route is off by 1e-4 relative).
+    shift = 0.1 * rng.standard_normal(64)
+    assert fid_from_features(f1, f1 + shift) == pytest.approx(shift @ shift, rel=1e-9)
+
+
 def _mmd2_brute(x, y):
     """Unbiased MMD² with k = (x·y/d + 1)³, by explicit loops."""
     d, m, n = x.shape[1], len(x), len(y)

@@ -191,10 +191,9 @@ def test_circularity_check_inception_run(weights, eyes, tmp_path, capsys):
     dist = json.loads((out / "comparison.json").read_text())["distances"]
     assert dist["features"] == "inception-v3 (clean-fid)" and dist["inception_weights"] == str(weights)
     assert dist["fid"] > 0 and dist["proxy_fd"] > 0
-    # The KID is that of the stand-in's features of the two folders (a second 2048-d FID would
-    # double this test's time; the FID maths is checked above).
-    ours = InceptionFeatures(weights)
+    ours = InceptionFeatures(weights)  # the numbers are those of the stand-in's features of the two folders
     feats = ours.from_files(sorted(files)), ours.from_files(sorted(reference.glob("*.png")))
+    assert dist["fid"] == pytest.approx(fid_from_features(*feats), rel=1e-9)
     assert dist["kid_mean"] == pytest.approx(kid(*feats, subsets=100, subset_size=1000)[0], rel=1e-9)
 
 

@@ -56,11 +56,23 @@ def _check_features(f: np.ndarray, name: str) -> np.ndarray:
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two feature sets (N, D)."""
+    """Fréchet distance between the Gaussians fitted to two feature sets (N, D).
+
+    With fewer images than dimensions (e.g. 200 images, 2048-d Inception features) it avoids the
+    D × D matrices: write Σ₁ = AᵀA, Σ₂ = BᵀB (A, B the centred features / √(N − 1)); the non-zero
+    eigenvalues of Σ₁^½ Σ₂ Σ₁^½ are those of (BAᵀ)(BAᵀ)ᵀ, so tr (Σ₁^½ Σ₂ Σ₁^½)^½ = ‖BAᵀ‖_* (the
+    sum of singular values of an N₂ × N₁ matrix) and tr Σ₁ = ‖A‖²_F — the same value, exactly.
+    """
     f1, f2 = _check_features(f1, "first"), _check_features(f2, "second")
     if f1.shape[1] != f2.shape[1]:
         raise UserError(f"feature sizes differ: {f1.shape[1]} vs {f2.shape[1]}")
-    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    if max(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    a = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    b = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    diff = f1.mean(0) - f2.mean(0)
+    nuclear = np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * nuclear)
 
 
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
