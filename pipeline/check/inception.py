@@ -36,14 +36,18 @@ import logging
 import os
 import platform
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.check.folder import read_image
 from pipeline.common.errors import UserError
 from pipeline.common.images import nchw_to_nhwc, to_uint8
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ FEATURES_LABEL = "inception-v3 (clean-fid)"
 INSTALL_HINT = "--metrics inception needs clean-fid: pip install -e '.[metrics]'"
 
 
-def _cleanfid() -> tuple[type, object, str]:
+def _cleanfid() -> tuple[type, Callable[[str], Callable[[np.ndarray], np.ndarray]], str]:
     """(InceptionV3W, build_resizer, weights URL) from clean-fid's torchvision-free modules."""
     try:
         from cleanfid.downloads_helper import inception_url
@@ -77,7 +81,7 @@ def find_weights(path: str | Path | None = None) -> Path:
     if target.is_dir():
         target = target / WEIGHTS_NAME
     if not target.is_file():
-        where = "" if path else " (clean-fid's cache; or pass --inception-weights FILE)"
+        where = "" if path else " (clean-fid's cache; no --inception-weights FILE given)"
         raise UserError(f"Inception weights not found: {target}{where} (how to get them once: "
                         f"curl -L -o {target} {url})")
     return target
@@ -97,7 +101,7 @@ def to_rgb_uint8(img: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def _load(inception_v3w: type, weights: Path) -> object:
+def _load(inception_v3w: type, weights: Path) -> torch.nn.Module:
     """clean-fid's InceptionV3W on `weights` (it loads `<folder>/inception-2015-12-05.pt` only, so a
     file of another name is linked under that name in a temporary folder)."""
     if weights.name == WEIGHTS_NAME:
