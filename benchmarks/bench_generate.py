@@ -4,10 +4,9 @@ full-T DDPM baseline.
 
 Network evaluations are counted by wrapping the model (rows it saw / images), not by arithmetic.
 Quality: circularity pass rate (pipeline.check.circularity, all rules) and proxy KID against held-out
-synthetic images (benchmarks/strength_sweep.Evaluator; proxy features unless Inception weights are
-given, so KIDs rank samplers, they are not comparable with published ones). The models are trained
-here for `--train-steps` (a few in --quick: quality is then near zero for every sampler, the
-speed ratios still hold), or given with --diffusion/--vae. The full-T DDPM is timed over a few
+synthetic images (benchmarks/sweep_scoring.Evaluator on proxy features, so KIDs rank samplers, they
+are not comparable with published ones). The models are trained here for `--train-steps` (a few in
+--quick: quality is then near zero for every sampler, the speed ratios still hold), or given with --diffusion/--vae. The full-T DDPM is timed over a few
 steps and extrapolated linearly (each step is one network evaluation of the same cost).
 """
 
@@ -101,7 +100,7 @@ def main() -> None:
         model, train_cfg, _ = load_for_inference(diffusion_dir)
         vae = load_vae(vae_path)
         cfg = load_config(CONFIG, TINY)
-        evaluate = Evaluator(cfg, heldout_images(cfg, n), None, seed=0)
+        evaluate = Evaluator(cfg, heldout_images(cfg, n), seed=0)
         shape = (n, train_cfg.data.channels, train_cfg.data.image_size, train_cfg.data.image_size)
         start = time.perf_counter()
         priors = torch.from_numpy(sample_priors(vae, n, seed=0))

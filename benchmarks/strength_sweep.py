@@ -10,10 +10,11 @@ Per point: circularity pass rate (all rules, and the pupil rules alone) with Wil
 mean bleed_fraction and pupil circularity, KID against held-out images, diversity (mean pairwise
 pixel RMS and feature distance), network evaluations and seconds per image.
 
-KID uses Inception-v3 features only with `--inception-weights`; otherwise the project's proxy
-features (`pipeline.check.metrics.proxy_features`: random projection + intensity and gradient
-histograms), labelled as such in every output. Proxy KID ranks sets; it is not comparable with
-published KIDs.
+KID uses the project's proxy features by default (`pipeline.check.metrics.proxy_features`: random
+projection + intensity and gradient histograms), labelled as such in every output: proxy KID ranks
+sets, it is not comparable with published KIDs. `--metrics inception` uses clean-fid's Inception-v3
+instead (`pipeline.check.inception`; the extra `metrics`, weights from `--inception-weights PATH` or
+clean-fid's cache, never downloaded): real KID, clean-fid's "clean" preprocessing.
 
 The defect-inducing control (`--control-defects F`, default 0.5) trains a second diffusion model on
 data where a fraction F of the pupils are defective (bleed, irregular, oval, off-centre) and runs the
@@ -214,7 +215,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="steps of the from-noise DDPM baseline (default: the model's T; 0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--inception-weights", metavar="PATH", help="TorchScript Inception-v3 for real KID")
+    parser.add_argument("--metrics", choices=("proxy", "inception"), default="proxy",
+                        help="KID features: proxy (default; offline) or inception (real KID via clean-fid; "
+                             "pip install -e '.[metrics]')")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help="clean-fid's inception-2015-12-05.pt for --metrics inception "
+                             "(default: clean-fid's cache, if the file is there)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: leave as is)")
     parser.add_argument("--device", default="cpu", help="where models train and sample: cpu (default), cuda, auto")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes)")
@@ -246,6 +252,12 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
             raise UserError(f"--{name} {value} not found")
+    if args.inception_weights and args.metrics != "inception":
+        raise UserError("--inception-weights goes with --metrics inception")
+    if args.metrics == "inception":  # before hours of training, not after
+        from pipeline.check.inception import find_weights
+
+        find_weights(args.inception_weights)
 
 
 def sweep_model(cfg: Config, args: argparse.Namespace, diffusion: Path, vae: Path, points: list[dict],
@@ -336,7 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     train_cfg = load_for_inference(models[args.label], ema_rate=None, device="cpu")[1]  # its config only
     ddpm_steps = train_cfg.diffusion.steps if args.ddpm_steps is None else args.ddpm_steps
     heldout = heldout_images(train_cfg, 2 * args.n)  # image i depends on (seed, i) only: the same first n as before
-    evaluate = Evaluator(cfg, heldout[: args.n], args.inception_weights, args.seed)
+    inception = None
+    if args.metrics == "inception":
+        from pipeline.check.inception import InceptionFeatures
+        from pipeline.common.devices import pick_torch_device
+
+        inception = InceptionFeatures(args.inception_weights, device=pick_torch_device(args.device))
+    evaluate = Evaluator(cfg, heldout[: args.n], args.seed, inception)
     heldout_check = heldout[args.n :]  # a second held-out set, scored like a point
     result = {
         "title": f"strength sweep, {train_cfg.data.image_size}px, N={args.n} per point",

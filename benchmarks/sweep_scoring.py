@@ -5,11 +5,15 @@ bleed and pupil circularity, KID against held-out images, and pixel/feature dive
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.check.stats import wilson_interval
 from pipeline.common.config import Config
+
+if TYPE_CHECKING:
+    from pipeline.check.inception import InceptionFeatures
 
 HELDOUT_SEED_OFFSET = 100_003  # held-out images: a seed far from the training data's
 
@@ -28,12 +32,13 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
 class Evaluator:
     """Circularity rules, KID against held-out images and diversity for one set of images."""
 
-    def __init__(self, cfg: Config, heldout: np.ndarray, inception_weights: str | None, seed: int):
-        from pipeline.check.metrics import PROXY_NOTE, load_inception_features, proxy_features
+    def __init__(self, cfg: Config, heldout: np.ndarray, seed: int, inception: InceptionFeatures | None = None):
+        """KID on `inception`'s features when given (`--metrics inception`), else on the proxy features."""
+        from pipeline.check.metrics import PROXY_NOTE, proxy_features
 
         self.cfg, self.seed = cfg, seed
-        if inception_weights:
-            self.features, self.feature_kind = load_inception_features(inception_weights), "inception-v3"
+        if inception is not None:
+            self.features, self.feature_kind = inception, inception.label
         else:
             self.features, self.feature_kind = proxy_features, PROXY_NOTE
         self.heldout_features = self.features(heldout)

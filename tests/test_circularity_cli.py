@@ -144,8 +144,8 @@ def test_bad_options_exit_2(eye_folder, tmp_path, capsys):
     assert "reference" in _error_line(capsys)
     assert _run([eye_folder, "--out", tmp_path / "o", "--reference", eye_folder,
                  "--inception-weights", tmp_path / "inception.pt"]) == 2
-    assert "TorchScript" in _error_line(capsys)
-    assert _run([eye_folder, "--out", tmp_path / "o", "--inception-weights", tmp_path / "x.pt"]) == 2
+    assert "--metrics inception" in _error_line(capsys)
+    assert _run([eye_folder, "--out", tmp_path / "o", "--metrics", "inception"]) == 2
     assert "--reference" in _error_line(capsys)
 
 

@@ -2,14 +2,12 @@
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline.check.metrics import (
     fid_from_features,
     frechet_distance,
     inception_score,
     kid,
-    load_inception_features,
     proxy_features,
 )
 from pipeline.common.errors import UserError
@@ -64,6 +62,20 @@ def test_fid_identical_and_shifted_sets():
         fid_from_features(f[:1], f)
 
 
+@pytest.mark.parametrize(("n1", "n2"), [(30, 30), (12, 40), (2, 5)])
+def test_fid_with_fewer_images_than_dimensions_matches_covariances(n1, n2):
+    # The N × N route (few images, many features) against Fréchet on the D × D covariances, whose
+    # square roots of singular matrices lose about sqrt(machine epsilon) of the trace.
+    rng = np.random.default_rng(6)
+    mix = rng.standard_normal((64, 64))
+    f1, f2 = rng.standard_normal((n1, 64)) @ mix, rng.standard_normal((n2, 64)) @ mix + 0.3
+    full = frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert fid_from_features(f1, f2) == pytest.approx(full, rel=1e-6)
+    # A shifted copy: exactly the squared shift (here the D × D route is off by 1e-4 relative).
+    shift = 0.1 * rng.standard_normal(64)
+    assert fid_from_features(f1, f1 + shift) == pytest.approx(shift @ shift, rel=1e-9)
+
+
 def _mmd2_brute(x, y):
     """Unbiased MMD² with k = (x·y/d + 1)³, by explicit loops."""
     d, m, n = x.shape[1], len(x), len(y)
@@ -100,24 +112,6 @@ def test_inception_score_extremes():
     assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(UserError):
         inception_score(np.zeros((3, 10)), splits=10)
-
-
-def test_inception_loader(tmp_path):
-    with pytest.raises(UserError, match="TorchScript"):
-        load_inception_features(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(UserError, match="TorchScript"):
-        load_inception_features(tmp_path / "junk.pt")
-
-    class Tiny(torch.nn.Module):  # stands in for Inception: (N, 3, 299, 299) → (N, 2048)
-        def forward(self, x):
-            return x.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
-
-    torch.jit.script(Tiny()).save(str(tmp_path / "tiny.pt"))
-    extract = load_inception_features(tmp_path / "tiny.pt")
-    imgs = np.full((3, 1, 40, 50), 0.5, np.float32)  # grey, any size, in [-1, 1]
-    feats = extract(imgs)
-    assert feats.shape == (3, 2048) and np.allclose(feats, 0.75, atol=1e-5)  # (0.5 + 1) / 2
 
 
 def test_proxy_features_deterministic():

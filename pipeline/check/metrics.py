@@ -9,30 +9,21 @@ The maths works on any feature vectors:
   * Inception Score (Salimans et al., 2016): exp E_x KL(p(y|x) ‖ p(y)), mean ± std over splits.
 
 Features:
-  * `load_inception_features(path)` — real FID/KID need Inception-v3 pool features. Nothing is
-    downloaded: pass a local TorchScript file (see its docstring for the format and how to make
-    one).
-  * `proxy_features(images)` — NOT Inception. A fixed, seeded random projection of 32×32
-    thumbnails plus gradient and intensity histograms, for comparing folders when no Inception
-    weights are at hand (e.g. the strength sweep). Distances on them are reported as
-    "proxy_fd"/"proxy_kid" and are not comparable with published FID/KID values.
+  * `proxy_features(images)` (the default, offline, used in CI) — NOT Inception. A fixed, seeded
+    random projection of 32×32 thumbnails plus gradient and intensity histograms, for comparing
+    folders when no Inception weights are at hand (e.g. the strength sweep). Distances on them are
+    reported as "proxy_fd"/"proxy_kid" and are not comparable with published FID/KID values.
+  * Real FID/KID need Inception-v3 pool features: `pipeline.check.inception` (`--metrics
+    inception`, the optional extra `metrics`; clean-fid's Inception, nothing downloaded).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from pipeline.common.errors import UserError
 
-INCEPTION_HELP = (
-    "expected a TorchScript file mapping (N, 3, 299, 299) float images in [0, 1] to (N, 2048) "
-    "Inception-v3 pool features; make one once from torchvision's inception_v3 weights "
-    "(see pipeline/check/metrics.py, load_inception_features) — nothing is downloaded"
-)
 PROXY_NOTE = "proxy features (random projection + histograms), not Inception: values are not FID/KID"
 
 
@@ -65,11 +56,23 @@ def _check_features(f: np.ndarray, name: str) -> np.ndarray:
 
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Fréchet distance between the Gaussians fitted to two feature sets (N, D)."""
+    """Fréchet distance between the Gaussians fitted to two feature sets (N, D).
+
+    With fewer images than dimensions (e.g. 200 images, 2048-d Inception features) it avoids the
+    D × D matrices: write Σ₁ = AᵀA, Σ₂ = BᵀB (A, B the centred features / √(N − 1)); the non-zero
+    eigenvalues of Σ₁^½ Σ₂ Σ₁^½ are those of (BAᵀ)(BAᵀ)ᵀ, so tr (Σ₁^½ Σ₂ Σ₁^½)^½ = ‖BAᵀ‖_* (the
+    sum of singular values of an N₂ × N₁ matrix) and tr Σ₁ = ‖A‖²_F — the same value, exactly.
+    """
     f1, f2 = _check_features(f1, "first"), _check_features(f2, "second")
     if f1.shape[1] != f2.shape[1]:
         raise UserError(f"feature sizes differ: {f1.shape[1]} vs {f2.shape[1]}")
-    return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    if max(len(f1), len(f2)) >= f1.shape[1]:
+        return frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    a = (f1 - f1.mean(0)) / np.sqrt(len(f1) - 1)
+    b = (f2 - f2.mean(0)) / np.sqrt(len(f2) - 1)
+    diff = f1.mean(0) - f2.mean(0)
+    nuclear = np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * nuclear)
 
 
 def _kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -136,58 +139,6 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]
         kl = (np.exp(part) * (part - log_marginal)).sum(axis=1)
         scores.append(np.exp(kl.mean()))
     return float(np.mean(scores)), float(np.std(scores))
-
-
-def load_inception_features(weights_path: str | Path, device: str = "cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """A feature extractor from a local TorchScript Inception-v3: images (N, C, H, W) in [-1, 1]
-    (C = 1 or 3, any size) → (N, 2048) float64.
-
-    Expected file: `torch.jit.save`d module taking (N, 3, 299, 299) float32 in [0, 1] and returning
-    the 2048-d pool features ((N, 2048) or (N, 2048, 1, 1)), normalisation included. One way to make
-    it, with torchvision and its Inception-v3 ImageNet weights file already on disk:
-
-        import torch, torchvision
-        net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
-        net.load_state_dict(torch.load("inception_v3_google-0cc3c7bd.pth"))
-        net.fc = torch.nn.Identity(); net.eval()
-        class Features(torch.nn.Module):
-            def __init__(self, net): super().__init__(); self.net = net
-            def forward(self, x):  # [0, 1] → ImageNet normalisation → pool features
-                m = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-                s = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-                return self.net((x - m) / s)
-        torch.jit.trace(Features(net), torch.rand(2, 3, 299, 299)).save("inception_features.pt")
-
-    (The torchvision weights differ slightly from the TF graph behind published FIDs; use the same
-    file for every number you compare.)
-    """
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"Inception weights not found: {path} ({INCEPTION_HELP})")
-    import torch
-
-    try:
-        module = torch.jit.load(str(path), map_location=device).eval()
-    except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
-        raise UserError(f"cannot load {path} as TorchScript: {type(exc).__name__} ({INCEPTION_HELP})") from None
-
-    def extract(images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        x = np.asarray(images, np.float32)
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise UserError(f"images must be (N, 1|3, H, W), got shape {x.shape}")
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), batch_size):
-                b = torch.from_numpy((x[i : i + batch_size] + 1.0) * 0.5).clamp(0, 1).to(device)
-                b = torch.nn.functional.interpolate(b, size=(299, 299), mode="bilinear", align_corners=False)
-                feats = module(b.expand(-1, 3, -1, -1))
-                out.append(feats.reshape(len(b), -1).double().cpu().numpy())
-        feats = np.concatenate(out) if out else np.zeros((0, 2048))
-        if feats.shape[1] != 2048:
-            raise UserError(f"{path} returned {feats.shape[1]}-d features, expected 2048 ({INCEPTION_HELP})")
-        return feats
-
-    return extract
 
 
 def proxy_features(images: np.ndarray, dim: int = 128, seed: int = 0) -> np.ndarray:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 
-from pipeline.check.analyze import analyze_with_geometry, to_grey_unit
+from pipeline.check.analyze import analyze_with_geometry
 from pipeline.check.folder import draw_overlay, read_image
 from pipeline.check.rules import (
     METRICS,
@@ -21,6 +21,9 @@ from pipeline.check.rules import (
     rules_from_config,
 )
 from pipeline.common.config import CircularityConfig
+
+if TYPE_CHECKING:
+    from pipeline.check.inception import InceptionFeatures
 
 PLOT_METRICS = (
     "pupil_circularity", "pupil_axis_ratio", "pupil_radial_dev", "bleed_fraction", "concentricity",
@@ -161,9 +164,9 @@ def console_table(summaries: list[tuple[str, dict]]) -> str:
 
 
 def distances(rows_a: list[dict], rows_b: list[dict], folder_a: Path, folder_b: Path,
-              inception: str | None) -> dict:
-    """Proxy FD/KID always; FID/KID on Inception features when a local weights file is given."""
-    from pipeline.check.metrics import PROXY_NOTE, fid_from_features, kid, load_inception_features
+              inception: InceptionFeatures | None) -> dict:
+    """Proxy FD/KID always; FID/KID on Inception-v3 features (clean-fid) when `inception` is given."""
+    from pipeline.check.metrics import PROXY_NOTE, fid_from_features, kid
 
     out: dict = {}
     fa = np.array([r["_features"] for r in rows_a])
@@ -171,15 +174,10 @@ def distances(rows_a: list[dict], rows_b: list[dict], folder_a: Path, folder_b: 
     if min(len(fa), len(fb)) >= 2:
         mean, std = kid(fa, fb, subsets=100, subset_size=1000)
         out.update(proxy_fd=fid_from_features(fa, fb), proxy_kid_mean=mean, proxy_kid_std=std, proxy_note=PROXY_NOTE)
-    if inception:
-        extract = load_inception_features(inception)
-
-        def feats(folder: Path, rows: list[dict]) -> np.ndarray:
-            batch = [cv2.resize(to_grey_unit(read_image(folder / r["file"])), (299, 299), interpolation=cv2.INTER_AREA)
-                     for r in rows]
-            return extract(np.stack(batch)[:, None] * 2.0 - 1.0)
-
-        ia, ib = feats(folder_a, rows_a), feats(folder_b, rows_b)
+    if inception is not None:
+        ia = inception.from_files([folder_a / r["file"] for r in rows_a])
+        ib = inception.from_files([folder_b / r["file"] for r in rows_b])
         mean, std = kid(ia, ib, subsets=100, subset_size=1000)
-        out.update(fid=fid_from_features(ia, ib), kid_mean=mean, kid_std=std, inception_weights=str(inception))
+        out.update(fid=fid_from_features(ia, ib), kid_mean=mean, kid_std=std, features=inception.label,
+                   inception_weights=str(inception.weights))
     return out

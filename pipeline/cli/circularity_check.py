@@ -3,7 +3,8 @@ and separated? One row per image, a summary, plots, and an exit code usable in C
 
     circularity-check samples/ [--config configs/circularity.yaml] [--set circularity.KEY=VALUE]
                       [--out DIR] [--workers N] [--overlays] [--fail-under RATE]
-                      [--reference DIR] [--inception-weights FILE] [--overwrite]
+                      [--reference DIR [--metrics proxy|inception] [--inception-weights FILE]]
+                      [--overwrite]
 
 Images are found recursively (png, jpg, bmp, tif; hidden files and folders skipped) and measured
 at their own size; 8/16-bit, grey/RGB/RGBA all work. Unreadable files are listed and skipped.
@@ -14,7 +15,9 @@ Output (default `<DIR>_circularity` beside DIR; built in a temp folder, renamed 
   worst.png       contact sheet of the worst images with their fitted boundaries
   overlays/       (--overlays) every image with its boundaries: green pass, red fail
   comparison.json, comparison.png  (--reference) the two folders side by side, plus distribution
-                  distances: proxy FD/KID always (not Inception!), FID/KID with --inception-weights
+                  distances: proxy FD/KID always (not Inception!); real FID/KID on clean-fid's
+                  Inception-v3 with --metrics inception (the extra `metrics`; weights from
+                  --inception-weights FILE or clean-fid's cache, never downloaded)
 Exit codes: 0 done; 1 pass rate below --fail-under; 2 usage error (bad folder, config, option).
 """
 
@@ -27,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.check.folder import analyze_folder
 from pipeline.check.summary import (
@@ -41,6 +45,9 @@ from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import building, numpy_json_default, prepare_out_dir
+
+if TYPE_CHECKING:
+    from pipeline.check.inception import InceptionFeatures
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -58,21 +65,29 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fail-under", type=float, metavar="RATE",
                         help="exit with code 1 when the pass rate (0..1) is below RATE")
     parser.add_argument("--reference", metavar="DIR", help="a second folder to compare with, side by side")
+    parser.add_argument("--metrics", choices=("proxy", "inception"), default="proxy",
+                        help="distances with --reference: proxy FD/KID only (default; offline) or also real "
+                             "FID/KID on Inception-v3 features (clean-fid; pip install -e '.[metrics]')")
     parser.add_argument("--inception-weights", metavar="FILE",
-                        help="local TorchScript Inception-v3 feature file for FID/KID with --reference")
+                        help="clean-fid's inception-2015-12-05.pt for --metrics inception "
+                             "(default: clean-fid's cache, if the file is there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
     if args.fail_under is not None and not 0.0 <= args.fail_under <= 1.0:
         raise UserError(f"--fail-under is a pass rate between 0 and 1, got {args.fail_under}")
-    if args.inception_weights and not args.reference:
-        raise UserError("--inception-weights needs --reference (FID compares two folders)")
+    if args.metrics == "inception" and not args.reference:
+        raise UserError("--metrics inception needs --reference (FID compares two folders)")
+    if args.inception_weights and args.metrics != "inception":
+        raise UserError("--inception-weights goes with --metrics inception")
     return args
 
 
-def _inputs(args: argparse.Namespace) -> tuple[CircularityConfig, Path, Path | None, Path]:
-    """Config, folder, reference folder and output folder; UserError for anything unusable."""
+def _inputs(args: argparse.Namespace) -> tuple[CircularityConfig, Path, Path | None, Path,
+                                               InceptionFeatures | None]:
+    """Config, folder, reference folder, output folder and (--metrics inception) the Inception
+    features; UserError for anything unusable."""
     cfg = config_from_args(args).circularity
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -80,17 +95,20 @@ def _inputs(args: argparse.Namespace) -> tuple[CircularityConfig, Path, Path | N
     reference = Path(args.reference) if args.reference else None
     if reference is not None and not reference.is_dir():
         raise UserError(f"reference folder not found: {reference}")
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        from pipeline.check.metrics import INCEPTION_HELP
+    inception = None
+    if args.metrics == "inception":
+        from pipeline.check.inception import InceptionFeatures
+        from pipeline.common.devices import pick_torch_device
 
-        raise UserError(f"Inception weights not found: {args.inception_weights} ({INCEPTION_HELP})")
+        inception = InceptionFeatures(args.inception_weights, device=pick_torch_device("auto"))
     resolved = folder.resolve()
     out = Path(args.out) if args.out else resolved.parent / f"{resolved.name}_circularity"
-    return cfg, folder, reference, prepare_out_dir(out, args.overwrite)
+    return cfg, folder, reference, prepare_out_dir(out, args.overwrite), inception
 
 
 def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, reference: Path | None,
-            tmp: Path, exclude: tuple[Path, ...]) -> tuple[dict, list[tuple[str, dict]], dict | None]:
+            inception: InceptionFeatures | None, tmp: Path,
+            exclude: tuple[Path, ...]) -> tuple[dict, list[tuple[str, dict]], dict | None]:
     """Measure the folder(s) and write every output into `tmp`: (summary, table columns, comparison)."""
     start = time.perf_counter()
     rows, bad = analyze_folder(folder, cfg, args.workers, tmp / "overlays" if args.overlays else None,
@@ -119,7 +137,7 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
     comparison = {
         "folder": {k: v for k, v in summary.items() if k != "unreadable"},
         "reference": {k: v for k, v in ref_summary.items() if k != "unreadable"},
-        "distances": distances(rows, ref_rows, folder, reference, args.inception_weights),
+        "distances": distances(rows, ref_rows, folder, reference, inception),
     }
     (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2, default=numpy_json_default))
     plot_groups({label: rows, ref_label: ref_rows}, tmp / "comparison.png", cfg, f"{label} vs {ref_label}")
@@ -130,9 +148,9 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `circularity-check`."""
     args = _parse(argv)
-    cfg, folder, reference, out = _inputs(args)
+    cfg, folder, reference, out, inception = _inputs(args)
     with building(out.resolve()) as tmp:
-        summary, tables, comparison = _report(args, cfg, folder, reference, tmp, (out.resolve(), tmp))
+        summary, tables, comparison = _report(args, cfg, folder, reference, inception, tmp, (out.resolve(), tmp))
     print(console_table(tables))
     if comparison is not None:
         dist = comparison["distances"]
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"proxy FD {dist['proxy_fd']:.4g}, proxy KID {dist['proxy_kid_mean']:.4g} ± "
                   f"{dist['proxy_kid_std']:.2g} (proxy features, not Inception)")
         if "fid" in dist:
-            print(f"FID {dist['fid']:.4g}, KID {dist['kid_mean']:.4g} ± {dist['kid_std']:.2g} (Inception-v3)")
+            print(f"FID {dist['fid']:.4g}, KID {dist['kid_mean']:.4g} ± {dist['kid_std']:.2g} on {dist['features']} features")
     written = ["results.csv", "summary.json", "histograms.png", "worst.png"]
     written += ["overlays/"] * args.overlays + ["comparison.json", "comparison.png"] * (comparison is not None)
     print(f"wrote {out}/ ({', '.join(written)})")
