@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_seconds"] = time.perf_counter() - t0
     write_text_atomic(out / "sweep.json", json.dumps(result, indent=2))
     print(write_reports(result, out))
-    print(write_paired(out, cfg, args.inception_weights))
+    print(write_paired(out, cfg, inception))
     print(f"wrote {out}/sweep.json, sweep.md, paired.json, paired.md, images.npz, strength_sweep.png, "
           "strength_grid*.png")
     return 0

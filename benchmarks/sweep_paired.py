@@ -89,13 +89,13 @@ def compare(a: dict, b: dict, ref_features: np.ndarray, seed: int) -> list[dict]
     return tests
 
 
-def paired_report(result: dict, images: dict[str, np.ndarray], cfg: Config, inception_weights: str | None) -> dict:
+def paired_report(result: dict, images: dict[str, np.ndarray], cfg: Config, inception=None) -> dict:
     """Score every saved point, run every comparison, adjust the p-values (Holm)."""
     from pipeline.check.stats import holm_adjust
 
     n, seed = result["n"], result["seed"]
     heldout = from_uint(to_uint8(heldout_images(cfg, n)))  # the sweep's KID reference, rounded like the points
-    evaluate = Evaluator(cfg, heldout, inception_weights, seed)
+    evaluate = Evaluator(cfg, heldout, seed, inception)
     pairs = comparisons(result, set(images))
     scored = {key: evaluate.per_image(images[key]) for key in sorted({k for pair in pairs for k in pair})}
     rows = [{"a": a, "b": b, "tests": compare(scored[a], scored[b], evaluate.heldout_features, seed)}
@@ -129,10 +129,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_paired(out: Path, cfg: Config, inception_weights: str | None = None) -> str:
-    """paired.json and paired.md in `out` from its sweep.json and images.npz; returns the table."""
+def write_paired(out: Path, cfg: Config, inception=None) -> str:
+    """paired.json and paired.md in `out` from its sweep.json and images.npz (KID on `inception`'s
+    features, a `pipeline.check.inception.InceptionFeatures`, when the sweep used them); returns the table."""
     result, images = load_points(out)
-    report = paired_report(result, images, cfg, inception_weights)
+    if ("inception" in result["kid_features"]) != (inception is not None):
+        raise UserError(f"the sweep's KID used {result['kid_features']}: give the same features "
+                        "(--inception-weights PATH for an Inception sweep, none for a proxy one)")
+    report = paired_report(result, images, cfg, inception)
     write_text_atomic(out / "paired.json", json.dumps(report, indent=2))
     table = markdown(report)
     write_text_atomic(out / "paired.md", f"# {report['title']}: paired tests\n\n{table}")
@@ -145,13 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="a sweep's output folder (sweep.json, images.npz)")
     parser.add_argument("--config", help="the sweep's config (default: OUT/config.yaml): the held-out images' "
                         "seed and size, circularity thresholds")
-    parser.add_argument("--inception-weights", metavar="PATH", help="as the sweep used (default: proxy features)")
+    parser.add_argument("--inception-weights", metavar="PATH", help="clean-fid's Inception weights, when the sweep "
+                        "ran with --metrics inception (default: proxy features)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     config = Path(args.config) if args.config else out / "config.yaml"
     if not config.is_file():
         raise UserError(f"{config} not found: give the sweep's config with --config")
-    print(write_paired(out, load_config(config), args.inception_weights))
+    inception = None
+    if args.inception_weights:
+        from pipeline.check.inception import InceptionFeatures
+
+        inception = InceptionFeatures(args.inception_weights)
+    print(write_paired(out, load_config(config), inception))
     print(f"wrote {out}/paired.json, paired.md")
     return 0
 

@@ -22,7 +22,8 @@ def _row(label: str, mode: str, strength: float, sampler: str = "ddim") -> dict:
 def _result(models: list[str]) -> dict:
     rows = [_row("noise DDIM 50", "noise", 1.0), _row("noise DDPM 1000", "noise", 1.0, "ddpm"),
             _row("VAE s=0", "vae", 0.0), _row("VAE s=0.5", "vae", 0.5), _row("VAE s=1", "vae", 1.0)]
-    return {"title": "t", "n": 8, "seed": 0, "steps": 50, "models": {m: rows for m in models}}
+    return {"title": "t", "n": 8, "seed": 0, "steps": 50, "kid_features": "proxy features",
+            "models": {m: rows for m in models}}
 
 
 def test_comparisons_pair_strengths_with_noise_neighbours_and_the_control():
@@ -78,3 +79,14 @@ def test_missing_inputs_are_one_error_line(tmp_path, capsys):
         paired.main([str(tmp_path)])
     assert exc.value.code == 2 and "sweep.json not found" in capsys.readouterr().err
     assert not (tmp_path / "paired.json").exists()
+
+
+def test_features_must_match_the_sweeps(tmp_path, capsys):
+    result = _result(["clean"])
+    result["kid_features"] = "inception-v3 (clean-fid)"
+    (tmp_path / "sweep.json").write_text(json.dumps(result))
+    np.savez(tmp_path / "images.npz", **{"clean|VAE s=0": np.zeros((8, 1, 32, 32), np.uint8)})
+    (tmp_path / "config.yaml").write_text(dump_config(load_config(None)))
+    with pytest.raises(SystemExit) as exc:
+        paired.main([str(tmp_path)])
+    assert exc.value.code == 2 and "--inception-weights" in capsys.readouterr().err

@@ -19,6 +19,8 @@ Features:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
