@@ -84,7 +84,7 @@ VAE_RC=0; wait $VAE_PID || VAE_RC=$?
 for run in vae diffusion control; do
   [ -f "$WORK/$run.log" ] || continue
   echo "--- $run" >> "$LOG"
-  tr '\r' '\n' < "$WORK/$run.log" | grep -vE '^\s*$|━|it/s\]|img/s\]' | tail -n 12 >> "$LOG" || true
+  tr '\r' '\n' < "$WORK/$run.log" | grep -vE '^\s*$|━|%\|' | tail -n 12 >> "$LOG" || true
 done
 echo "training: diffusion exit $DIFF_RC, control exit $CONTROL_RC (124 = stopped at the ${TRAIN_S}s cap," \
      "checkpointed), vae exit $VAE_RC, $((SECONDS - t0)) s" | tee -a "$LOG"
