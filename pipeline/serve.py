@@ -186,6 +186,7 @@ def serve(cfg: Config, models: ServedModels, device: str = "cpu", host: str = "1
     except ImportError:
         raise UserError(GRADIO_MISSING) from None
     page = build_page(cfg, models, device)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request Gradio makes to itself
     log.info("serving on http://%s:%d%s (Ctrl+C to stop)", host, port, ", with a public share link" if share else "")
     if host in ("0.0.0.0", "::"):
         log.warning("listening on every interface: anyone who can reach this machine can use the page")
