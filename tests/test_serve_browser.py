@@ -44,7 +44,6 @@ def chromium_executable() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser():
-    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[web]')")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make browser-deps)")
     with sync_api.sync_playwright() as p:
         executable = chromium_executable()
@@ -100,9 +99,11 @@ def wait_until_up(url: str, proc: subprocess.Popen, log_path: Path) -> None:
 
 
 @pytest.fixture
-def server(trained_pair, tmp_path):
-    """`python -m pipeline.cli.demo --serve` on the tiny pair, on a free port; its URL."""
-    vae, diffusion = trained_pair
+def server(browser, request, tmp_path):
+    """`python -m pipeline.cli.demo --serve` on the tiny pair, on a free port: (URL, VAE file, diffusion
+    run). The pair is trained only once a browser is there (a skip costs no training)."""
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[web]')")
+    vae, diffusion = request.getfixturevalue("trained_pair")
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -114,7 +115,7 @@ def server(trained_pair, tmp_path):
     try:
         url = f"http://127.0.0.1:{port}/"
         wait_until_up(url, proc, log_path)
-        yield url
+        yield url, vae, diffusion
     finally:
         proc.terminate()
         try:
@@ -148,14 +149,15 @@ def grid_width(n_columns: int, size: int) -> int:
     return serve.TILE // size * (n_columns * (size + 2) + 2)
 
 
-def test_page_generates_at_the_slider_strength(browser, server, trained_pair):
+def test_page_generates_at_the_slider_strength(browser, server):
     from playwright.sync_api import expect
 
+    url, vae, diffusion = server
     page = browser.new_page()
-    page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+    page.goto(url, wait_until="domcontentloaded", timeout=60_000)
     expect(page.locator("#generate")).to_be_visible(timeout=60_000)
     header = page.locator("#models")
-    for text in (str(trained_pair[0]), str(trained_pair[1]), "32x32 grey", "2 steps trained", "generating on cpu"):
+    for text in (str(vae), str(diffusion), "32x32 grey", "2 steps trained", "generating on cpu"):
         expect(header).to_contain_text(text)
     for name, value in (("strength", STRENGTH), ("images", N), ("steps", STEPS)):
         page.locator(f"#{name} input[type=range]").fill(str(value))
