@@ -1,11 +1,11 @@
-# iris-diffusion: make demo | make test | make bench | make sweep | make lint
+# iris-diffusion: make demo | make test | make bench | make sweep | make lint | make browser-deps
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench sweep lint readme-figure clean
+.PHONY: install demo test test-slow browser-deps bench sweep lint readme-figure clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'" >&2; exit 2; }
@@ -28,6 +28,22 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# What the browser test (tests/test_serve_browser.py, part of test-slow; skipped without them) needs:
+# Gradio (the web extra), Playwright, and a Chromium: Debian's, installed by apt-get when run as root
+# where apt-get exists. Otherwise install one yourself and/or point IRIS_CHROMIUM at it, or run
+# `.venv/bin/playwright install chromium` where the internet is reachable. Not part of `make test`:
+# it takes minutes, needs root for apt-get, and `make test` skips the slow browser test anyway.
+browser-deps: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[web]" "playwright>=1.40"
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+		echo "chromium: $$(command -v chromium || command -v chromium-browser)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	else \
+		echo "no chromium found and not root with apt-get: install chromium and/or set IRIS_CHROMIUM=/path/to/it," \
+			"or run $(VENV)/bin/playwright install chromium" >&2; exit 2; \
+	fi
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick

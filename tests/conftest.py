@@ -51,3 +51,25 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run32")
     save_checkpoint(root, 0, cfg, create_model(cfg).state_dict(), {}, {"step": 0}, keep_last=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory):
+    """A tiny 32 px VAE file and diffusion run trained here (2 diffusion steps, 1 VAE epoch: the recipe
+    of tests/test_generate.py; the pixels need not look like eyes): (vae.keras path, diffusion run)."""
+    from functools import partial
+
+    from pipeline.cli import train_diffusion
+    from pipeline.common.config import load_config
+    from pipeline.data.folders import load_image_array
+    from tests.test_generate import TINY
+    from vae import train as vae_train
+
+    root = tmp_path_factory.mktemp("pair")
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text("{}\n")
+    train_diffusion.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
+                                      "--out", str(root / "diffusion"), "--device", "cpu"])
+    cfg = load_config(cfg_path, TINY)
+    vae_train.train(cfg, partial(load_image_array, cfg.data), root / "vae", verbose=0)
+    return root / "vae" / "vae.keras", root / "diffusion"

@@ -1,15 +1,13 @@
-"""iris-demo --quick end to end: every stage runs and the report shows both modes; --serve's parts."""
+"""iris-demo --quick end to end: every stage runs and the report shows both modes (--serve: test_serve*.py)."""
 
 import json
 import re
-import sys
 
 import numpy as np
 import pytest
 
-from pipeline import demo, serve
+from pipeline import demo
 from pipeline.cli import demo as demo_cli
-from pipeline.common.config import Config
 
 FAST = ["model.model_channels=16", "model.num_head_channels=16", "train.max_steps=6", "train.save_every=6",
         "train.sample_every=6", "vae.epochs=1", "data.synthetic_count=48"]
@@ -69,29 +67,6 @@ def test_summary_figure_stacks_prior_result_and_noise_rows(quick_demo):
                                 scale * (2 + 34 * c) : scale * (34 + 34 * c) : scale]
     np.testing.assert_array_equal(tile(0, 1), prior)
     np.testing.assert_array_equal(tile(2, 1), noise)
-
-
-def test_serve_render_at_strength_zero_returns_the_priors(quick_demo):
-    cfg = Config()
-    grid, rows = serve.render(cfg, quick_demo, strength=0.0, seed=3, n=2, steps=10)
-    assert grid.dtype == np.uint8 and grid.ndim == 2
-    assert [r[0] for r in rows] == [0, 1] and all(r[1] in ("pass", "fail") for r in rows)
-    scale = serve.TILE // 32
-    left = grid[scale * 2 : scale * 34 : scale, scale * 2 : scale * 34 : scale]
-    right = grid[scale * 2 : scale * 34 : scale, scale * 36 : scale * 68 : scale]
-    np.testing.assert_array_equal(left, right)  # strength 0: the result is the prior
-    moved, _ = serve.render(cfg, quick_demo, strength=0.6, seed=3, n=2, steps=10)
-    assert not np.array_equal(moved, grid)
-
-
-def test_serve_errors_exit_2(quick_demo, tmp_path, capsys, monkeypatch):
-    with pytest.raises(SystemExit) as exc:
-        demo_cli.main(["--serve", "--out", str(tmp_path / "nothing")])
-    assert exc.value.code == 2 and "run 'iris-demo --out" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "gradio", None)  # as if Gradio were not installed
-    with pytest.raises(SystemExit) as exc:
-        demo_cli.main(["--serve", "--out", str(quick_demo)])
-    assert exc.value.code == 2 and "pip install gradio" in capsys.readouterr().err
 
 
 def test_demo_refuses_existing_out(tmp_path, capsys):

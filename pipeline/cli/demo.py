@@ -4,7 +4,8 @@ Trains a tiny VAE and a tiny diffusion model (configs/tiny-cpu.yaml), generates 
 priors and N from pure noise with the same model and seeds, runs the circularity check on both and
 identity-check on both (against the training eyes, beside N held-out eyes), and writes
 `OUT/report.html` (`pipeline.demo`). Each stage runs the same code as its console script.
-`--serve` opens a web page on an earlier demo's models (`pipeline.serve`).
+`--serve` opens a web page on an earlier demo's models, or on any trained VAE + diffusion pair
+(`pipeline.serve`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,57 @@ QUICK = ["data.synthetic_count=128", "vae.epochs=2", "train.max_steps=40", "trai
          "train.sample_every=40", "train.log_every=10", "train.stats_every=20"]
 
 
+SERVE_ONLY = ("vae", "diffusion", "device", "host", "port", "share")
+EXAMPLES = """examples:
+  iris-demo --out runs/demo               train tiny models on synthetic eyes, write runs/demo/report.html
+  iris-demo --serve --out runs/demo       a web page generating from that demo's models
+  iris-demo --serve --vae runs/vae/vae.keras --diffusion runs/diffusion
+                                          the same page for your own runs
+  iris-demo --serve --vae runs/vae/vae.keras --diffusion runs/diffusion --device cuda
+                                          generate on the GPU (auto, the default, picks it when there is one)
+  iris-demo --serve --vae runs/vae/vae.keras --diffusion runs/diffusion --share
+                                          also a public gradio.live link (Colab: prefix the line with !)
+  iris-demo --serve --out runs/demo --host 0.0.0.0 --port 8080
+                                          listen on every interface, port 8080
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iris-demo", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
+    parser.add_argument("--n", type=int, default=None, help="images per generation mode (default 32, quick 8)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    web = parser.add_argument_group("web page (--serve)")
+    web.add_argument("--serve", action="store_true",
+                     help="serve a web page (Gradio) generating with a strength slider from --vae and --diffusion "
+                          "(each one not given: the earlier demo's in --out)")
+    web.add_argument("--vae", metavar="VAE.keras", help="VAE file written by train-vae (default: OUT/vae/vae.keras)")
+    web.add_argument("--diffusion", metavar="RUN_DIR",
+                     help="train-diffusion run or checkpoint folder (default: OUT/diffusion)")
+    web.add_argument("--device", default=None, metavar="DEVICE",
+                     help="auto | cpu | cuda[:N] (default auto: cuda when torch sees a GPU, else cpu)")
+    web.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, this machine only)")
+    web.add_argument("--port", type=int, default=None, help="port to listen on (default 7860)")
+    web.add_argument("--share", action="store_true", help="also a public gradio.live link (for Colab)")
+    add_config_args(parser, default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """`--serve`: check the models and the device, then serve the page until interrupted."""
+    from pipeline.serve import find_models, pick_device, serve
+
+    cfg = config_from_args(args)
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    device = pick_device(args.device or "auto")
+    models = find_models(args.vae, args.diffusion, args.out)
+    serve(cfg, models, device, host=args.host or "127.0.0.1", port=args.port or 7860, share=args.share)
+    return 0
+
+
 def _run(main, argv: list[str]) -> None:
     """Run a console script's `main` in-process (without its exit-code wrapper)."""
     log.info("$ %s %s", main.__module__, " ".join(argv))
@@ -37,21 +89,12 @@ def _run(main, argv: list[str]) -> None:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Console script `iris-demo`."""
-    parser = argparse.ArgumentParser(prog="iris-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a smaller, faster run (for tests)")
-    parser.add_argument("--n", type=int, default=None, help="images per generation mode (default 32, quick 8)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--serve", action="store_true",
-                        help="serve a local web page (Gradio) generating from the models of an earlier demo in --out")
-    parser.add_argument("--port", type=int, default=7860, help="port of --serve (default 7860)")
-    add_config_args(parser, default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.serve:
-        from pipeline.serve import serve
-
-        serve(config_from_args(args), args.out, args.port)
-        return 0
+        return _serve(args)
+    given = [f"--{name}" for name in SERVE_ONLY if getattr(args, name) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with --serve")
     if args.quick:
         args.overrides = QUICK + args.overrides
     cfg = config_from_args(args)
@@ -104,3 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(paired)
     print(f"wrote {report} (headline.md, summary.png beside it)")
     return 0
+
+
+if __name__ == "__main__":
+    main()
