@@ -4,14 +4,15 @@
 
 Synthetic eyes (30 % with defects, like a poor sample folder) are written as PNGs to a temp folder.
 Measured:
+  one_shot              the whole `circularity-check DIR --workers 2` command in a fresh interpreter,
+                        as a user runs it (the headline; target ≥ 300 images/s on 2 cores);
   analyze_ms_per_image  `analyze_image` on decoded images in this process (wall and CPU time);
   folder                `analyze_folder` (find, decode, analyse; the process pool for 2 workers,
                         including its start-up) for workers = 1 and 2: wall images/s of the first
                         call (the fork server starting) and best/median of the calls after it, and
                         for 1 worker images per CPU-second (× cores ≈ an idle machine's ceiling).
-Target: ≥ 300 images/s with 2 workers on 2 cores. JSON to stdout and to
-benchmarks/results/bench_circularity.json, with the load average (the numbers are only as good
-as the machine is quiet).
+JSON to stdout and to benchmarks/results/bench_circularity.json, with the load average (the
+numbers are only as good as the machine is quiet).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from pipeline.common.images import to_unit, write_image
 from pipeline.data.synthetic import generate_irises
 
 RESULTS = Path(__file__).parent / "results" / "bench_circularity.json"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def analyze_only(images: np.ndarray, cfg: CircularityConfig, repeats: int) -> dict:
@@ -50,6 +54,21 @@ def analyze_only(images: np.ndarray, cfg: CircularityConfig, repeats: int) -> di
         cpu.append((time.process_time() - c) / len(grey) * 1e3)
     return {"n": len(grey), "wall_ms_per_image": round(float(np.median(wall)), 3),
             "cpu_ms_per_image": round(float(np.median(cpu)), 3)}
+
+
+def one_shot(folder: Path, workers: int, repeats: int) -> dict:
+    """What a user's call costs: the whole `circularity-check DIR --workers N` command in a fresh
+    interpreter (start-up, imports, the pool, results.csv, summary, plots), `repeats` times."""
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pipeline.cli.circularity_check", str(folder), "--out", f"{tmp}/out",
+               "--workers", str(workers), "--overwrite"]
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+            rates.append(len(list(folder.iterdir())) / (time.perf_counter() - t))
+    return {"workers": workers, "calls": repeats, "median_images_per_s": round(float(np.median(rates)), 1),
+            "best_images_per_s": round(max(rates), 1), "worst_images_per_s": round(min(rates), 1)}
 
 
 def folder_speed(folder: Path, cfg: CircularityConfig, workers: int, repeats: int) -> dict:
@@ -87,14 +106,17 @@ def main() -> None:
             "benchmark": "circularity-check at 128x128",
             "quick": args.quick,
             "analyze_only": analyze_only(images, cfg, repeats),
+            "one_shot": one_shot(folder, 2, repeats),
             "folder": [folder_speed(folder, cfg, w, repeats) for w in (1, 2)],
             "target_images_per_s_2_workers": 300,
         }
-    two, one, alone = result["folder"][1], result["folder"][0], result["analyze_only"]
+    two, one, alone, shot = result["folder"][1], result["folder"][0], result["analyze_only"], result["one_shot"]
     result["headline"] = [
-        headline(f"folder of {n} images (128 px), 2 workers, calls after the first",
-                 f"{two['best_images_per_s']:.0f} best, {two['median_images_per_s']:.0f} median images/s",
-                 "≥ 300 images/s", two["median_images_per_s"] >= 300),
+        headline(f"`circularity-check` on a folder of {n} images (128 px), 2 workers, the whole command "
+                 f"(median of {shot['calls']} calls)", f"{shot['median_images_per_s']:.0f} images/s",
+                 "≥ 300 images/s", shot["median_images_per_s"] >= 300),
+        headline("the same folder through `analyze_folder` in a warm process, calls after the first",
+                 f"{two['best_images_per_s']:.0f} best, {two['median_images_per_s']:.0f} median images/s"),
         headline("the same, first call (fork server starting)", f"{two['first_call_images_per_s']:.0f} images/s"),
         headline("1 worker; `analyze_image` alone",
                  f"{one['median_images_per_s']:.0f} images/s; {alone['cpu_ms_per_image']:.2f} CPU-ms/image"),
