@@ -40,7 +40,7 @@ def main() -> int:
              f"({platform.processor() or platform.machine()}), load {load:.2f} before the start"
              f"{', quick mode' if args.quick else ''}.", "",
              "| benchmark | measured | value | target | met |", "|---|---|---|---|---|"]
-    failed = 0
+    failed, missed = 0, []
     for script in scripts:
         result_file = RESULTS / f"{script.stem}.json"
         result_file.unlink(missing_ok=True)  # no stale result may pass for this run's
@@ -51,6 +51,8 @@ def main() -> int:
         failed += not ok
         result = json.loads(result_file.read_text()) if ok else None
         lines += summary_rows(script.stem, time.perf_counter() - start, result, code)
+        missed += [f"{script.stem}: {h['measured']}" for h in (result or {}).get("headline", []) if h["met"] is False]
+    lines += ["", f"Targets missed: {len(missed)}" + "".join(f"\n- {m}" for m in missed)]
     summary = "\n".join(lines) + "\n"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "summary.md").write_text(summary)

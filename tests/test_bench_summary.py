@@ -33,13 +33,17 @@ def test_run_all_reports_a_failing_benchmark_and_not_its_stale_result(tmp_path, 
         "import json, pathlib\n"
         "p = pathlib.Path(__file__).parent / 'results' / 'bench_ok.json'\n"
         "p.write_text(json.dumps({'headline': [{'measured': 'm', 'value': '5', 'target': '', 'met': None}]}))\n")
+    (tmp_path / "bench_miss.py").write_text(
+        "import json, pathlib\n"
+        "p = pathlib.Path(__file__).parent / 'results' / 'bench_miss.json'\n"
+        "p.write_text(json.dumps({'headline': [{'measured': 'slow', 'value': '9', 'target': '< 5', 'met': False}]}))\n")
     monkeypatch.setattr(run_all, "HERE", tmp_path)
     monkeypatch.setattr(run_all, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(sys, "argv", ["run_all.py"])
     assert run_all.main() == 1
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| bench_fail (0 s) | failed (exit 3) |" in summary and "old" not in summary
-    assert "| m | 5 |" in summary
+    assert "| m | 5 |" in summary and "Targets missed: 1\n- bench_miss: slow" in summary
 
 
 def test_help_exits_zero():
