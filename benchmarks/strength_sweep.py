@@ -46,7 +46,7 @@ from sweep_paired import write_paired
 from sweep_scoring import Evaluator, heldout_images
 from tqdm import tqdm
 
-from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.cli.entry import add_config_args, add_metrics_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, save_figure_atomic, write_text_atomic
@@ -215,12 +215,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="steps of the from-noise DDPM baseline (default: the model's T; 0 = skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--metrics", choices=("proxy", "inception"), default="proxy",
-                        help="KID features: proxy (default; offline) or inception (real KID via clean-fid; "
-                             "pip install -e '.[metrics]')")
-    parser.add_argument("--inception-weights", metavar="PATH",
-                        help="clean-fid's inception-2015-12-05.pt for --metrics inception "
-                             "(default: clean-fid's cache, if the file is there)")
+    add_metrics_args(parser, "KID's features")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: leave as is)")
     parser.add_argument("--device", default="cpu", help="where models train and sample: cpu (default), cuda, auto")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (minutes)")

@@ -11,7 +11,6 @@ from guided_diffusion.training.checkpoint import load_for_inference
 from guided_diffusion.training.factory import create_diffusion
 from pipeline import generate as gen_mod
 from pipeline.cli import generate as gen_cli
-from pipeline.cli import train_diffusion
 from pipeline.common.config import load_config
 from pipeline.data.folders import load_image_array
 from vae import train as vae_train
@@ -24,15 +23,11 @@ TINY = ["data.image_size=32", "data.synthetic_count=32", "model.model_channels=1
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    cfg_path = root / "tiny.yaml"
-    cfg_path.write_text("{}\n")
-    train_diffusion.main.__wrapped__(["--config", str(cfg_path), *sum((["--set", s] for s in TINY), []),
-                                      "--out", str(root / "diffusion"), "--device", "cpu"])
-    cfg = load_config(cfg_path, TINY)
-    vae_train.train(cfg, partial(load_image_array, cfg.data), root / "vae", verbose=0)
-    return root, cfg
+def models(trained_pair):
+    """The session's tiny VAE + diffusion pair (tests/conftest.py); these tests only read it."""
+    vae, diffusion = trained_pair
+    assert vae.parent.parent == diffusion.parent
+    return diffusion.parent, load_config(None, TINY)
 
 
 def _run(models, source="vae", **overrides):

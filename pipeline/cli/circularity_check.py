@@ -41,7 +41,7 @@ from pipeline.check.summary import (
     write_csv,
     write_worst_sheet,
 )
-from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
+from pipeline.cli.entry import add_config_args, add_metrics_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import building, numpy_json_default, prepare_out_dir
@@ -65,12 +65,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fail-under", type=float, metavar="RATE",
                         help="exit with code 1 when the pass rate (0..1) is below RATE")
     parser.add_argument("--reference", metavar="DIR", help="a second folder to compare with, side by side")
-    parser.add_argument("--metrics", choices=("proxy", "inception"), default="proxy",
-                        help="distances with --reference: proxy FD/KID only (default; offline) or also real "
-                             "FID/KID on Inception-v3 features (clean-fid; pip install -e '.[metrics]')")
-    parser.add_argument("--inception-weights", metavar="FILE",
-                        help="clean-fid's inception-2015-12-05.pt for --metrics inception "
-                             "(default: clean-fid's cache, if the file is there)")
+    add_metrics_args(parser, "distances with --reference (proxy FD/KID always; inception adds real FID/KID)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     if args.workers < 1:

@@ -30,6 +30,17 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str | None 
     )
 
 
+def add_metrics_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--metrics proxy|inception` and `--inception-weights FILE` (real FID/KID through clean-fid);
+    `what` says what the metrics are computed for."""
+    parser.add_argument("--metrics", choices=("proxy", "inception"), default="proxy",
+                        help=f"{what}: proxy features (default; offline) or Inception-v3 (real FID/KID via "
+                             "clean-fid; pip install -e '.[metrics]')")
+    parser.add_argument("--inception-weights", metavar="FILE",
+                        help="clean-fid's inception-2015-12-05.pt for --metrics inception "
+                             "(default: clean-fid's cache, if the file is there)")
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the config named by `--config` with the `--set` overrides applied."""
     return load_config(args.config, args.overrides)
