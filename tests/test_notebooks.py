@@ -1,4 +1,4 @@
-"""The Colab notebooks: stored without outputs, badge and placeholders in place, and each one runs
+"""The Colab notebooks: stored without outputs, badge and REPO_URL in place, and each one runs
 top to bottom in smoke mode (IRIS_SMOKE=1: tiny CPU models, synthetic data, no install, no Drive).
 
 The smoke runs share one temporary runs folder (IRIS_RUNS), in order: notebook 3 uses the VAE of
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COLAB = REPO_ROOT / "colab"
 NOTEBOOKS = ("01_train_vae", "02_train_diffusion", "03_generate_and_check")
 CELL_TIMEOUT_S = 300
-REPO_URL = "https://github.com/OWNER/iris-diffusion"
+REPO_URL = re.search(r'^Repository = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)[1]  # colab/set_repo.py
 
 
 def read(name: str) -> nbformat.NotebookNode:
@@ -54,12 +54,14 @@ def test_stored_without_outputs(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_badge_and_repo_placeholder(name):
+def test_badge_and_repo_url(name):
+    """The first cell's badge and the REPO_URL line name pyproject's repository (colab/set_repo.py)."""
     nb = read(name)
     first = nb.cells[0]
     assert first.cell_type == "markdown"
     assert "https://colab.research.google.com/assets/colab-badge.svg" in first.source
-    assert f"(https://colab.research.google.com/github/OWNER/iris-diffusion/blob/main/colab/{name}.ipynb)" in first.source
+    owner_name = REPO_URL.removeprefix("https://github.com/")
+    assert f"(https://colab.research.google.com/github/{owner_name}/blob/main/colab/{name}.ipynb)" in first.source
     code = sources(nb)
     assert re.search(rf'^REPO_URL = "{re.escape(REPO_URL)}"(\s*#.*)?$', code[0], re.M), "REPO_URL not in the first code cell"
     assert sum(len(re.findall(r"^REPO_URL\s*=", src, re.M)) for src in code) == 1, "REPO_URL defined more than once"
