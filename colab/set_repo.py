@@ -170,7 +170,8 @@ def run(argv: list[str] | None = None, root: Path = ROOT) -> int:
         if old != new:
             write_atomic(path, new)
             changed.append(str(path.relative_to(root)))
-    print(f"repository {url} (from {source}): " + (f"updated {', '.join(changed)}" if changed else "all files up to date"))
+    done = f"updated {', '.join(changed)}" if changed else "all files up to date"
+    print(f"repository {url} (from {source}): {done}")
     return 0
 
 

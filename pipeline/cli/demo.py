@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true",
                         help="serve a local web page (Gradio) generating from the models of an earlier demo in --out")
     parser.add_argument("--port", type=int, default=7860, help="port of --serve (default 7860)")
-    add_config_args(parser, default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
+    add_config_args(parser, example="data.synthetic_count=512", default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
     args = parser.parse_args(argv)
     if args.serve:
         from pipeline.serve import serve

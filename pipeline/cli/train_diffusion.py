@@ -113,7 +113,7 @@ def check_resumable(s: Setup, run_dir: Path, ckpt: TrainingCheckpoint) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train-diffusion", description="Train the stage-2 diffusion U-Net.")
-    add_config_args(parser)
+    add_config_args(parser, example="train.lr=3e-4")
     parser.add_argument("--out", help=f"run directory to create (default: {DEFAULT_OUT})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")

@@ -30,7 +30,7 @@ DEFAULT_OUT = "runs/vae"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train-vae", description="Train the stage-1 Keras VAE on iris images, or sample priors from one.")
-    add_config_args(parser)
+    add_config_args(parser, example="vae.epochs=40")
     parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {DEFAULT_OUT}); with --sample, "
                         "the folder for the prior PNGs")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from last.keras")
