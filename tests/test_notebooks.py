@@ -98,6 +98,21 @@ def cell_by_tag(nb: nbformat.NotebookNode, tag: str) -> str:
     return next(cell.source for cell in nb.cells if tag in cell.metadata.get("tags", []))
 
 
+def test_training_notebook_shows_tensorboard_in_colab_only():
+    """%tensorboard on the run's tensorboard/ folder, guarded so that a kernel without tensorboard (the
+    smoke run, a plain Jupyter) skips it; the setup cell installs the `colab` extra that brings it."""
+    nb = read("02_train_diffusion")
+    cell = next(c.source for c in nb.cells if c.get("id") == "tensorboard")
+    assert "%load_ext tensorboard" in cell and '%tensorboard --logdir "{TENSORBOARD_DIR}"' in cell
+    assert 'TENSORBOARD_DIR = DIFFUSION_RUN / "tensorboard"' in cell
+    assert 'if IN_COLAB and not SMOKE and importlib.util.find_spec("tensorboard") is not None:' in cell
+    ids = [c.get("id") for c in nb.cells]
+    assert ids.index("plan") < ids.index("tensorboard") < ids.index("train")  # both before training starts
+    assert '"-e", ".[colab]"' in cell_by_tag(nb, "setup")
+    extras = (REPO_ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1]
+    assert re.search(r'^colab = \[.*"tensorboard>=2\.14".*\]', extras, re.M)
+
+
 def test_shared_cells_identical():
     """Setup, GPU and Drive cells are the same in every notebook (each must run on its own in Colab)."""
     first, *others = (read(name) for name in NOTEBOOKS)
@@ -227,6 +242,11 @@ def test_notebook_02_trains_diffusion(smoke):
     assert (run / "loss.png").is_file() and (run / "samples" / "step_0000016.png").is_file()
     assert "--resume" not in output_text(nb, "train")
     assert images_shown(nb) >= 2  # loss, sample grid
+    plan = output_text(nb, "plan")  # the memory plan and the hours at the speed of a timing run
+    assert re.search(r"speed: \S+ optimizer steps/s", plan), plan
+    assert "peak estimate" in plan and "a checkpoint every 8 steps (train.save_every) = " in plan
+    assert "the run: 16 steps = " in plan
+    assert "TensorBoard not shown: smoke mode" in output_text(nb, "tensorboard")
 
 
 @pytest.mark.slow

@@ -52,13 +52,16 @@ def test_save_every_minutes_shortens_the_time_between_saves():
     h = run_hours(0.26, TrainConfig(save_every=500, save_every_minutes=30, max_steps=9600), 1)
     assert h.per_checkpoint == pytest.approx(0.534, abs=1e-3) and h.between_saves == pytest.approx(0.5)
     text = format_run_hours(h)
-    assert "a checkpoint every 500 steps (train.save_every) = 0.53 h" in text
+    assert "a checkpoint every 500 steps (train.save_every) = 0.53 h (32 min)" in text
     assert "train.save_every_minutes 30 saves every 0.50 h" in text
     assert "the run: 9600 steps = 10.26 h" in text and "left" not in text
     slow_timer = run_hours(0.26, TrainConfig(save_every=500, save_every_minutes=90, max_steps=9600), 1, done=4800)
     assert slow_timer.between_saves == slow_timer.per_checkpoint
     assert "save_every_minutes" not in format_run_hours(slow_timer)
     assert "4800 steps left after step 4800 = 5.13 h" in format_run_hours(slow_timer)
+    fast = format_run_hours(run_hours(500.0, TrainConfig(save_every=1000, max_steps=4_000_000), 1))
+    assert "= 0.00 h (2 s)" in fast and "the run: 4000000 steps = 2.22 h" in fast
+    assert "= 222 h" in format_run_hours(run_hours(5.0, TrainConfig(max_steps=4_000_000), 1))
 
 
 def write_log(path: Path, speeds: list[str]) -> Path:

@@ -76,7 +76,12 @@ def run_hours(it_s: float, tc: TrainConfig, steps_per_epoch: int, done: int = 0)
 
 
 def _hours(h: float) -> str:
-    return f"{h:.2f} h" if h < 100 else f"{h:.0f} h"
+    """`123 h`, `10.26 h`, `0.53 h (32 min)`, `0.00 h (2 s)`."""
+    if h >= 100:
+        return f"{h:.0f} h"
+    if h >= 1:
+        return f"{h:.2f} h"
+    return f"{h:.2f} h ({h * 60:.0f} min)" if h * 60 >= 1 else f"{h:.2f} h ({h * 3600:.0f} s)"
 
 
 def format_run_hours(h: RunHours) -> str:
