@@ -172,6 +172,48 @@ def test_gpu_cell_without_gpu_uses_tiny_cpu(monkeypatch):
     assert "no CUDA GPU" in ns["WHY"]
 
 
+def reference_choice(tmp_path: Path, data_path: str, real_images: str | None) -> tuple[dict, list[list[str]]]:
+    """Run notebook 3's reference cell for a model trained on `data_path` (fake `run`): its namespace
+    and the commands it ran."""
+    run_dir, commands = tmp_path / "diffusion", []
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(json.dumps({"data": {"path": data_path, "seed": 3, "image_size": 32}}))
+    namespace = {"Path": Path, "N": 3, "SAMPLES": tmp_path / "samples", "DIFFUSION_RUN": run_dir,
+                 "REAL_IMAGES": real_images, "run": lambda *args: commands.append([str(a) for a in args])}
+    exec(next(c.source for c in read(NOTEBOOKS[2]).cells if c.get("id") == "reference"), namespace)
+    return namespace, commands
+
+
+def eyes(folder: Path, n: int) -> Path:
+    from pipeline.data.synthetic import write_dataset
+
+    return write_dataset(folder, n, size=32, seed=5)  # PNGs and a labels.json (not an image: left out)
+
+
+def test_notebook_03_compares_with_held_out_eyes_and_says_which(tmp_path):
+    ns, commands = reference_choice(tmp_path, "synthetic", None)
+    assert ns["REFERENCE"] == ns["HELD_OUT"] and ns["REFERENCE_LABEL"] == "synthetic held-out (seed 1003)"
+    assert commands == [["synthetic-irises", str(ns["HELD_OUT"]), "--n", "3", "--size", "32", "--seed", "1003",
+                         "--overwrite"]]
+
+
+def test_notebook_03_compares_with_the_users_real_eyes(tmp_path):
+    prepared = tmp_path / "prepared"
+    eyes(prepared / "images", 5)
+    (prepared / "dataset.npz").write_bytes(b"")  # data.path names the cache; its crops lie beside it
+    ns, _ = reference_choice(tmp_path, str(prepared / "dataset.npz"), None)
+    assert ns["REFERENCE_LABEL"] == "real (training set, not held out)"
+    picked = sorted(ns["REFERENCE"].iterdir())
+    originals = {p.read_bytes() for p in (prepared / "images").glob("*.png")}
+    assert len(picked) == 3 and {p.read_bytes() for p in picked} <= originals
+
+    kept_aside = eyes(tmp_path / "kept_aside", 2)
+    (tmp_path / "diffusion" / "config.yaml").unlink()
+    (tmp_path / "diffusion").rmdir()
+    ns, _ = reference_choice(tmp_path, str(prepared), str(kept_aside))
+    assert ns["REFERENCE_LABEL"] == "real (kept_aside)" and len(list(ns["REFERENCE"].iterdir())) == 2
+
+
 # ------------------------------------------------------------------ execution in smoke mode
 
 
@@ -289,7 +331,16 @@ def test_notebook_03_generates_and_checks(smoke):
     summary = json.loads((check / "summary.json").read_text())
     reference = json.loads((check / "comparison.json").read_text())["reference"]
     assert summary["n_analysed"] == 4 and reference["n_analysed"] == 4  # the samples only: no grid, no priors
+    # the third column: synthetic eyes the training never drew (trained on seed 0), labelled as such
+    held_out = json.loads((samples / "check-real" / "comparison.json").read_text())["reference"]
+    assert held_out["n_analysed"] == 4 and Path(held_out["folder"]).name == "held-out-eyes"
+    labels = json.loads((samples / "held-out-eyes" / "labels.json").read_text())
+    assert len(labels) == 4
+    assert "comparing with: synthetic held-out (seed 1000)" in output_text(nb, "reference")
     table = next(out.data["text/markdown"] for cell in nb.cells if cell.get("id") == "table" for out in cell.outputs
                  if out.output_type == "display_data")
-    assert f"**{summary['pass_rate']:.0%}** | **{reference['pass_rate']:.0%}**" in table
-    assert images_shown(nb) >= 5  # two grids, histograms, comparison, worst
+    assert "| | from VAE priors | from noise | synthetic held-out (seed 1000) |" in table
+    assert (f"**{summary['pass_rate']:.0%}** | **{reference['pass_rate']:.0%}** | **{held_out['pass_rate']:.0%}**"
+            in table)
+    assert (samples / "pass_rates.png").is_file()
+    assert images_shown(nb) >= 7  # two grids, histograms, two comparisons, worst, pass rates
