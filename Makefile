@@ -1,11 +1,11 @@
-# iris-diffusion: make demo | make test | make bench | make sweep | make lint | make browser-deps
+# iris-diffusion: make demo | make test | make bench | make sweep | make lint | make browser-deps | make colab-links
 PYTHON ?= python3.11
 TORCH_SPEC ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow browser-deps bench sweep lint readme-figure clean
+.PHONY: install demo test test-slow browser-deps bench sweep lint readme-figure colab-links clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'" >&2; exit 2; }
@@ -62,6 +62,11 @@ readme-figure: runs/demo/summary.png
 	cp runs/demo/headline.md docs/demo_headline.md
 	$(PY) benchmarks/readme_block.py demo-headline docs/demo_headline.md
 	if [ -f runs/sweep/sweep.json ]; then cp runs/sweep/strength_sweep.png runs/sweep/strength_grid*.png runs/sweep/sweep.md runs/sweep/sweep.json docs/; fi
+
+# The Colab badges and the notebooks' REPO_URL, from URL, else the origin remote if it is on GitHub, else
+# pyproject.toml's [project.urls] Repository (standard library only: needs no install).
+colab-links:
+	python3 colab/set_repo.py $(URL)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

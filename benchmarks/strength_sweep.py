@@ -225,7 +225,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "in parallel) into OUT")
     parser.add_argument("--replot", action="store_true",
                         help="only rewrite sweep.md and strength_sweep.png from OUT/sweep.json")
-    add_config_args(parser, default_config=str(CONFIG))
+    add_config_args(parser, example="generate.steps=25", default_config=str(CONFIG))
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.strengths = QUICK["n"], QUICK["strengths"]

@@ -158,7 +158,7 @@ def test_plan_command_prints_the_terms_and_a_readable_last_line(capsys):
     assert sum(terms) == pytest.approx(float(last.group(1)), abs=0.05)
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(REPO / "configs" / "hp2-128.yaml"), "--gpu-memory", "15"])
-    assert exc.value.code == 2 and "--gpu-memory only goes with --plan" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--gpu-memory and --it-s only go with --plan" in capsys.readouterr().err
 
 
 def test_recorded_gpu_runs_agree_with_the_plan():

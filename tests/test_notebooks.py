@@ -1,4 +1,4 @@
-"""The Colab notebooks: stored without outputs, badge and placeholders in place, and each one runs
+"""The Colab notebooks: stored without outputs, badge and REPO_URL in place, and each one runs
 top to bottom in smoke mode (IRIS_SMOKE=1: tiny CPU models, synthetic data, no install, no Drive).
 
 The smoke runs share one temporary runs folder (IRIS_RUNS), in order: notebook 3 uses the VAE of
@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 COLAB = REPO_ROOT / "colab"
 NOTEBOOKS = ("01_train_vae", "02_train_diffusion", "03_generate_and_check")
 CELL_TIMEOUT_S = 300
-REPO_URL = "https://github.com/OWNER/iris-diffusion"
+REPO_URL = re.search(r'^Repository = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)[1]  # colab/set_repo.py
 
 
 def read(name: str) -> nbformat.NotebookNode:
@@ -54,12 +54,14 @@ def test_stored_without_outputs(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_badge_and_repo_placeholder(name):
+def test_badge_and_repo_url(name):
+    """The first cell's badge and the REPO_URL line name pyproject's repository (colab/set_repo.py)."""
     nb = read(name)
     first = nb.cells[0]
     assert first.cell_type == "markdown"
     assert "https://colab.research.google.com/assets/colab-badge.svg" in first.source
-    assert f"(https://colab.research.google.com/github/OWNER/iris-diffusion/blob/main/colab/{name}.ipynb)" in first.source
+    owner_name = REPO_URL.removeprefix("https://github.com/")
+    assert f"(https://colab.research.google.com/github/{owner_name}/blob/main/colab/{name}.ipynb)" in first.source
     code = sources(nb)
     assert re.search(rf'^REPO_URL = "{re.escape(REPO_URL)}"(\s*#.*)?$', code[0], re.M), "REPO_URL not in the first code cell"
     assert sum(len(re.findall(r"^REPO_URL\s*=", src, re.M)) for src in code) == 1, "REPO_URL defined more than once"
@@ -94,6 +96,21 @@ def test_no_drive_paths_personal_paths_or_secrets(name):
 
 def cell_by_tag(nb: nbformat.NotebookNode, tag: str) -> str:
     return next(cell.source for cell in nb.cells if tag in cell.metadata.get("tags", []))
+
+
+def test_training_notebook_shows_tensorboard_in_colab_only():
+    """%tensorboard on the run's tensorboard/ folder, guarded so that a kernel without tensorboard (the
+    smoke run, a plain Jupyter) skips it; the setup cell installs the `colab` extra that brings it."""
+    nb = read("02_train_diffusion")
+    cell = next(c.source for c in nb.cells if c.get("id") == "tensorboard")
+    assert "%load_ext tensorboard" in cell and '%tensorboard --logdir "{TENSORBOARD_DIR}"' in cell
+    assert 'TENSORBOARD_DIR = DIFFUSION_RUN / "tensorboard"' in cell
+    assert 'if IN_COLAB and not SMOKE and importlib.util.find_spec("tensorboard") is not None:' in cell
+    ids = [c.get("id") for c in nb.cells]
+    assert ids.index("plan") < ids.index("tensorboard") < ids.index("train")  # both before training starts
+    assert '"-e", ".[colab]"' in cell_by_tag(nb, "setup")
+    extras = (REPO_ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1]
+    assert re.search(r'^colab = \[.*"tensorboard>=2\.14".*\]', extras, re.M)
 
 
 def test_shared_cells_identical():
@@ -153,6 +170,48 @@ def test_gpu_cell_without_gpu_uses_tiny_cpu(monkeypatch):
     assert ns["DIFFUSION_CONFIG"] == ns["VAE_CONFIG"] == "configs/tiny-cpu.yaml"
     assert ns["PROFILE"] == "tiny-cpu" and ns["IMAGE_SIZE"] == 32
     assert "no CUDA GPU" in ns["WHY"]
+
+
+def reference_choice(tmp_path: Path, data_path: str, real_images: str | None) -> tuple[dict, list[list[str]]]:
+    """Run notebook 3's reference cell for a model trained on `data_path` (fake `run`): its namespace
+    and the commands it ran."""
+    run_dir, commands = tmp_path / "diffusion", []
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(json.dumps({"data": {"path": data_path, "seed": 3, "image_size": 32}}))
+    namespace = {"Path": Path, "N": 3, "SAMPLES": tmp_path / "samples", "DIFFUSION_RUN": run_dir,
+                 "REAL_IMAGES": real_images, "run": lambda *args: commands.append([str(a) for a in args])}
+    exec(next(c.source for c in read(NOTEBOOKS[2]).cells if c.get("id") == "reference"), namespace)
+    return namespace, commands
+
+
+def eyes(folder: Path, n: int) -> Path:
+    from pipeline.data.synthetic import write_dataset
+
+    return write_dataset(folder, n, size=32, seed=5)  # PNGs and a labels.json (not an image: left out)
+
+
+def test_notebook_03_compares_with_held_out_eyes_and_says_which(tmp_path):
+    ns, commands = reference_choice(tmp_path, "synthetic", None)
+    assert ns["REFERENCE"] == ns["HELD_OUT"] and ns["REFERENCE_LABEL"] == "synthetic held-out (seed 1003)"
+    assert commands == [["synthetic-irises", str(ns["HELD_OUT"]), "--n", "3", "--size", "32", "--seed", "1003",
+                         "--overwrite"]]
+
+
+def test_notebook_03_compares_with_the_users_real_eyes(tmp_path):
+    prepared = tmp_path / "prepared"
+    eyes(prepared / "images", 5)
+    (prepared / "dataset.npz").write_bytes(b"")  # data.path names the cache; its crops lie beside it
+    ns, _ = reference_choice(tmp_path, str(prepared / "dataset.npz"), None)
+    assert ns["REFERENCE_LABEL"] == "real (training set, not held out)"
+    picked = sorted(ns["REFERENCE"].iterdir())
+    originals = {p.read_bytes() for p in (prepared / "images").glob("*.png")}
+    assert len(picked) == 3 and {p.read_bytes() for p in picked} <= originals
+
+    kept_aside = eyes(tmp_path / "kept_aside", 2)
+    (tmp_path / "diffusion" / "config.yaml").unlink()
+    (tmp_path / "diffusion").rmdir()
+    ns, _ = reference_choice(tmp_path, str(prepared), str(kept_aside))
+    assert ns["REFERENCE_LABEL"] == "real (kept_aside)" and len(list(ns["REFERENCE"].iterdir())) == 2
 
 
 # ------------------------------------------------------------------ execution in smoke mode
@@ -225,6 +284,11 @@ def test_notebook_02_trains_diffusion(smoke):
     assert (run / "loss.png").is_file() and (run / "samples" / "step_0000016.png").is_file()
     assert "--resume" not in output_text(nb, "train")
     assert images_shown(nb) >= 2  # loss, sample grid
+    plan = output_text(nb, "plan")  # the memory plan and the hours at the speed of a timing run
+    assert re.search(r"speed: \S+ optimizer steps/s", plan), plan
+    assert "peak estimate" in plan and "a checkpoint every 8 steps (train.save_every) = " in plan
+    assert "the run: 16 steps = " in plan
+    assert "TensorBoard not shown: smoke mode" in output_text(nb, "tensorboard")
 
 
 @pytest.mark.slow
@@ -267,7 +331,16 @@ def test_notebook_03_generates_and_checks(smoke):
     summary = json.loads((check / "summary.json").read_text())
     reference = json.loads((check / "comparison.json").read_text())["reference"]
     assert summary["n_analysed"] == 4 and reference["n_analysed"] == 4  # the samples only: no grid, no priors
+    # the third column: synthetic eyes the training never drew (trained on seed 0), labelled as such
+    held_out = json.loads((samples / "check-real" / "comparison.json").read_text())["reference"]
+    assert held_out["n_analysed"] == 4 and Path(held_out["folder"]).name == "held-out-eyes"
+    labels = json.loads((samples / "held-out-eyes" / "labels.json").read_text())
+    assert len(labels) == 4
+    assert "comparing with: synthetic held-out (seed 1000)" in output_text(nb, "reference")
     table = next(out.data["text/markdown"] for cell in nb.cells if cell.get("id") == "table" for out in cell.outputs
                  if out.output_type == "display_data")
-    assert f"**{summary['pass_rate']:.0%}** | **{reference['pass_rate']:.0%}**" in table
-    assert images_shown(nb) >= 5  # two grids, histograms, comparison, worst
+    assert "| | from VAE priors | from noise | synthetic held-out (seed 1000) |" in table
+    assert (f"**{summary['pass_rate']:.0%}** | **{reference['pass_rate']:.0%}** | **{held_out['pass_rate']:.0%}**"
+            in table)
+    assert (samples / "pass_rates.png").is_file()
+    assert images_shown(nb) >= 7  # two grids, histograms, two comparisons, worst, pass rates

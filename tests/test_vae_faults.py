@@ -71,7 +71,7 @@ def test_an_extended_run_follows_the_schedule_of_its_new_length(reference, tmp_p
     not at the 2-epoch schedule's floor (and log.csv shows each epoch's rate)."""
     run = tmp_path / "run"
     assert _run(["--out", str(run), *_args("vae.epochs=2")], capsys)[0] == 0
-    assert _run(["--out", str(run), "--resume", "--set", "vae.epochs=3"], capsys)[0] == 0
+    assert _run(["--resume", str(run), "--set", "vae.epochs=3"], capsys)[0] == 0
     extended, planned = _load(run / "last.keras").optimizer, _load(reference / "last.keras").optimizer
     for step in range(2 * STEPS, 3 * STEPS):
         extended.iterations.assign(step)
@@ -101,10 +101,10 @@ def test_an_interrupt_at_an_epoch_end_resumes_exactly(reference, tmp_path, monke
     run = tmp_path / "run"
     _signal_after(monkeypatch, "on_epoch_end", lambda model, epoch: epoch == 0)
     code, err = _run(["--out", str(run), *_args("vae.epochs=3")], capsys)
-    assert code == 130 and str(run / "last.keras") in err and "--resume" in err, err
+    assert code == 130 and str(run / "last.keras") in err and f"train-vae --resume {run}" in err, err
     assert _position(run / "last.keras") == (1, STEPS)
     monkeypatch.undo()
-    assert _run(["--out", str(run), "--resume"], capsys)[0] == 0
+    assert _run(["--resume", str(run)], capsys)[0] == 0
     _assert_same_weights(run / "last.keras", reference / "last.keras")
     assert _rows(run) == _rows(reference)
 
@@ -114,11 +114,11 @@ def test_an_interrupt_mid_epoch_saves_that_step_and_resumes_exactly(reference, t
     _signal_after(monkeypatch, "on_train_batch_end",
                   lambda model, batch: int(model.optimizer.iterations.numpy()) == STEPS + 2)
     code, err = _run(["--out", str(run), *_args("vae.epochs=3")], capsys)
-    assert code == 130 and str(run / "last.keras") in err, err
+    assert code == 130 and str(run / "last.keras") in err and f"train-vae --resume {run}" in err, err
     assert _position(run / "last.keras") == (1, STEPS + 2)  # epoch 1 after its 2nd batch
     assert not list(run.glob(".*tmp*"))
     monkeypatch.undo()
-    assert _run(["--out", str(run), "--resume"], capsys)[0] == 0
+    assert _run(["--resume", str(run)], capsys)[0] == 0
     _assert_same_weights(run / "last.keras", reference / "last.keras")
     rows, ref = _rows(run), _rows(reference)
     assert [rows[0], rows[2]] == [ref[0], ref[2]]
@@ -207,7 +207,7 @@ def test_resume_refuses_a_changed_number_of_batches_per_epoch(reference, tmp_pat
 
     run = tmp_path / "run"
     shutil.copytree(reference, run)
-    code, err = _run(["--out", str(run), "--resume", "--set", "vae.epochs=4", "--set", "vae.batch_size=4"], capsys)
+    code, err = _run(["--resume", str(run), "--set", "vae.epochs=4", "--set", "vae.batch_size=4"], capsys)
     assert code == 2 and "vae.batch_size" in err.strip().splitlines()[-1], err
 
 
@@ -232,7 +232,7 @@ def test_a_signal_to_the_command_stops_it_after_saving(reference, tmp_path, caps
     assert 1 <= epochs < 3 and steps < 3 * STEPS
     assert not list(run.glob(".*tmp*"))
     if signum == signal.SIGINT:
-        assert _run(["--out", str(run), "--resume"], capsys)[0] == 0
+        assert _run(["--resume", str(run)], capsys)[0] == 0
         _assert_same_weights(run / "last.keras", reference / "last.keras")
 
 

@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory) -> Path:
     assert exc.value.code == 0
     (run / "first_rows.json").write_text(json.dumps(_log_rows(run)))
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(run), "--resume", "--set", "vae.epochs=3"])
+        main(["--resume", str(run), "--set", "vae.epochs=3"])
     assert exc.value.code == 0
     return run
 
@@ -128,10 +128,14 @@ def test_cli_errors_exit_2(run_dir, tmp_path, capsys):
         (["--sample", "3", "--from", str(tmp_path / "missing.keras"), "--out", str(tmp_path / "o")], "not found"),
         (["--sample", "3", "--out", str(tmp_path / "o")], "--from"),
         (["--out", str(run_dir), *_args()], "already exists"),
-        (["--out", str(tmp_path / "nothing"), "--resume"], "nothing to resume"),
-        (["--out", str(run_dir), "--resume", "--set", "vae.epochs=3"], "already trained 3"),
-        (["--out", str(run_dir), "--resume", "--set", "vae.epochs=9", "--set", "vae.latent_dim=7"], "latent_dim"),
-        (["--out", str(run_dir), "--resume", "--set", "vae.epochs=9", "--set", "data.image_size=64"], "image"),
+        (["--resume", str(tmp_path / "nothing")], "nothing to resume"),
+        (["--resume", str(run_dir), "--set", "vae.epochs=3"], "already trained 3"),
+        (["--resume", str(run_dir), "--set", "vae.epochs=9", "--set", "vae.latent_dim=7"], "latent_dim"),
+        (["--resume", str(run_dir), "--set", "vae.epochs=9", "--set", "data.image_size=64"], "image"),
+        (["--resume", str(run_dir), "--out", str(tmp_path / "r")], "drop --out"),
+        (["--resume", str(run_dir), "--overwrite"], "contradict"),
+        (["--out", str(run_dir), "--resume", "--overwrite"], "contradict"),
+        (["--resume", str(run_dir), "--sample", "3"], "cannot be combined"),
         (["--out", str(tmp_path / "r"), *_args("data.path=" + str(tmp_path / "empty"))], "not found"),
         (["--out", str(tmp_path / "r"), *_args("vae.batch_size=64")], "vae.batch_size"),
         (["--out", str(tmp_path / "r"), *_args("vae.nope=1")], "unknown config key"),
@@ -162,8 +166,18 @@ def test_corrupt_checkpoint_on_resume(tmp_path, capsys):
     run.mkdir()
     (run / "config.yaml").write_text("")
     (run / "last.keras").write_bytes(b"\x00" * 100)
-    code, err = _exit_code(["--out", str(run), "--resume"], capsys)
+    code, err = _exit_code(["--resume", str(run)], capsys)
     assert code == 2 and "cannot load checkpoint" in err
+
+
+def test_bare_resume_flag_still_continues_out_with_a_deprecation_warning(run_dir, tmp_path, capsys, caplog):
+    """`--out DIR --resume` (before issue 21) means `--resume DIR` for one more release, and says so."""
+    code, err = _exit_code(["--out", str(run_dir), "--resume", "--set", "vae.epochs=3"], capsys)
+    assert code == 2 and "already trained 3" in err  # it went to run_dir's last.keras
+    assert f"deprecated and goes in the next release; use 'train-vae --resume {run_dir}'" in caplog.text
+    caplog.clear()
+    code, err = _exit_code(["--out", str(run_dir), "--resume", str(run_dir), "--set", "vae.epochs=3"], capsys)
+    assert code == 2 and "already trained 3" in err and "deprecated" not in caplog.text  # the same folder twice: fine
 
 
 def test_torch_backend_trains_and_matches_tensorflow(run_dir, tmp_path):

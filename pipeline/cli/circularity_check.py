@@ -57,7 +57,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                     "and separated. Exit code 1 when the pass rate is below --fail-under, 2 on usage errors.",
     )
     parser.add_argument("folder", metavar="DIR", help="folder of images (searched recursively)")
-    add_config_args(parser)
+    add_config_args(parser, example="circularity.max_concentricity=0.1")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: <DIR>_circularity beside DIR)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes measuring images (default: min(4, CPUs)); 1 runs inline")

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1, this machine only)")
     web.add_argument("--port", type=int, default=None, help="port to listen on (default 7860)")
     web.add_argument("--share", action="store_true", help="also a public gradio.live link (for Colab)")
-    add_config_args(parser, default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
+    add_config_args(parser, example="data.synthetic_count=512", default_config=str(CONFIG_DIR / "tiny-cpu.yaml"))
     return parser
 
 

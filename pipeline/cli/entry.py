@@ -18,15 +18,16 @@ from pipeline.common.interrupts import TrainingInterrupted
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """Add `--config FILE` and repeatable `--set key=value` to a parser."""
+def add_config_args(parser: argparse.ArgumentParser, *, example: str, default_config: str | None = None) -> None:
+    """Add `--config FILE` and repeatable `--set key=value` to a parser; `example` ('section.key=value',
+    a key of the script's own section) is the one its `--set` help shows."""
     parser.add_argument(
         "--config", default=default_config, metavar="FILE",
         help="YAML config file" + (f" (default: {default_config})" if default_config else ""),
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)",
+        help=f"override a config value, e.g. --set {example} (repeatable; keys: pipeline/common/config.py)",
     )
 
 

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a generate output folder checked by circularity-check (or the check's folder): "
                         "its pass rate and KID go on the model card (else: not measured)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_args(parser)
+    add_config_args(parser, example="generate.clip_denoised=false")
     return parser
 
 

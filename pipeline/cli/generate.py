@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diffusion", required=True, metavar="RUN_DIR", help="train-diffusion run or checkpoint dir")
     parser.add_argument("--out", default="runs/generate", help="output folder (default: runs/generate)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_args(parser)
+    add_config_args(parser, example="generate.steps=25")
     fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
     for name, kind, text in (
         ("n", int, "number of images"),

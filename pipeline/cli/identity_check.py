@@ -49,7 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="processes coding images (default: identity.workers; "
                         "0 → min(4, CPUs)); 1 runs inline")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_config_args(parser)
+    add_config_args(parser, example="identity.near_copy_hd=0.3")
     return parser.parse_args(argv)
 
 

@@ -51,7 +51,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, help="processes measuring frames (default: prepare.workers; "
                         "0 → min(4, CPUs)); 1 runs inline")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    add_config_args(parser)
+    add_config_args(parser, example="prepare.margin=1.3")
     return parser.parse_args(argv)
 
 

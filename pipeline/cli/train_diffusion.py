@@ -3,6 +3,7 @@
     train-diffusion --config configs/tiny-cpu.yaml [--set train.max_steps=800] [--out runs/x]
     train-diffusion --resume runs/x [--set train.max_steps=1600]
     train-diffusion --config configs/hp2-128.yaml --plan [--gpu-memory 15]   (memory plan, no training)
+    train-diffusion --config configs/hp2-128.yaml --plan --it-s 0.26       (… and hours at that speed)
     torchrun --nproc_per_node=2 -m pipeline.cli.train_diffusion --config …      (DDP)
 
 Picks the run directory (new, or the one to resume and its newest complete checkpoint), checks
@@ -26,6 +27,7 @@ from guided_diffusion.training.distributed import init_distributed
 from guided_diffusion.training.loop import prepare, train
 from guided_diffusion.training.memory_plan import format_plan, plan_for_gpu
 from guided_diffusion.training.resume import RESUME_DATA, load_resumable, resume_differences
+from guided_diffusion.training.run_hours import format_run_hours, run_hours
 from guided_diffusion.training.session import Setup
 from pipeline.cli.entry import add_config_args, cli_entry, config_from_args
 from pipeline.common.config import Config, dump_config, load_config
@@ -113,7 +115,7 @@ def check_resumable(s: Setup, run_dir: Path, ckpt: TrainingCheckpoint) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train-diffusion", description="Train the stage-2 diffusion U-Net.")
-    add_config_args(parser)
+    add_config_args(parser, example="train.lr=3e-4")
     parser.add_argument("--out", help=f"run directory to create (default: {DEFAULT_OUT})")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
@@ -122,25 +124,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print the GPU memory plan of the config (peak estimate, settings that fit) and exit")
     parser.add_argument("--gpu-memory", type=float, metavar="GIB",
                         help="with --plan: plan for a GPU with this much memory (default: this machine's GPU)")
+    parser.add_argument("--it-s", type=float, metavar="STEPS_PER_S",
+                        help="with --plan: also print the hours per checkpoint and for the run at this speed "
+                        "(optimizer steps per second, log.csv's it_s)")
     return parser.parse_args(argv)
 
 
 def print_plan(args: argparse.Namespace) -> None:
-    """`--plan`: the memory plan of the config (or of the run to resume), without training."""
+    """`--plan`: the memory plan of the config (or of the run to resume), without training; with
+    `--it-s`, the hours per checkpoint and for the run (what is left of it, resuming) at that speed."""
+    done = 0
     if args.resume is not None:
-        cfg = load_config(args.config or latest_checkpoint(Path(args.resume)) / "config.yaml", args.overrides)
+        ckpt = latest_checkpoint(Path(args.resume))
+        cfg = load_config(args.config or ckpt / "config.yaml", args.overrides)
+        done = int(ckpt.name.removeprefix("step_"))
     else:
         cfg = config_from_args(args)
     plan = plan_for_gpu(cfg, pick_torch_device(args.device), args.gpu_memory)
     print(format_plan(plan, args.config or args.resume or "the default config"))
+    if args.it_s is not None:
+        tc = cfg.train
+        images = dataset_fingerprint(cfg.data)["count"] if tc.epochs > 0 else tc.batch_size  # only epochs need it
+        print(format_run_hours(run_hours(args.it_s, tc, images // tc.batch_size, done)))
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `train-diffusion`."""
     args = parse_args(argv)
-    if args.gpu_memory is not None and not args.plan:
-        raise UserError("--gpu-memory only goes with --plan")
+    if (args.gpu_memory is not None or args.it_s is not None) and not args.plan:
+        raise UserError("--gpu-memory and --it-s only go with --plan")
     if args.plan:
         print_plan(args)
         return 0
