@@ -127,6 +127,20 @@ def test_cpu_bf16_autocast_runs_convolutions_in_bf16():
     assert y.dtype == torch.bfloat16 and conv.weight.dtype == torch.float32
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("cpuinfo,speedup,expected", [(SAPPHIRE_RAPIDS, 2.9, "bf16"), (SAPPHIRE_RAPIDS, 0.5, "fp32"),
+                                                     (ZEN3, 2.9, "fp32")], ids=["amx-faster", "amx-slower", "avx2"])
+def test_generate_auto_follows_the_cpu_verdict(tiny_run, monkeypatch, cache_dir, cpuinfo, speedup, expected):
+    from pipeline.common.config import load_config
+    from pipeline.generate import generate
+
+    fake_cpu(monkeypatch, cpuinfo)
+    fake_timing(monkeypatch, speedup)
+    cfg = load_config(None, ["generate.n=1", "generate.steps=2", "generate.precision=auto"])
+    result = generate(cfg, tiny_run, source="noise", device="cpu", progress=False)
+    assert result.metadata["precision"] == expected
+
+
 # ------------------------------------------------------------------------------- verdict cache
 
 
