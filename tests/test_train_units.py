@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guided_diffusion.training import checkpoint as ckpt_mod
+from guided_diffusion.training import cpu_bf16
 from guided_diffusion.training.checkpoint import (
     load_for_inference,
     load_training_checkpoint,
@@ -182,7 +183,8 @@ def test_check_batching():
         check_batching(9, 0, world_size=2)
 
 
-def test_precision_resolution_on_cpu():
+def test_precision_resolution_on_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_bf16, "cpu_flags", lambda: {"avx2", "fma"})  # a CPU without native bf16
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16"

@@ -10,12 +10,16 @@ weights. Under DDP, gradients are all-reduced only on the last micro-batch (`no_
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from guided_diffusion.training import cpu_bf16
 from pipeline.common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -46,20 +50,31 @@ def check_batching(batch_size: int, microbatch: int | str, world_size: int = 1) 
 
 
 def resolve_precision(requested: str, device: torch.device, setting: str = "train.precision") -> str:
-    """fp32 | bf16 | fp16 for this device. auto: fp32 on CPU/MPS (CPU bf16 is far slower), bf16 on
-    CUDA where supported, else fp16. `setting` names the option in error messages."""
+    """fp32 | bf16 | fp16 for this device. auto: bf16 on CUDA where supported, else fp16; on a CPU
+    bf16 where it is native (AMX/AVX512-BF16) and a cached self-check finds it faster, else fp32
+    (emulated bf16 is far slower); fp32 on MPS. auto logs its choice and why. `setting` names the
+    option in error messages."""
     if requested not in PRECISIONS:
         raise UserError(f"unknown {setting} '{requested}'; valid: {', '.join(PRECISIONS)}")
     if requested == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if device.type == "cuda":
+            chosen, why = ("bf16", "the GPU supports bf16") if torch.cuda.is_bf16_supported() else (
+                "fp16", "no bf16 on this GPU")
+        elif device.type == "cpu":
+            chosen, why = cpu_bf16.auto_cpu_precision()
+        else:
+            chosen, why = "fp32", f"no half-precision autocast on {device.type} here"
+        log.info("precision auto → %s on %s (%s)", chosen, device.type.upper(), why)
+        return chosen
     if requested == "fp16" and device.type != "cuda":
         raise UserError(f"{setting} fp16 needs a CUDA device (got {device.type}); use fp32 or bf16")
     if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"{setting} bf16 is not supported by this GPU; use fp16 or fp32")
     if requested == "bf16" and device.type == "mps":
         raise UserError(f"{setting} bf16 is not supported on MPS here; use fp32")
+    if requested == "bf16" and device.type == "cpu" and not cpu_bf16.native_bf16_flags(cpu_bf16.cpu_flags()):
+        log.warning("%s bf16 on a CPU without AMX/AVX512-BF16: bf16 is emulated here, expect it to be much "
+                    "slower than fp32", setting)
     return requested
 
 

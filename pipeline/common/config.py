@@ -86,7 +86,7 @@ class TrainConfig:
     ema_every: int = 1  # fold the weights into the EMA every k steps (with the k steps' decay)
     gpu_memory: float = 0.0  # GiB of the GPU the memory plan may use; 0 → all of it
     grad_clip: float = 1.0  # 0 → off
-    precision: str = "auto"  # auto (fp32 on CPU, bf16 on capable GPUs) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on capable GPUs; on CPUs bf16 where native and a self-check finds it faster) | fp32 | bf16 | fp16
     max_bad_steps: int = 20  # consecutive non-finite steps before stopping
     log_every: int = 50
     save_every: int = 1000
@@ -134,7 +134,7 @@ class GenerateConfig:
     steps: int = 50  # respaced steps over the full schedule
     eta: float = 0.0
     batch_size: int = 0  # 0 → auto: 64 on CUDA (mixed precision fills the GPU), 16 elsewhere
-    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else fp16; on CPUs as train.precision auto) | fp32 | bf16 | fp16
     seed: int = 0
     clip_denoised: bool = True
     use_ema: float = -1.0  # -1 → the slowest EMA rate saved with the checkpoint; 0 → raw weights
