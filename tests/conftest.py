@@ -5,6 +5,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MPLBACKEND", "Agg")
+if "IRIS_DIFFUSION_CACHE" not in os.environ:  # the CPU bf16 verdict of the tests' runs stays out of ~/.cache
+    import tempfile
+
+    os.environ["IRIS_DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="iris-diffusion-cache-")
 
 import pytest  # noqa: E402
 
