@@ -45,8 +45,10 @@ browser-deps: $(STAMP)
 			"or run $(VENV)/bin/playwright install chromium" >&2; exit 2; \
 	fi
 
+# every benchmark in quick mode; their summary table replaces the README's (between bench-summary markers)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --quick
+	$(PY) benchmarks/readme_block.py bench-summary benchmarks/results/summary.md
 
 sweep: $(STAMP)
 	$(PY) benchmarks/strength_sweep.py --out runs/sweep --overwrite

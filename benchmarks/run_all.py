@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_io import machine_facts
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -35,10 +35,11 @@ def main() -> int:
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.only:
         scripts = [s for s in scripts if s.stem in args.only]
-    load = os.getloadavg()[0]
-    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPU cores "
-             f"({platform.processor() or platform.machine()}), load {load:.2f} before the start"
-             f"{', quick mode' if args.quick else ''}.", "",
+    facts = machine_facts()
+    lines = [f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `make bench` on {facts['cores']} CPU cores of "
+             f"{facts['cpu']} ({', '.join(facts['extensions']) or 'no AVX2/AVX-512/AMX'}), load "
+             f"{facts['load_average_1min']:.2f} before the start{', quick mode' if args.quick else ''}. "
+             "Ratios are against baselines run in the same benchmark.", "",
              "| benchmark | measured | value | target | met |", "|---|---|---|---|---|"]
     failed, missed = 0, []
     for script in scripts:
