@@ -103,7 +103,8 @@ def _activations(cfg: Config, precision: str, device_type: str, use_checkpoint: 
     """Counted on fake tensors; the half-precision weight copies held by autocast's cache are the
     same with or without checkpointing, so they come from the plain network."""
     def count(checkpointing: bool) -> ActivationBytes:
-        model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_checkpoint=checkpointing))
+        model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_checkpoint=checkpointing,
+                                                                        compile=False))  # counted eagerly
         with torch.device("meta"):
             model = create_model(model_cfg)
         return count_activation_bytes(model, cfg.data.image_size, cfg.data.channels, precision, device_type)
