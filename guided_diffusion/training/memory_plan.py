@@ -131,7 +131,8 @@ def plan_memory(cfg: Config, per_rank_batch: int, precision: str, budget: int | 
     """
     tc = cfg.train
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in create_model(cfg).parameters())
+        eager = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
+        num_params = sum(p.numel() for p in create_model(eager).parameters())
     rates = len(tc.ema_rates)
     counts: dict[bool, ActivationBytes] = {}  # counted when first needed (checkpointing rarely is)
 
