@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,export]"
+	$(PY) -m pip install --quiet -e ".[dev,export,bench]"
 	# the `metrics` extra's clean-fid without its torchvision requirement (which would replace torch);
 	# iris-diffusion imports only its torchvision-free parts (pipeline/check/inception.py)
 	$(PY) -m pip install --quiet --no-deps "clean-fid>=0.1.35"

@@ -1,71 +1,128 @@
-"""Speed and memory of one U-Net training step (forward + backward) at the seed's HP1 and HP2 sizes.
+"""Speed of one U-Net training step (forward + backward), as ratios to diffusers' UNet2DModel in the same run.
 
-    python benchmarks/bench_unet.py [--quick] [--device cpu|cuda|all] [--configs HP1 HP2] [--out FILE]
+    python benchmarks/bench_unet.py [--quick] [--device cpu|cuda|all] [--configs HP1 [HP2]]
+                                    [--repeats N] [--no-compile] [--out FILE]
 
-For each configuration × precision (fp32, bf16 autocast) × memory format (contiguous,
-channels_last) on CPU (and CUDA when present): seconds per step (median over repeats, after a
-warm-up step), CPU-seconds per step of this process (less disturbed by other processes on a
-busy machine), images/s, peak memory, FLOPs per step (torch.utils.flop_counter on the meta
-device) and achieved GFLOP/s. Each measurement runs in a fresh subprocess so that the CPU peak
-(ru_maxrss) belongs to it alone. The openai guided-diffusion U-Net's time on this machine class
-is recorded beside ours with the ratio. JSON goes to stdout and to --out.
+The baseline is diffusers' `UNet2DModel` configured as the same ADM network through
+pipeline/diffusers_map.py (scale-shift norm, resnet up/down-sampling, attention at the same sizes,
+our weights under its names; where our heads differ in width by level, which UNet2DModel cannot
+express, the closest single attention_head_dim, which changes no parameter count). Against it, in
+one process: our U-Net in fp32, in channels_last, at `precision: auto` (what
+`resolve_precision("auto", device)` picks: fp32 on a CPU without bf16 support, then the same
+measurement as fp32) and compiled (`model.compile: true`; its compile time is measured apart from
+its steps). After a warm-up step each, the variants take turns in palindromic order (A B C C B A
+A B C …), `--repeats` timed steps each, so drift in the machine's load falls on all alike; min and
+median seconds per step and the ratios of medians and of mins. The machine (CPU model, AVX2 /
+AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only.
+JSON goes to stdout and to --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import math
 import os
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from results_io import headline, write_result
+import torch.nn.functional as F
+from results_io import headline, machine_facts, write_result
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from guided_diffusion.unet import UNetModel
+from guided_diffusion.training.factory import create_model
+from guided_diffusion.training.step import autocast_for, resolve_precision
+from guided_diffusion.unet import AttentionBlock
+from pipeline.common.config import Config, config_from_dict
+from pipeline.diffusers_map import unet_config, unet_state_dict
 
 RESULTS = Path(__file__).parent / "results" / "bench_unet.json"
-
-CONFIGS = {
-    "HP1": {"image_size": 64, "model_channels": 128, "num_res_blocks": 3, "attention_resolutions": [16, 8],
-            "num_head_channels": -1, "batch": 4},
-    "HP2": {"image_size": 128, "model_channels": 192, "num_res_blocks": 4, "attention_resolutions": [32, 16, 8],
-            "num_head_channels": 64, "batch": 2},
+BASELINE = "diffusers fp32"
+OURS = "ours fp32"
+CONFIGS = {  # the seed's HP1 and HP2 networks, and the batch each step trains on
+    "HP1": ({"data": {"image_size": 64}, "model": {"model_channels": 128, "num_res_blocks": 3,
+                                                    "attention_resolutions": [16, 8]}}, 4),
+    "HP2": ({"data": {"image_size": 128}, "model": {"model_channels": 192, "num_res_blocks": 4,
+                                                     "attention_resolutions": [32, 16, 8], "num_head_channels": 64}}, 2),
 }
-
-# The openai guided-diffusion U-Net at the same configs, forward + backward, measured on this
-# machine class (2 CPU cores, fp32): HP1 ≈ 10.5 s/step (≈ 103 GFLOP/s), HP2 ≈ 33 s/step, when
-# the cores' fp32 GEMM peak was near 190 GFLOP/s (so ≈ 54 % of it). On a busy machine the
-# wall-clock numbers move with the load; `fraction_of_gemm` (our GFLOP/s over a 2048³ matmul's,
-# measured in the same process just before and after the steps) is the load-robust comparison.
-OPENAI_REFERENCE_S_PER_STEP = {"HP1": 10.5, "HP2": 33.0}
-OPENAI_REFERENCE_FRACTION_OF_GEMM = 103 / 190
+PARAM_TOLERANCE = 0.01
+WARMUP = 1  # steps per variant before timing; a compiled model compiles forward and backward in its first
+TARGETS = {"bf16": 0.30, "avx2": 0.75}  # precision auto / diffusers fp32, by whether the CPU has native bf16
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def build(name: str, device: str = "cpu") -> tuple[UNetModel, torch.Tensor, torch.Tensor]:
-    c = CONFIGS[name]
-    model = UNetModel(c["image_size"], 1, c["model_channels"], 1, c["num_res_blocks"], c["attention_resolutions"],
-                      num_head_channels=c["num_head_channels"]).to(device)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(c["batch"], 1, c["image_size"], c["image_size"], generator=g).to(device)
-    t = torch.randint(0, 4000, (c["batch"],), generator=g).to(device)
-    return model, x, t
+def bench_config(name: str, **model: object) -> Config:
+    """The Config of a named network (grey images), with `model` settings replaced."""
+    cfg = config_from_dict(CONFIGS[name][0])
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
 
 
-def flops_per_step(name: str) -> int:
-    """FLOPs of one forward + backward, counted on the meta device (nothing allocated)."""
-    with torch.device("meta"):
-        model, x, t = build(name, "meta")
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(x, t).float().square().mean().backward()
-    return counter.get_total_flops()
+def closest_head_dim(model: nn.Module) -> int:
+    """The one attention head width, dividing every attention block's width, closest (in log ratio)
+    to the head widths of `model` (ours may differ by level; UNet2DModel has one)."""
+    blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+    widths = {b.norm.num_channels for b in blocks}
+    heads = {b.norm.num_channels // b.num_heads for b in blocks}
+    common = math.gcd(*widths)
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    return min(divisors, key=lambda d: sum(abs(math.log(d / h)) for h in heads))
+
+
+def diffusers_twin(cfg: Config, ours: nn.Module) -> tuple[nn.Module, Config]:
+    """diffusers' UNet2DModel as the network of `cfg`, holding `ours`' weights, and the config it was
+    built from (num_head_channels set to the closest single head width when ours has none)."""
+    from diffusers import UNet2DModel
+
+    if cfg.model.num_head_channels <= 0 and cfg.model.num_heads > 1:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_head_channels=closest_head_dim(ours)))
+    twin = UNet2DModel(**unet_config(cfg))
+    twin.load_state_dict(unet_state_dict(ours.state_dict(), cfg))
+    return twin, cfg
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def abba_order(names: list[str], repeats: int) -> list[str]:
+    """Each name `repeats` times, in palindromic rounds: A B C, C B A, A B C …"""
+    return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
+
+
+def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(warm-up seconds, timed seconds) per name: `warmup` steps each in turn, then `repeats` each in
+    `abba_order`."""
+    warm: dict[str, list[float]] = {n: [] for n in steps}
+    timed: dict[str, list[float]] = {n: [] for n in steps}
+    for out, order in ((warm, [n for n in steps for _ in range(warmup)]), (timed, abba_order(list(steps), repeats))):
+        for name in order:
+            t0 = clock()
+            steps[name]()
+            out[name].append(clock() - t0)
+    return warm, timed
+
+
+def train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
+               precision: str = "fp32") -> Callable[[], None]:
+    """One forward + backward of the MSE to `target` (the diffusion loss) under `precision`'s
+    autocast, gradients cleared first."""
+    cast = autocast_for(precision, x.device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with cast():
+            out = model(x, t)
+        F.mse_loss(getattr(out, "sample", out).float(), target).backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
 
 
 def gemm_gflop_per_s(device: str, n: int = 2048) -> float:
@@ -81,149 +138,146 @@ def gemm_gflop_per_s(device: str, n: int = 2048) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def flops_per_step(name: str) -> int:
+    """FLOPs of one forward + backward of our network, counted on the meta device (nothing allocated)."""
+    batch = CONFIGS[name][1]
+    with torch.device("meta"):
+        model = create_model(bench_config(name))
+        size = model.image_size
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.randn(batch, 1, size, size), torch.zeros(batch)).square().mean().backward()
+    return counter.get_total_flops()
 
 
-def measure(name: str, device: str, precision: str, memory_format: str, repeats: int, warmup: int = 1,
-            threads: int = 0) -> dict:
-    """Time `repeats` forward+backward steps after `warmup` steps (runs in the current process)."""
-    if threads:
-        torch.set_num_threads(threads)
+def summarize(times: list[float]) -> dict:
+    return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4),
+            "times_s": [round(s, 4) for s in times]}
+
+
+def target_for(extensions: list[str], device: str) -> tuple[float | None, str]:
+    """The precision-auto / diffusers-fp32 ceiling for this machine, and its label (None on CUDA: no
+    target there, only the GPU's share of its peak, which this benchmark does not know)."""
+    if device != "cpu":
+        return None, ""
+    if any(f in extensions for f in BF16_FLAGS):
+        return TARGETS["bf16"], f"≤ {TARGETS['bf16']:.2f} (bf16 CPU; AVX2: ≤ {TARGETS['avx2']:.2f})"
+    return TARGETS["avx2"], f"≤ {TARGETS['avx2']:.2f} (AVX2 CPU; bf16 CPU: ≤ {TARGETS['bf16']:.2f})"
+
+
+def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool, quick: bool = False) -> dict:
+    """Every variant of network `name` on `device` (quick: the baseline and ours at fp32 and auto only),
+    timed in turns in one process."""
+    batch = CONFIGS[name][1]
     torch.manual_seed(0)
-    base_rss = _rss_mb()
-    model, x, t = build(name, device)
-    if memory_format == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(x, t).float().square().mean()
-        loss.backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):  # kernel selection, allocator
-        step()
-    gemm_before = gemm_gflop_per_s(device)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    return {"s_per_step": statistics.median(wall), "cpu_s_per_step": statistics.median(cpu),
-            "peak_mem_mb": round(peak, 1), "repeats": repeats, "warmup": warmup,
-            "gemm_gflop_per_s": (gemm_before + gemm_gflop_per_s(device)) / 2}
-
-
-def run_isolated(spec: dict) -> dict:
-    """`measure(**spec)` in a fresh Python process (so its peak RSS is its own)."""
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cfg = bench_config(name)
+    ours = create_model(cfg).to(device)
+    twin, twin_cfg = diffusers_twin(cfg, ours.cpu())
+    ours, twin = ours.to(device), twin.to(device)
+    g = torch.Generator().manual_seed(0)
+    size = cfg.data.image_size
+    x, target = (torch.randn(batch, 1, size, size, generator=g).to(device) for _ in range(2))
+    t = torch.randint(0, cfg.diffusion.steps, (batch,), generator=g).to(device)
+    auto = resolve_precision("auto", torch.device(device))
+    steps = {BASELINE: train_step(twin, x, t, target), OURS: train_step(ours, x, t, target)}
+    if auto != "fp32":
+        steps[f"ours auto ({auto})"] = train_step(ours, x, t, target, auto)
+    if not quick:
+        cl = create_model(bench_config(name, channels_last=True)).to(device)
+        cl.load_state_dict(ours.state_dict())
+        steps["ours channels_last"] = train_step(cl, x.to(memory_format=torch.channels_last), t, target)
+    if compile_too:
+        compiled = create_model(bench_config(name, compile=True)).to(device)
+        compiled.load_state_dict(ours.state_dict())
+        steps["ours compiled"] = train_step(compiled, x, t, target)
+    warm, timed = time_steps(steps, repeats, warmup)
+    variants = {n: summarize(timed[n]) for n in steps}
+    base = variants[BASELINE]
+    for n, v in variants.items():
+        v["ratio_median_to_diffusers"] = round(v["median_s"] / base["median_s"], 3)
+        v["ratio_min_to_diffusers"] = round(v["min_s"] / base["min_s"], 3)
+        v["ratio_median_to_ours_fp32"] = round(v["median_s"] / variants[OURS]["median_s"], 3)
+        v["warmup_s"] = [round(s, 2) for s in warm[n]]
+    if compile_too:  # the first call compiles forward and backward
+        variants["ours compiled"]["compile_s"] = round(warm["ours compiled"][0] - variants["ours compiled"]["median_s"], 1)
+    return {"name": name, "device": device, "batch": batch, "auto_precision": auto,
+            "auto_variant": OURS if auto == "fp32" else f"ours auto ({auto})",
+            "params": {"ours": param_count(ours), "diffusers": param_count(twin),
+                       "relative_difference": round(param_count(twin) / param_count(ours) - 1, 6)},
+            "diffusers_attention_head_dim": twin_cfg.model.num_head_channels, "variants": variants}
 
 
-def plan(quick: bool, devices: list[str], names: list[str], threads: list[int]) -> list[dict]:
-    cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    specs = []
-    for device in devices:
-        for name in names:
-            for precision in ("fp32", "bf16"):
-                for fmt in ("contiguous", "channels_last"):
-                    if device == "cpu" and precision == "bf16" and not cpu_bf16:
-                        continue  # emulated bf16 convolutions run at a few GFLOP/s: hours per step
-                    if quick and device == "cpu" and (precision == "bf16" or fmt == "channels_last"):
-                        continue
-                    for n_threads in threads if device == "cpu" else [0]:
-                        specs.append({"name": name, "device": device, "precision": precision, "memory_format": fmt,
-                                      "repeats": (1 if quick else 3) if device == "cpu" else 20,
-                                      "warmup": 0 if quick and device == "cpu" else 1, "threads": n_threads})
-    return specs
+def headlines(run: dict, extensions: list[str]) -> list[dict]:
+    """The summary rows of one measured network × device (pure: from the numbers alone)."""
+    v, label = run["variants"], f"{run['name']} fwd+bwd, batch {run['batch']}, {run['device']}"
+    limit, target = target_for(extensions, run["device"])
+    auto = v[run["auto_variant"]]
+    rel = run["params"]["relative_difference"]
+    rows = [
+        headline(f"{label}: precision auto (= {run['auto_precision']}) / diffusers UNet2DModel fp32 (same run, ABBA)",
+                 f"{auto['ratio_median_to_diffusers']:.2f}x median ({auto['ratio_min_to_diffusers']:.2f}x min); "
+                 f"{auto['median_s']:.2f} vs {v[BASELINE]['median_s']:.2f} s/step median",
+                 target, None if limit is None else auto["ratio_median_to_diffusers"] <= limit),
+        headline(f"{label}: parameters ours / diffusers baseline",
+                 f"{run['params']['ours']:,} / {run['params']['diffusers']:,} ({rel:+.2%})",
+                 f"within {PARAM_TOLERANCE:.0%}", abs(rel) <= PARAM_TOLERANCE),
+    ]
+    for name in (n for n in v if n not in (BASELINE, OURS, run["auto_variant"])):
+        extra = f"; compile {v[name]['compile_s']:.0f} s (not in the steps)" if "compile_s" in v[name] else ""
+        rows.append(headline(f"{label}: {name} / ours fp32 eager (same run)",
+                             f"{v[name]['ratio_median_to_ours_fp32']:.2f}x median; {v[name]['median_s']:.2f} s/step"
+                             f"{extra}"))
+    return rows
+
+
+def context_row(machine: dict, runs: list[dict]) -> dict:
+    """The machine the ratios were measured on (context, no target)."""
+    gemm = "; ".join(f"{k.rsplit('_', 1)[-1]} {max(v):.0f}" for k, v in machine.items() if k.startswith("matmul_"))
+    achieved = "; ".join(f"{r['name']} {r['device']} ours fp32 {r['variants'][OURS]['achieved_gflop_per_s']:.0f}"
+                         for r in runs)
+    return headline(f"context: {machine['cpu']} ({', '.join(machine['extensions'])}), {machine['cores']} cores, "
+                    f"load {machine['load_average_1min']} → {machine['load_average_1min_after']}",
+                    f"2048³ fp32 matmul GFLOP/s: {gemm}; achieved GFLOP/s: {achieved}", "context")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="CPU: fp32 contiguous only, one timed step each, no warm-up")
-    parser.add_argument("--threads", type=int, nargs="+", default=[0],
-                        help="CPU thread counts to try (0 = torch's default); on a busy 2-core machine "
-                             "1 thread can beat 2")
+    parser.add_argument("--quick", action="store_true", help="diffusers and ours at fp32/auto only, 2 timed steps each")
+    parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant (default 6)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variant")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="all = CPU and, when present, CUDA")
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=["HP1"],
+                        help="HP2 takes tens of seconds per step on a CPU")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(**json.loads(args.one))))
-        return
-
-    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
-    if args.device == "all" and torch.cuda.is_available():
-        devices.append("cuda")
-    if "cuda" in devices and not torch.cuda.is_available():
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but CUDA is not available")
-    flops = {name: flops_per_step(name) for name in args.configs}
+    repeats = 2 if args.quick else args.repeats
+    machine = machine_facts()
+    machine.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                   cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     runs = []
-    for spec in plan(args.quick, devices, args.configs, args.threads):
-        print(f"{spec['name']} {spec['device']} {spec['precision']} {spec['memory_format']} "
-              f"threads={spec['threads'] or 'default'} …", file=sys.stderr, flush=True)
-        res = run_isolated(spec)
-        row = {k: spec[k] for k in ("name", "device", "precision", "memory_format")}
-        row["threads"] = spec["threads"] or torch.get_num_threads()
-        row["batch"] = CONFIGS[spec["name"]]["batch"]
-        row.update(res)
-        if "s_per_step" in res:
-            row["images_per_s"] = round(row["batch"] / res["s_per_step"], 3)
-            row["gflop_per_step"] = round(flops[spec["name"]] / 1e9, 1)
-            achieved = flops[spec["name"]] / 1e9 / res["s_per_step"]
-            row["achieved_gflop_per_s"] = round(achieved, 1)
-            row["gemm_gflop_per_s"] = round(res["gemm_gflop_per_s"], 1)
-            row["fraction_of_gemm"] = round(achieved / res["gemm_gflop_per_s"], 3)
-            if spec["device"] == "cpu" and spec["precision"] == "fp32":
-                row["speedup_vs_openai_wall"] = round(OPENAI_REFERENCE_S_PER_STEP[spec["name"]] / res["s_per_step"], 2)
-                row["speedup_vs_openai_at_equal_gemm"] = round(row["fraction_of_gemm"]
-                                                               / OPENAI_REFERENCE_FRACTION_OF_GEMM, 2)
-            row["s_per_step"] = round(res["s_per_step"], 4)
-            row["cpu_s_per_step"] = round(res["cpu_s_per_step"], 3)
-        runs.append(row)
-    result = {
-        "benchmark": "ADM U-Net forward+backward per training step",
-        "quick": args.quick,
-        "configs": CONFIGS,
-        "openai_reference_s_per_step": OPENAI_REFERENCE_S_PER_STEP,
-        "openai_reference_fraction_of_gemm": round(OPENAI_REFERENCE_FRACTION_OF_GEMM, 3),
-        "openai_reference_note": "openai guided-diffusion U-Net, same configs, CPU fp32, measured on this machine "
-                                 "class (103 GFLOP/s of a ~190 GFLOP/s GEMM peak)",
-        "cpu_native_bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-        "runs": runs,
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "processor": platform.processor() or platform.machine(),
-                    "load_average_1min": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-    }
-    result["headline"] = [
-        headline(f"{r['name']} U-Net forward+backward, {r['device']} {r['precision']}, batch {r['batch']}",
-                 f"{r['s_per_step']:.1f} s/step at {r['fraction_of_gemm']:.0%} of a same-run matmul's FLOP/s"
-                 f" ({r['speedup_vs_openai_at_equal_gemm']:.2f}x openai's)" if "speedup_vs_openai_at_equal_gemm" in r
-                 else f"{r['s_per_step']:.3f} s/step",
-                 f"openai code: {OPENAI_REFERENCE_FRACTION_OF_GEMM:.0%} of matmul speed "
-                 f"({OPENAI_REFERENCE_S_PER_STEP[r['name']]} s on its reference machine)" if r["device"] == "cpu" else "",
-                 r["fraction_of_gemm"] > OPENAI_REFERENCE_FRACTION_OF_GEMM if r["device"] == "cpu" else None)
-        for r in runs if "s_per_step" in r]
+    for device in devices[args.device]:
+        gemm_before = gemm_gflop_per_s(device)
+        for name in args.configs:
+            print(f"{name} on {device} …", file=sys.stderr, flush=True)
+            run = measure(name, device, repeats, WARMUP, not (args.quick or args.no_compile), args.quick)
+            gflop = flops_per_step(name) / 1e9
+            run["gflop_per_step"] = round(gflop, 1)
+            for v in run["variants"].values():
+                v["achieved_gflop_per_s"] = round(gflop / v["median_s"], 1)
+            runs.append(run)
+        machine[f"matmul_2048_fp32_gflop_per_s_{device}"] = [round(gemm_before, 1), round(gemm_gflop_per_s(device), 1)]
+    machine["load_average_1min_after"] = round(os.getloadavg()[0], 2)
+    result = {"benchmark": "ADM U-Net forward+backward per training step, ratios to diffusers UNet2DModel (same run)",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "repeats": repeats, "warmup": WARMUP,
+              "order": "palindromic rounds (A B C, C B A, …) after the warm-up steps",
+              "configs": {n: {"config": c, "batch": b} for n, (c, b) in CONFIGS.items()},
+              "machine": machine, "runs": runs,
+              "headline": [row for run in runs for row in headlines(run, machine["extensions"])]}
+    result["headline"].append(context_row(machine, runs))
     write_result(args.out, result)
 
 

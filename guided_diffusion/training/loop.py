@@ -274,7 +274,8 @@ def gradient(r: Session, batch: Batch, probing: bool) -> tuple[torch.Tensor, tor
     model = r.s.model
     r.optimizer.zero_grad(set_to_none=True)
     probe = ActivationProbe(model) if probing else nullcontext()
-    with probe:
+    # the probe's hooks and torch-function mode see every op only in an eager forward (model.compile)
+    with probe, torch.compiler.set_stance("force_eager") if probing else nullcontext():
         losses = forward_backward(r.net, r.s.diffusion, *batch, r.s.microbatch, r.autocast, r.scaler)
     if r.scaler is not None:
         r.scaler.unscale_(r.optimizer)

@@ -103,7 +103,8 @@ def _activations(cfg: Config, precision: str, device_type: str, use_checkpoint: 
     """Counted on fake tensors; the half-precision weight copies held by autocast's cache are the
     same with or without checkpointing, so they come from the plain network."""
     def count(checkpointing: bool) -> ActivationBytes:
-        model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_checkpoint=checkpointing))
+        model_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, use_checkpoint=checkpointing,
+                                                                        compile=False))  # counted eagerly
         with torch.device("meta"):
             model = create_model(model_cfg)
         return count_activation_bytes(model, cfg.data.image_size, cfg.data.channels, precision, device_type)
@@ -130,7 +131,8 @@ def plan_memory(cfg: Config, per_rank_batch: int, precision: str, budget: int | 
     """
     tc = cfg.train
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in create_model(cfg).parameters())
+        eager = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=False))
+        num_params = sum(p.numel() for p in create_model(eager).parameters())
     rates = len(tc.ema_rates)
     counts: dict[bool, ActivationBytes] = {}  # counted when first needed (checkpointing rarely is)
 

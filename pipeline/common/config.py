@@ -49,6 +49,7 @@ class ModelConfig:
     use_checkpoint: bool = False
     learn_sigma: bool = False
     channels_last: bool = False
+    compile: bool = False  # torch.compile (inductor) the U-Net's forward in place; weights and their names unchanged
 
 
 @dataclass

@@ -1,0 +1,94 @@
+"""benchmarks/bench_unet.py: its diffusers baseline is our network, its turns alternate, and its
+headline's verdict follows the measured ratio and the CPU's target."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_unet  # noqa: E402
+
+from guided_diffusion.training.factory import create_model  # noqa: E402
+
+pytest.importorskip("diffusers")
+
+
+def hp1_shaped():
+    """HP1's layout (64 px, channel_mult 1,2,3,4, attention at 16 and 8, 4 heads, so head widths
+    differ by level) at a tenth of its width."""
+    return bench_unet.bench_config("HP1", model_channels=32, num_res_blocks=1)
+
+
+def test_diffusers_baseline_is_our_network_in_size_and_shape():
+    cfg = hp1_shaped()
+    torch.manual_seed(0)
+    ours = create_model(cfg)
+    twin, twin_cfg = bench_unet.diffusers_twin(cfg, ours)
+    assert twin_cfg.model.num_head_channels == 32  # ours: 96/4 = 24 and 128/4 = 32; 32 divides both widths
+    n_ours, n_twin = bench_unet.param_count(ours), bench_unet.param_count(twin)
+    assert abs(n_twin / n_ours - 1) <= bench_unet.PARAM_TOLERANCE
+    x, t = torch.randn(2, 1, 64, 64), torch.tensor([0, 3999])
+    with torch.no_grad():
+        assert twin(x, t).sample.shape == ours(x, t).shape == x.shape
+
+
+def test_closest_head_dim_of_the_real_hp1():
+    with torch.device("meta"):
+        ours = create_model(bench_unet.bench_config("HP1"))
+    assert bench_unet.closest_head_dim(ours) == 128  # ours: 96 at 384 channels, 128 at 512
+
+
+def test_abba_order():
+    assert "".join(bench_unet.abba_order(["A", "B"], 4)) == "ABBAABBA"
+    assert "".join(bench_unet.abba_order(["A", "B", "C"], 3)) == "ABCCBAABC"
+
+
+def test_time_steps_warms_up_first_and_gives_each_its_own_time():
+    calls = []
+    cost = {"A": 1.0, "B": 3.0}
+    now = [0.0]
+
+    def step(name):
+        def run():
+            calls.append(name)
+            now[0] += cost[name] * (10 if calls.count(name) == 1 else 1)  # the first call compiles
+        return run
+
+    warm, timed = bench_unet.time_steps({n: step(n) for n in cost}, repeats=4, warmup=1, clock=lambda: now[0])
+    assert "".join(calls) == "AB" + "ABBAABBA"
+    assert warm == {"A": [10.0], "B": [30.0]}
+    assert timed == {"A": [1.0] * 4, "B": [3.0] * 4}
+
+
+def fake_run(ratio, device="cpu", rel=0.0):
+    base = {"min_s": 4.0, "median_s": 4.0, "ratio_median_to_diffusers": 1.0, "ratio_min_to_diffusers": 1.0,
+            "ratio_median_to_ours_fp32": 1 / ratio}
+    ours = dict(base, median_s=4.0 * ratio, ratio_median_to_diffusers=ratio, ratio_min_to_diffusers=ratio,
+                ratio_median_to_ours_fp32=1.0)
+    compiled = dict(ours, ratio_median_to_ours_fp32=0.8, median_s=3.2 * ratio, compile_s=95.0)
+    return {"name": "HP1", "device": device, "batch": 4, "auto_precision": "fp32", "auto_variant": "ours fp32",
+            "params": {"ours": 1000, "diffusers": round(1000 * (1 + rel)), "relative_difference": rel},
+            "variants": {"diffusers fp32": base, "ours fp32": ours, "ours compiled": compiled}}
+
+
+@pytest.mark.parametrize("ratio, flags, met", [
+    (0.74, ["avx2", "fma"], True), (0.76, ["avx2", "fma"], False), (1.00, ["avx2"], False),
+    (0.74, ["avx2", "avx512_bf16"], False), (0.29, ["avx2", "avx512f", "amx_bf16"], True),
+])
+def test_headline_met_follows_the_ratio_and_the_cpus_target(ratio, flags, met):
+    rows = bench_unet.headlines(fake_run(ratio), flags)
+    auto = rows[0]
+    assert auto["met"] is met
+    assert auto["value"].startswith(f"{ratio:.2f}x median")
+    assert auto["target"].startswith("≤ 0.30 (bf16" if "bf16" in "".join(flags) else "≤ 0.75 (AVX2")
+    assert rows[1]["met"] is True  # parameter counts equal
+    assert "compile 95 s" in rows[2]["value"] and rows[2]["met"] is None
+
+
+def test_headline_has_no_target_on_cuda_and_flags_a_parameter_mismatch():
+    rows = bench_unet.headlines(fake_run(0.5, device="cuda", rel=0.02), ["avx2"])
+    assert rows[0]["met"] is None and rows[0]["target"] == ""
+    assert rows[1]["met"] is False
