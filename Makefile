@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test test-slow browser-deps bench sweep lint readme-figure colab-links clean
 
+# clean-fid (the `metrics` extra) goes in without its torchvision requirement, which would replace
+# torch; iris-diffusion imports only its torchvision-free parts (pipeline/check/inception.py)
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run 'make PYTHON=python3 ...'" >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,export,bench]"
-	# the `metrics` extra's clean-fid without its torchvision requirement (which would replace torch);
-	# iris-diffusion imports only its torchvision-free parts (pipeline/check/inception.py)
 	$(PY) -m pip install --quiet --no-deps "clean-fid>=0.1.35"
 	touch $(STAMP)
 
