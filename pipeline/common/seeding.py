@@ -15,7 +15,8 @@ import numpy as np
 from pipeline.common.errors import UserError
 
 SCHEME = "numpy.random.SeedSequence(seed, spawn_key=(image index, purpose)), v1"
-PURPOSES = ("start", "step", "vae")  # starting noise x_T / SDEdit noise, each step's noise, VAE latent ε
+# starting noise x_T / SDEdit noise, each step's noise, VAE latent ε, a geometry VAE's targets drawn from its bank
+PURPOSES = ("start", "step", "vae", "geometry")
 
 
 def _sequence(seed: int, index: int, purpose: str) -> np.random.SeedSequence:
