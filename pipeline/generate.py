@@ -96,7 +96,9 @@ def _geometry_targets(vae, gen: GenerateConfig, geometry: GeometryRequest | None
         return None, {}
     request = geometry or GeometryRequest(source="none: every target from the VAE's condition bank (training geometry)")
     targets = request.targets(gen.n, ops.convert_to_numpy(vae.condition_bank), gen.seed)
-    return targets, {"request": request.source, "keys": list(GEOMETRY_KEYS)}
+    return targets, {"request": request.source, "keys": list(GEOMETRY_KEYS),
+                     "bank_draws": "image i: bank row numpy.random.default_rng(SeedSequence(seed, spawn_key=(i, 3)))"
+                                   ".integers(bank size), for what the request leaves open"}
 
 
 def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,

@@ -108,7 +108,8 @@ def to_prior(vae, eps: np.ndarray) -> np.ndarray:
 def decode_draws(vae, eps: np.ndarray, batch_size: int = 64, conditions: np.ndarray | None = None) -> np.ndarray:
     """Standard-normal (temperature-scaled) draws ε (N, D) → priors (N, C, H, W) float32 in [-1, 1]
     (a CVAE's under the raw `conditions` (N, K); see `_decode` for the default)."""
-    return _decode(vae, to_prior(vae, eps), batch_size, conditions)
+    z = to_prior(vae, eps)
+    return _decode(vae, z, batch_size) if conditions is None else _decode(vae, z, batch_size, conditions)
 
 
 def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64,
