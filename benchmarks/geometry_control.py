@@ -125,18 +125,17 @@ def picture(path: Path, ratios: np.ndarray, groups: list[tuple[str, list[np.ndar
     from pipeline.common.files import save_figure_atomic
     from pipeline.common.images import make_grid, to_uint8
 
-    fig = Figure(figsize=(4.2 * len(groups), 0.55 * len(ratios) + 0.6), layout="tight")
+    fig = Figure(figsize=(4.0 * len(groups), 0.5 * len(ratios) + 0.5), layout="tight")
     FigureCanvasAgg(fig)
     for ax, (title, images) in zip(np.atleast_1d(fig.subplots(1, len(groups))), groups, strict=True):
         rows = np.concatenate([im[:PICTURE_COLUMNS] for im in images])
         grid = to_uint8(make_grid(rows, ncol=PICTURE_COLUMNS))
         ax.imshow(grid[0] if grid.ndim == 3 else grid, cmap="gray", vmin=0, vmax=255)
-        side = grid.shape[-1] / PICTURE_COLUMNS
         ax.set_yticks([(i + 0.5) * grid.shape[-2] / len(ratios) for i in range(len(ratios))])
         ax.set_yticklabels([f"{r:.2f}" for r in ratios])
         ax.set_xticks([])
         ax.set_ylabel("requested pupil/iris ratio")
-        ax.set_title(f"{title} ({int(side)} px)")
+        ax.set_title(f"{title} ({images[0].shape[-1]} px)")
     save_figure_atomic(fig, path, dpi=90)
 
 
