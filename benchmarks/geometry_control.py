@@ -117,6 +117,16 @@ def run_diffusion(vae_path: Path, diffusion: Path, ratios: np.ndarray, n: int, d
     return results, targets, measured, facts
 
 
+def baseline_after_diffusion(base_path: Path, diffusion: Path, n: int, device: str) -> dict:
+    """Round-pupil rate of the unconditional VAE's priors after `generate` at the default strength."""
+    from pipeline.generate import generate
+
+    cfg = load_config(None, [f"generate.n={n}", f"generate.seed={SEED}"])
+    gen = generate(cfg, diffusion, source="vae", vae_path=base_path, device=device, progress=False)
+    measured = measure(gen.images, CircularityConfig())
+    return {"n": n, "round_pupil_rate": float(np.mean([m["round_pupil"] for m in measured]))}
+
+
 def picture(path: Path, ratios: np.ndarray, groups: list[tuple[str, list[np.ndarray]]]) -> None:
     """One row per requested ratio: the first PICTURE_COLUMNS images of each group side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -156,6 +166,9 @@ def markdown(result: dict) -> str:
                      f"{'met' if s['met'] else 'NOT met'}")
     base = result["baseline"]
     lines.append(f"- unconditional VAE ({base['vae']}): round pupil {100 * base['round_pupil_rate']:.1f} % of {base['n']} priors")
+    if "after_diffusion" in base:
+        after = base["after_diffusion"]
+        lines.append(f"- unconditional VAE after diffusion: round pupil {100 * after['round_pupil_rate']:.1f} % of {after['n']}")
     if not result.get("diffusion"):
         lines.append("- after diffusion: not run (no --diffusion)")
     return "\n".join(lines) + "\n"
@@ -196,6 +209,10 @@ def main() -> None:
         images, d_targets, d_measured, facts = run_diffusion(vae_path, args.diffusion, ratios, dn, args.device)
         result["diffusion"] = {**facts, "n_per_setting": dn, "settings": setting_rows(ratios, images, d_measured),
                                "sweep": sweep_summary(ratios, d_targets, d_measured)}
+        result["baseline"]["after_diffusion"] = baseline_after_diffusion(base_path, args.diffusion, dn * args.settings,
+                                                                         args.device)
+        d = result["diffusion"]["sweep"]
+        d["round_pupil_not_lower"] = d["round_pupil_rate"] >= result["baseline"]["after_diffusion"]["round_pupil_rate"]
         groups.append(("after diffusion", images))
     else:
         result["diffusion"] = None
@@ -210,6 +227,14 @@ def main() -> None:
         headline("priors: round pupil vs unconditional VAE", f"{100 * p['round_pupil_rate']:.1f} % vs "
                  f"{100 * result['baseline']['round_pupil_rate']:.1f} %", "not lower", p["round_pupil_not_lower"]),
     ]
+    if result["diffusion"]:
+        d, bd = result["diffusion"]["sweep"], result["baseline"]["after_diffusion"]
+        result["headline"] += [
+            headline("after diffusion: |measured − requested| ratio", f"{d['mae']:.4f}", f"≤ {MAX_MAE}", d["mae"] <= MAX_MAE),
+            headline("after diffusion: correlation", f"{d['corr']:.4f}", f"≥ {MIN_CORR}", d["corr"] >= MIN_CORR),
+            headline("after diffusion: round pupil vs unconditional VAE", f"{100 * d['round_pupil_rate']:.1f} % vs "
+                     f"{100 * bd['round_pupil_rate']:.1f} %", "not lower", d["round_pupil_not_lower"]),
+        ]
     (args.out / "geometry_control.md").write_text(markdown(result))
     write_result(args.out / "geometry_control.json", result)
 
