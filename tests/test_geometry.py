@@ -147,6 +147,7 @@ def test_the_condition_controls_the_decoder(cvae):
 OTHER_BACKEND = "tensorflow" if keras.backend.backend() == "torch" else "torch"
 
 
+@pytest.mark.slow  # a second Keras backend in a subprocess: about 35 s on 2 shared cores
 @pytest.mark.skipif(importlib.util.find_spec(OTHER_BACKEND) is None, reason=f"{OTHER_BACKEND} not installed")
 def test_cvae_loads_and_decodes_alike_on_the_other_backend(cvae, tmp_path):
     c = np.array([[0.3, 0.35, 0, 0], [0.6, 0.3, 0.02, -0.01]], np.float32)
