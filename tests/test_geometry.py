@@ -167,6 +167,23 @@ def test_cvae_loads_and_decodes_alike_on_the_other_backend(cvae, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "there.npy"), here, atol=1e-5)
 
 
+def test_mirrored_training_images_get_mirrored_conditions():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+    conditions = np.column_stack([np.arange(12) / 20 + 0.1, np.full(12, 0.3), rng.uniform(0.01, 0.05, (12, 2))])
+    batches = vae_train.make_batches(images, 4, seed=3, hflip=True, start_epoch=0, conditions=conditions, mirror=mirror)
+    flipped = 0
+    for k in range(6):  # two epochs
+        ((x, c),) = batches[k]
+        for img, row in zip(x, c, strict=True):
+            i = int(np.argmin(np.abs(conditions[:, 0] - row[0])))  # the ratio names the image
+            is_flipped = not np.array_equal(img[..., 0], images[i, 0])
+            np.testing.assert_array_equal(img[..., 0], images[i, 0][:, ::-1] if is_flipped else images[i, 0])
+            assert row[2] == pytest.approx(-conditions[i, 2] if is_flipped else conditions[i, 2])
+            flipped += is_flipped
+    assert 0 < flipped < 24
+
+
 # --- targets ---------------------------------------------------------------------------------------
 
 def test_spans_offsets_and_sweeps():
