@@ -166,6 +166,9 @@ def markdown(result: dict) -> str:
                      f"{'met' if s['met'] else 'NOT met'}")
     base = result["baseline"]
     lines.append(f"- unconditional VAE ({base['vae']}): round pupil {100 * base['round_pupil_rate']:.1f} % of {base['n']} priors")
+    free = result["unconditional_sampling"]
+    lines.append(f"- geometry VAE sampled without targets (training geometry): round pupil "
+                 f"{100 * free['round_pupil_rate']:.1f} % of {free['n']} priors")
     if "after_diffusion" in base:
         after = base["after_diffusion"]
         lines.append(f"- unconditional VAE after diffusion: round pupil {100 * after['round_pupil_rate']:.1f} % of {after['n']}")
@@ -202,6 +205,8 @@ def main() -> None:
     base_n = args.n * args.settings
     base = measure(sample_priors(load_vae(base_path), base_n, SEED), CircularityConfig())
     result["baseline"] = {"vae": str(base_path), "n": base_n, "round_pupil_rate": float(np.mean([m["round_pupil"] for m in base]))}
+    free = measure(sample_priors(vae, base_n, SEED), CircularityConfig())  # no targets: the training geometry
+    result["unconditional_sampling"] = {"n": base_n, "round_pupil_rate": float(np.mean([m["round_pupil"] for m in free]))}
     result["priors"]["sweep"]["round_pupil_not_lower"] = result["priors"]["sweep"]["round_pupil_rate"] >= result["baseline"]["round_pupil_rate"]
     groups = [("priors", priors)]
     if args.diffusion:
