@@ -94,6 +94,27 @@ def test_synthetic_geometry_matches_the_generator_records():
     np.testing.assert_allclose(np.hypot(c[:, 2], c[:, 3]), [r["concentricity"] for r in records], atol=1e-6)
 
 
+def test_folder_and_prepared_cache_geometry_follow_the_image_order(tmp_path):
+    from pipeline.data.prepared import write_cache
+    from pipeline.data.synthetic import write_dataset
+
+    folder = write_dataset(tmp_path / "eyes", 5, size=32, seed=2)
+    (folder / "notes.txt").write_text("not an image")
+    cfg = load_config(None, [f"data.path={folder}", "data.image_size=16"])
+    _, records = generate_irises(5, 32, 2)
+    expected = np.array([geometry_vector(r, 32) for r in records], np.float32)
+    np.testing.assert_allclose(load_geometry(cfg.data), expected, rtol=1e-6)
+    assert len(load_image_array(cfg.data)) == 5
+    labels = [{"pupil": [r["pupil_cx"] * 2, r["pupil_cy"] * 2, r["pupil_r"] * 2],
+               "iris": [r["iris_cx"] * 2, r["iris_cy"] * 2, r["iris_r"] * 2]} for r in records]  # 64 px crops
+    write_cache(tmp_path / "dataset.npz", np.zeros((5, 1, 64, 64), np.uint8), labels, {})
+    cfg = load_config(None, [f"data.path={tmp_path / 'dataset.npz'}", "data.image_size=32"])
+    np.testing.assert_allclose(load_geometry(cfg.data), expected, rtol=1e-5)
+    (folder / "labels.json").unlink()
+    with pytest.raises(UserError, match="labels.json not found"):
+        load_geometry(load_config(None, [f"data.path={folder}"]).data)
+
+
 def test_condition_normalisation_round_trip_and_null_condition():
     mean, std = [0.45, 0.35, 0.0, 0.0], [0.14, 0.04, 0.03, 0.03]
     layer = ConditionInput(mean, std, dropout=0.5, seed=1)
