@@ -2,8 +2,9 @@
 
 A sweep of requested pupil/iris radius ratios (`--sweep A:B`, `--settings K` values, linspace),
 `--n` priors per setting, measured by circularity-check's analysis (`pipeline.geometry_targets.measure`).
-Every setting decodes the same latents ε and the same other targets (iris radius, offset: drawn from
-the VAE's training geometry with one seed), so only the requested ratio changes along the sweep.
+Every setting decodes the same latents ε and the same other targets (iris radius `--iris-radius`, 0.35
+of the side by default; the pupil offset and, with `--iris-radius bank`, the iris radius drawn from the
+VAE's training geometry with one seed), so only the requested ratio changes along the sweep.
 Reported: per setting the mean and spread of the measured ratio; over the sweep the mean absolute
 error (target ≤ 0.03) and the correlation of measured with requested ratios (target ≥ 0.95), and the
 round-pupil pass rate (pupil found, round, no bleed) against the unconditional VAE's on as many priors.
@@ -80,7 +81,14 @@ def sweep_summary(ratios: np.ndarray, targets: list[np.ndarray], measured: list[
             "met": bool(err["mae"] <= MAX_MAE and err["corr"] >= MIN_CORR)}
 
 
-def run_priors(vae, ratios: np.ndarray, n: int) -> tuple[list, list, list]:
+def request(ratio: float, iris_radius: float | None) -> GeometryRequest:
+    """The request of one setting: the ratio, the iris radius when fixed (else from the training geometry)."""
+    iris = None if iris_radius is None else (iris_radius, iris_radius)
+    return GeometryRequest(pupil_ratio=(float(ratio), float(ratio)), iris_radius=iris,
+                           source=f"--pupil-ratio {ratio:.3f}" + (f" --iris-radius {iris_radius}" if iris else ""))
+
+
+def run_priors(vae, ratios: np.ndarray, n: int, iris_radius: float | None) -> tuple[list, list, list]:
     """Priors, targets and measurements of each requested ratio (shared latents and other targets)."""
     from keras import ops
 
@@ -90,7 +98,7 @@ def run_priors(vae, ratios: np.ndarray, n: int) -> tuple[list, list, list]:
     bank = ops.convert_to_numpy(vae.condition_bank)
     priors, targets, measured = [], [], []
     for ratio in ratios:
-        t = GeometryRequest(pupil_ratio=(float(ratio), float(ratio))).targets(n, bank, SEED)
+        t = request(ratio, iris_radius).targets(n, bank, SEED)
         images = decode_draws(vae, eps, conditions=t)
         priors.append(images)
         targets.append(t)
@@ -98,15 +106,16 @@ def run_priors(vae, ratios: np.ndarray, n: int) -> tuple[list, list, list]:
     return priors, targets, measured
 
 
-def run_diffusion(vae_path: Path, diffusion: Path, ratios: np.ndarray, n: int, device: str) -> tuple[list, list, list, dict]:
+def run_diffusion(vae_path: Path, diffusion: Path, ratios: np.ndarray, n: int, device: str,
+                  iris_radius: float | None) -> tuple[list, list, list, dict]:
     """`generate` at the default strength for each requested ratio; results, targets, measurements, facts."""
     from pipeline.generate import generate
 
     cfg = load_config(None, [f"generate.n={n}", f"generate.seed={SEED}"])
     results, targets, measured, facts = [], [], [], {}
     for ratio in ratios:
-        request = GeometryRequest(pupil_ratio=(float(ratio), float(ratio)), source=f"--pupil-ratio {ratio:.3f}")
-        gen = generate(cfg, diffusion, source="vae", vae_path=vae_path, device=device, progress=False, geometry=request)
+        gen = generate(cfg, diffusion, source="vae", vae_path=vae_path, device=device, progress=False,
+                       geometry=request(ratio, iris_radius))
         geometry = gen.metadata["prior"]["geometry"]
         results.append(gen.images)
         targets.append(np.asarray(geometry["targets"], np.float32))
@@ -159,6 +168,7 @@ def markdown(result: dict) -> str:
                  for _, h in halves]
         lines.append(f"| {ratio:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
+    lines.append(f"- {result['n_per_setting']} priors per setting; iris radius / side: {result['iris_radius']}")
     for name, h in halves:
         s = h["sweep"]
         lines.append(f"- {name}: MAE {s['mae']:.4f} (target ≤ {MAX_MAE}), correlation {s['corr']:.4f} (target ≥ {MIN_CORR}), "
@@ -189,6 +199,8 @@ def main() -> None:
     parser.add_argument("--settings", type=int, default=9, help="requested ratios along the sweep")
     parser.add_argument("--sweep", default="0.25:0.65", help="requested pupil/iris ratios A:B")
     parser.add_argument("--device", default="cpu", help="the diffusion model's device")
+    parser.add_argument("--iris-radius", default="0.35", help="iris radius / image side of every request (the middle of "
+                        "the synthetic set's 0.28–0.42), or 'bank': each image's from the training geometry")
     args = parser.parse_args()
     from vae.priors import load_vae, sample_priors
 
@@ -196,11 +208,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     lo, hi = parse_span(args.sweep, "--sweep")
     ratios = np.linspace(lo, hi, args.settings)
+    iris_radius = None if args.iris_radius == "bank" else parse_span(args.iris_radius, "--iris-radius")[0]
     vae_path = args.vae or train_vae(args.out / "cvae", conditional=True)
     base_path = args.baseline_vae or train_vae(args.out / "vae", conditional=False)
     vae = load_vae(vae_path)
-    priors, targets, measured = run_priors(vae, ratios, args.n)
+    priors, targets, measured = run_priors(vae, ratios, args.n, iris_radius)
     result = {"ratios": ratios.tolist(), "n_per_setting": args.n, "vae": str(vae_path),
+              "iris_radius": iris_radius if iris_radius is not None else "each image's from the training geometry",
               "priors": {"settings": setting_rows(ratios, priors, measured), "sweep": sweep_summary(ratios, targets, measured)}}
     base_n = args.n * args.settings
     base = measure(sample_priors(load_vae(base_path), base_n, SEED), CircularityConfig())
@@ -211,7 +225,7 @@ def main() -> None:
     groups = [("priors", priors)]
     if args.diffusion:
         dn = args.diffusion_n or args.n
-        images, d_targets, d_measured, facts = run_diffusion(vae_path, args.diffusion, ratios, dn, args.device)
+        images, d_targets, d_measured, facts = run_diffusion(vae_path, args.diffusion, ratios, dn, args.device, iris_radius)
         result["diffusion"] = {**facts, "n_per_setting": dn, "settings": setting_rows(ratios, images, d_measured),
                                "sweep": sweep_summary(ratios, d_targets, d_measured)}
         result["baseline"]["after_diffusion"] = baseline_after_diffusion(base_path, args.diffusion, dn * args.settings,
