@@ -27,6 +27,8 @@ from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, tem
 from pipeline.common.images import FORMAT_SUFFIXES, SIXTEEN_BIT_SUFFIXES, make_grid, write_image
 from pipeline.common.resize import describe_fit, fit_priors
 from pipeline.common.seeding import describe, numpy_stream, stream_seed
+from pipeline.data.geometry import GEOMETRY_KEYS
+from pipeline.geometry_targets import GeometryRequest, control_error, measure
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,43 @@ def image_suffix(fmt: str, bits: int) -> str:
     return suffix
 
 
-def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,
-                vae_device: str) -> tuple[np.ndarray, dict]:
-    """Priors of images `indices`: image i decodes temperature · ε_i, ε_i from its own (seed, i, "vae")
-    stream; with `interpolate`, frame k decodes the slerp from ε_0 to ε_1 at k / (n − 1)."""
-    from vae.priors import decode_draws, load_vae, slerp
+def load_geometry_vae(vae_path: str | Path, geometry: GeometryRequest | None):
+    """The VAE at `vae_path`; UserError when geometry targets are asked of an unconditional one."""
+    from vae.priors import is_conditional, load_vae
 
     vae = load_vae(vae_path)
+    if geometry is not None and not is_conditional(vae):
+        raise UserError(f"geometry options ({geometry.source}) need a geometry VAE: the VAE at {vae_path} is "
+                        "unconditional (train it with vae.condition=geometry)")
+    return vae
+
+
+def _geometry_targets(vae, gen: GenerateConfig, geometry: GeometryRequest | None) -> tuple[np.ndarray | None, dict]:
+    """A CVAE's raw conditions of images 0…n−1 (what was asked for, else its training geometry) and
+    their description for metadata.json; (None, {}) for a plain VAE."""
+    from keras import ops
+
+    from vae.priors import is_conditional
+
+    if not is_conditional(vae):
+        return None, {}
+    request = geometry or GeometryRequest(source="none: every target from the VAE's condition bank (training geometry)")
+    targets = request.targets(gen.n, ops.convert_to_numpy(vae.condition_bank), gen.seed)
+    return targets, {"request": request.source, "keys": list(GEOMETRY_KEYS),
+                     "bank_draws": "image i: bank row numpy.random.default_rng(SeedSequence(seed, spawn_key=(i, 3)))"
+                                   ".integers(bank size), for what the request leaves open"}
+
+
+def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,
+                vae_device: str, geometry: GeometryRequest | None = None) -> tuple[np.ndarray, dict]:
+    """Priors of images `indices`: image i decodes temperature · ε_i, ε_i from its own (seed, i, "vae")
+    stream; with `interpolate`, frame k decodes the slerp from ε_0 to ε_1 at k / (n − 1). A geometry
+    VAE decodes image i under target i (`geometry`, or its training geometry; see pipeline.geometry_targets)."""
+    from vae.priors import decode_draws, slerp
+
+    vae = load_geometry_vae(vae_path, geometry)
+    targets, geometry_info = _geometry_targets(vae, gen, geometry)
+    conditions = None if targets is None else targets[indices]
 
     def eps(i: int) -> np.ndarray:
         return numpy_stream(gen.seed, i, "vae").standard_normal(vae.latent_dim) * gen.temperature
@@ -90,7 +122,7 @@ def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpol
         draws = np.stack([eps(i) for i in indices])
 
     def draw() -> np.ndarray:
-        return decode_draws(vae, draws)
+        return decode_draws(vae, draws, conditions=conditions)
 
     if vae_device == "cpu":
         import keras
@@ -106,7 +138,22 @@ def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpol
         priors = draw()
     info = {"path": str(vae_path), "sha256": sha256_file(vae_path), "interpolate": interpolate,
             "temperature": gen.temperature, "device": vae_device}
+    if conditions is not None:
+        info["geometry"] = {**geometry_info, "targets": conditions.tolist()}
     return priors, info
+
+
+def _measure_geometry(prior_info: dict, priors: np.ndarray, images: np.ndarray, cfg: Config) -> None:
+    """Add circularity-check's measured geometry of the priors and the results, and how far the pupil
+    ratio and iris radius are from their targets, to a geometry VAE's prior_info["geometry"]."""
+    geometry = prior_info.get("geometry")
+    if geometry is None:
+        return
+    targets = np.asarray(geometry["targets"])
+    for name, batch in (("prior", priors), ("result", images)):
+        measured = measure(batch, cfg.circularity)
+        geometry[f"measured_{name}"] = measured
+        geometry[f"control_{name}"] = {key: control_error(targets, measured, key) for key in ("pupil_ratio", "iris_radius")}
 
 
 def _image_files(folder: str, n: int) -> list[Path]:
@@ -164,6 +211,7 @@ def generate(
     vae_device: str = "auto",
     progress: bool = True,
     indices: Sequence[int] | None = None,
+    geometry: GeometryRequest | None = None,
 ) -> Generation:
     """Generate `cfg.generate.n` images with the diffusion checkpoint in `diffusion_dir`.
 
@@ -178,6 +226,9 @@ def generate(
     (pipeline/common/seeding.py), so `indices` re-makes some images of the run alone (up to the
     float rounding of a different batch size). With `interpolate` every frame shares image 0's
     diffusion noise, so neighbouring frames differ only through their priors.
+    `geometry` (pipeline.geometry_targets) sets the targets of a geometry VAE (a UserError for a
+    plain one, before the diffusion model is loaded); the targets and circularity-check's
+    measurement of priors and results go into metadata["prior"]["geometry"].
     """
     import torch
 
@@ -189,6 +240,12 @@ def generate(
     if source not in SOURCES:
         raise UserError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")
     gen = cfg.generate
+    if geometry is not None:
+        if source != "vae":
+            raise UserError("geometry options need --from-vae with a geometry VAE")
+        if vae_path is None:
+            raise UserError("--from-vae needs a VAE file")
+        load_geometry_vae(vae_path, geometry)  # fail before the diffusion model is loaded
     t0 = time.perf_counter()
     torch_device = pick_torch_device(device)
     ema_rate = None if gen.use_ema < 0 else gen.use_ema
@@ -214,7 +271,7 @@ def generate(
             raise UserError("--from-vae needs a VAE file")
         n = gen.n
         indices = _check_indices(indices, n)
-        priors, prior_info = _vae_priors(str(vae_path), gen, indices, interpolate, vae_device)
+        priors, prior_info = _vae_priors(str(vae_path), gen, indices, interpolate, vae_device, geometry)
     elif source == "images":
         if images_dir is None:
             raise UserError("--from-images needs a folder")
@@ -250,6 +307,8 @@ def generate(
         results.append(out.float().cpu().numpy())
     sample_seconds = time.perf_counter() - t_sample
     images = np.clip(np.concatenate(results), -1.0, 1.0).astype(np.float32)
+    if priors is not None:
+        _measure_geometry(prior_info, priors, images, cfg)
 
     metadata = {
         "source": source,

@@ -38,14 +38,14 @@ class KLWarmup(keras.callbacks.Callback):
 class FitPrior(keras.callbacks.Callback):
     """After each epoch, refit the latent prior to the encoded training images (`vae.priors.fit_prior`)."""
 
-    def __init__(self, images: np.ndarray):
+    def __init__(self, images: np.ndarray, conditions: np.ndarray | None = None):
         super().__init__()
-        self.images = images
+        self.images, self.conditions = images, conditions
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         from vae.priors import fit_prior
 
-        fit_prior(self.model, self.images)
+        fit_prior(self.model, self.images, conditions=self.conditions)
 
 
 def _megabytes(n: float) -> str:

@@ -26,6 +26,7 @@ from keras import layers, ops
 
 from pipeline.common.config import Config
 from pipeline.common.errors import UserError
+from vae import conditioning
 from vae.losses import RECON_LOSSES, kl_per_dim, kl_with_free_bits, reconstruction_loss
 
 NORMS = ("group", "batch")
@@ -58,9 +59,15 @@ def _conv_block(h, channels: int, stride: int, norm: str, name: str, data_format
 
 
 def build_encoder(image_size: int, channels: int, latent_dim: int, base_channels: int,
-                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last") -> keras.Model:
-    """Image (H, W, C) → [mean (D,), log-variance (D,)]; the convolutions run in `data_format`."""
+                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last",
+                  condition_dim: int = 0) -> keras.Model:
+    """Image (H, W, C) → [mean (D,), log-variance (D,)]; the convolutions run in `data_format`.
+
+    With `condition_dim` > 0 (a CVAE) the inputs are [image, condition (condition_dim,)], the
+    condition joining the flattened features before the mean and log-variance layers.
+    """
     x = keras.Input((image_size, image_size, channels), name="image")
+    cond = keras.Input((condition_dim,), name="condition") if condition_dim else None
     h = Layout(data_format, to_network=True, name="enc_layout")(x)
     h = _conv_block(h, base_channels, 1, norm, "enc_in", data_format)
     for level, mult in enumerate(channel_mult):
@@ -68,18 +75,27 @@ def build_encoder(image_size: int, channels: int, latent_dim: int, base_channels
         h = _conv_block(h, base_channels * mult, 1, norm, f"enc{level}_mix", data_format)
     h = Layout(data_format, to_network=False, name="enc_nhwc")(h)  # flatten in NHWC order on every backend
     h = layers.Flatten(name="enc_flat")(h)
+    if cond is not None:
+        h = layers.Concatenate(name="enc_condition")([h, cond])
     mean = layers.Dense(latent_dim, name="z_mean")(h)
     logvar = layers.Dense(latent_dim, name="z_logvar")(h)
-    return keras.Model(x, [mean, logvar], name="encoder")
+    return keras.Model(x if cond is None else [x, cond], [mean, logvar], name="encoder")
 
 
 def build_decoder(image_size: int, channels: int, latent_dim: int, base_channels: int,
-                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last") -> keras.Model:
-    """Latent (D,) → image (H, W, C) in [-1, 1]; every level sees the pixel coordinates (CoordConv)."""
+                  channel_mult: Sequence[int], norm: str, data_format: str = "channels_last",
+                  condition_dim: int = 0) -> keras.Model:
+    """Latent (D,) → image (H, W, C) in [-1, 1]; every level sees the pixel coordinates (CoordConv).
+
+    With `condition_dim` > 0 (a CVAE) the inputs are [latent, condition (condition_dim,)]: the
+    condition joins the latent, and every level sees it as constant channels beside the coordinates.
+    """
     side = image_size // 2 ** len(channel_mult)
     width = base_channels * channel_mult[-1]
     z = keras.Input((latent_dim,), name="latent")
-    h = layers.Dense(side * side * width, name="dec_in")(z)
+    cond = keras.Input((condition_dim,), name="condition") if condition_dim else None
+    h = z if cond is None else layers.Concatenate(name="dec_condition")([z, cond])
+    h = layers.Dense(side * side * width, name="dec_in")(h)
     h = layers.Reshape((side, side, width), name="dec_reshape")(h)  # NHWC order on every backend
     h = Layout(data_format, to_network=True, name="dec_layout")(h)
     h = _norm(norm, width, "dec_in_norm", data_format)(h)
@@ -87,11 +103,13 @@ def build_decoder(image_size: int, channels: int, latent_dim: int, base_channels
     for level, mult in reversed(list(enumerate(channel_mult))):
         h = layers.UpSampling2D(2, data_format=data_format, interpolation="nearest", name=f"dec{level}_up")(h)
         h = AddCoords(data_format, name=f"dec{level}_coords")(h)
+        if cond is not None:
+            h = conditioning.AddCondition(data_format, name=f"dec{level}_condition")(h, cond)
         h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv1", data_format)
         h = _conv_block(h, base_channels * mult, 1, norm, f"dec{level}_conv2", data_format)
     h = layers.Conv2D(channels, 3, padding="same", activation="tanh", data_format=data_format, name="dec_out")(h)
     out = Layout(data_format, to_network=False, name="dec_nhwc")(h)
-    return keras.Model(z, out, name="decoder")
+    return keras.Model(z if cond is None else [z, cond], out, name="decoder")
 
 
 @keras.saving.register_keras_serializable(package="iris_vae")
@@ -235,24 +253,38 @@ class IrisVAE(keras.Model):
     training and equals the mean otherwise (deterministic reconstructions). The loss (and so the
     logged elbo, val_elbo, recon, val_recon) always uses a sampled latent: validation decodes
     mean + σ·ε with ε from the fixed VALIDATION_NOISE_SEED, an unbiased one-sample ELBO estimate.
+
+    With `condition` other than "none" it is a conditional VAE (CVAE): its input is (images, raw
+    conditions (B, K)), both encoder and decoder see the condition (`vae.conditioning`), and its
+    config holds the condition's normalisation, so a loaded model normalises as in training.
     """
 
     def __init__(self, image_size: int = 64, channels: int = 1, latent_dim: int = 64,
                  base_channels: int = 32, channel_mult: Sequence[int] = (1, 2, 4, 4),
                  norm: str = "group", recon_loss: str = "mse", beta: float = 1.0,
-                 free_bits: float = 0.0, seed: int = 0, **kwargs):
+                 free_bits: float = 0.0, seed: int = 0, condition: str = "none",
+                 condition_mean: Sequence[float] = (), condition_std: Sequence[float] = (),
+                 condition_dropout: float = 0.0, condition_bank_size: int = 0, **kwargs):
         super().__init__(**kwargs)
         channel_mult = [int(m) for m in channel_mult]
         check_vae_params(image_size, channels, latent_dim, base_channels, channel_mult, norm,
                          recon_loss, beta, free_bits)
+        conditioning.check_condition_params(condition, condition_mean, condition_std, condition_dropout)
+        self.condition = condition
+        self.condition_mean, self.condition_std = [float(m) for m in condition_mean], [float(s) for s in condition_std]
+        self.condition_dropout, self.condition_bank_size = float(condition_dropout), int(condition_bank_size)
+        condition_dim = len(self.condition_mean) + 1 if self.conditional else 0  # + the "present" flag
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.base_channels, self.channel_mult, self.norm = base_channels, channel_mult, norm
         self.recon_loss, self.beta, self.free_bits, self.seed = recon_loss, float(beta), float(free_bits), seed
         # The layout is this backend's choice, not part of the model: it is not in get_config.
         arch = (image_size, channels, latent_dim, base_channels, channel_mult, norm, network_data_format())
-        self.encoder = build_encoder(*arch)
-        self.decoder = build_decoder(*arch)
+        self.encoder = build_encoder(*arch, condition_dim=condition_dim)
+        self.decoder = build_decoder(*arch, condition_dim=condition_dim)
         self.sampling = Sampling(seed, name="sampling")
+        if self.conditional:
+            self.condition_input = conditioning.ConditionInput(self.condition_mean, self.condition_std,
+                                                               self.condition_dropout, seed, name="condition_input")
         # KL weight of the loss (β after warm-up) and the number of finished epochs (for --resume).
         self.kl_weight = self.add_weight(shape=(), initializer="ones", trainable=False, name="kl_weight")
         # The latent prior z = prior_mean + prior_scale @ ε, ε ~ N(0, I): N(0, I) until `fit_prior`
@@ -263,6 +295,9 @@ class IrisVAE(keras.Model):
                                            trainable=False, name="prior_scale")
         self.trained_epochs = self.add_weight(shape=(), initializer="zeros", trainable=False,
                                               dtype="int64", name="trained_epochs")
+        if self.conditional:  # raw conditions of training images, drawn from for unconditional sampling
+            self.condition_bank = self.add_weight(shape=(max(1, self.condition_bank_size), len(self.condition_mean)),
+                                                  initializer="zeros", trainable=False, name="condition_bank")
         self.recon_tracker = keras.metrics.Mean(name="recon")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self.elbo_tracker = keras.metrics.Mean(name="elbo")  # recon + β·KL at full β, no free bits
@@ -276,20 +311,45 @@ class IrisVAE(keras.Model):
         """(C, H, W) of the images this VAE reads and writes."""
         return (self.channels, self.image_size, self.image_size)
 
-    def call(self, x, training: bool = False):
-        mean, logvar = self.encoder(x, training=training)
-        z = self.sampling(mean, logvar) if training else mean
-        return self.decoder(z, training=training), mean, logvar
+    @property
+    def conditional(self) -> bool:
+        """Whether this is a CVAE: its inputs are (images, raw conditions (B, K)), not images alone."""
+        return self.condition != "none"
 
-    def decode(self, z, training: bool = False):
-        """Latents (B, D) → images (B, H, W, C) in [-1, 1]."""
-        return self.decoder(z, training=training)
+    def _inputs(self, x, training: bool):
+        """(images, network condition or None) of a model input: images, or (images, raw conditions)."""
+        if not self.conditional:
+            return x, None
+        return ops.convert_to_tensor(x[0]), self.condition_input(x[1], training=training)
+
+    def call(self, x, training: bool = False):
+        images, cond = self._inputs(x, training)
+        mean, logvar = self.encoder(images if cond is None else [images, cond], training=training)
+        z = self.sampling(mean, logvar) if training else mean
+        return self._decode(z, cond, training), mean, logvar
+
+    def _decode(self, z, cond, training: bool):
+        return self.decoder(z if cond is None else [ops.convert_to_tensor(z), cond], training=training)
+
+    def decode(self, z, conditions=None, training: bool = False):
+        """Latents (B, D) → images (B, H, W, C) in [-1, 1]. A CVAE decodes them under the raw
+        `conditions` (B, K) (a row of NaN: the null condition), by default rows 0, 1, … of its
+        condition bank (cyclically)."""
+        if not self.conditional:
+            return self.decoder(z, training=training)
+        if conditions is None:
+            bank = ops.convert_to_numpy(self.condition_bank)
+            conditions = bank[[i % len(bank) for i in range(int(ops.shape(z)[0]))]]
+        return self._decode(z, self.condition_input(conditions, training=training), training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         recon, mean, logvar = y_pred
         if not training:  # validation: the same ELBO estimate as training, z sampled (from fixed noise)
             eps = keras.random.normal(ops.shape(mean), seed=VALIDATION_NOISE_SEED)
-            recon = self.decoder(mean + ops.exp(0.5 * logvar) * eps, training=False)
+            x, cond = self._inputs(x, training=False)
+            recon = self._decode(mean + ops.exp(0.5 * logvar) * eps, cond, training=False)
+        elif self.conditional:
+            x = x[0]
         rec = ops.mean(reconstruction_loss(x, recon, self.recon_loss))
         kl_dims = kl_per_dim(mean, logvar)
         kl = ops.mean(ops.sum(kl_dims, axis=-1))
@@ -304,15 +364,29 @@ class IrisVAE(keras.Model):
         return {**super().get_config(), "image_size": self.image_size, "channels": self.channels,
                 "latent_dim": self.latent_dim, "base_channels": self.base_channels,
                 "channel_mult": list(self.channel_mult), "norm": self.norm, "recon_loss": self.recon_loss,
-                "beta": self.beta, "free_bits": self.free_bits, "seed": self.seed}
+                "beta": self.beta, "free_bits": self.free_bits, "seed": self.seed, **self._condition_config()}
+
+    def _condition_config(self) -> dict:  # none for a plain VAE: its config is as it was before CVAEs
+        return {} if not self.conditional else {
+            "condition": self.condition, "condition_mean": self.condition_mean,
+            "condition_std": self.condition_std, "condition_dropout": self.condition_dropout,
+            "condition_bank_size": self.condition_bank_size}
 
 
-def build_vae(cfg: Config) -> IrisVAE:
-    """An untrained VAE for the image size/channels of `cfg.data` and the settings of `cfg.vae`."""
+def build_vae(cfg: Config, conditions=None) -> IrisVAE:
+    """An untrained VAE for the image size/channels of `cfg.data` and the settings of `cfg.vae`.
+
+    With vae.condition other than none it is a CVAE fitted to the raw training `conditions` (N, K)
+    (`conditioning.condition_settings`).
+    """
     v = cfg.vae
-    return IrisVAE(image_size=cfg.data.image_size, channels=cfg.data.channels, latent_dim=v.latent_dim,
-                   base_channels=v.base_channels, channel_mult=v.channel_mult, norm=v.norm,
-                   recon_loss=v.recon_loss, beta=v.beta, free_bits=v.free_bits, seed=v.seed, name="iris_vae")
+    extra, bank = conditioning.condition_settings(v.condition, v.condition_dropout, conditions, v.seed)
+    vae = IrisVAE(image_size=cfg.data.image_size, channels=cfg.data.channels, latent_dim=v.latent_dim,
+                  base_channels=v.base_channels, channel_mult=v.channel_mult, norm=v.norm,
+                  recon_loss=v.recon_loss, beta=v.beta, free_bits=v.free_bits, seed=v.seed, name="iris_vae", **extra)
+    if bank is not None:
+        vae.condition_bank.assign(bank)
+    return vae
 
 
 def check_vae_matches(vae: IrisVAE, cfg: Config, what: str = "VAE") -> None:

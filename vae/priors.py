@@ -49,16 +49,40 @@ def vae_image_shape(vae) -> tuple[int, int, int]:
     return tuple(vae.image_shape)
 
 
-def _decode(vae, z: np.ndarray, batch_size: int) -> np.ndarray:
-    """Latents (N, D) → images (N, C, H, W) float32 in [-1, 1], decoded `batch_size` at a time."""
+def is_conditional(vae) -> bool:
+    """Whether the VAE is a CVAE (trained with vae.condition other than none)."""
+    return bool(getattr(vae, "conditional", False))
+
+
+def _check_conditions(vae, conditions: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Raw conditions (n, K) float32 for a CVAE (None: its own defaults); UserError for a plain VAE given some."""
+    if conditions is None:
+        return None
+    if not is_conditional(vae):
+        raise UserError("this VAE is unconditional: it takes no conditions (train it with vae.condition=geometry)")
+    conditions = np.asarray(conditions, np.float32)
+    k = len(vae.condition_mean)
+    if conditions.shape != (n, k):
+        raise UserError(f"expected conditions of shape ({n}, {k}), got {conditions.shape}")
+    return conditions
+
+
+def _decode(vae, z: np.ndarray, batch_size: int, conditions: np.ndarray | None = None) -> np.ndarray:
+    """Latents (N, D) → images (N, C, H, W) float32 in [-1, 1], decoded `batch_size` at a time (a CVAE's
+    under the raw `conditions` (N, K), by default under its condition bank's rows 0, 1, …)."""
     from keras import ops
 
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
+    conditions = _check_conditions(vae, conditions, len(z))
+    if conditions is None and is_conditional(vae):
+        bank = ops.convert_to_numpy(vae.condition_bank)
+        conditions = bank[np.arange(len(z)) % len(bank)]
     out = np.empty((len(z), *vae_image_shape(vae)), np.float32)
     for lo in range(0, len(z), batch_size):
-        images = ops.convert_to_numpy(vae.decode(z[lo : lo + batch_size].astype(np.float32)))
-        out[lo : lo + batch_size] = nhwc_to_nchw(images)
+        zs = z[lo : lo + batch_size].astype(np.float32)
+        decoded = vae.decode(zs) if conditions is None else vae.decode(zs, conditions[lo : lo + batch_size])
+        out[lo : lo + batch_size] = nhwc_to_nchw(ops.convert_to_numpy(decoded))
     return np.clip(out, -1.0, 1.0)
 
 
@@ -81,18 +105,23 @@ def to_prior(vae, eps: np.ndarray) -> np.ndarray:
     return (mean + np.asarray(eps, np.float64) @ scale.T).astype(np.float32)
 
 
-def decode_draws(vae, eps: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Standard-normal (temperature-scaled) draws ε (N, D) → priors (N, C, H, W) float32 in [-1, 1]."""
-    return _decode(vae, to_prior(vae, eps), batch_size)
+def decode_draws(vae, eps: np.ndarray, batch_size: int = 64, conditions: np.ndarray | None = None) -> np.ndarray:
+    """Standard-normal (temperature-scaled) draws ε (N, D) → priors (N, C, H, W) float32 in [-1, 1]
+    (a CVAE's under the raw `conditions` (N, K); see `_decode` for the default)."""
+    z = to_prior(vae, eps)
+    return _decode(vae, z, batch_size) if conditions is None else _decode(vae, z, batch_size, conditions)
 
 
-def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64) -> np.ndarray:
+def sample_priors(vae, n: int, seed: int, temperature: float = 1.0, batch_size: int = 64,
+                  conditions: np.ndarray | None = None) -> np.ndarray:
     """n priors decoded from prior latents (temperature-scaled ε drawn with `seed`): (n, C, H, W) float32 in [-1, 1]."""
-    return decode_draws(vae, prior_latents(vae.latent_dim, n, seed, temperature), batch_size)
+    return decode_draws(vae, prior_latents(vae.latent_dim, n, seed, temperature), batch_size, conditions)
 
 
-def encode(vae, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means and log-variances (N, D) of (N, C, H, W) [-1, 1] images."""
+def encode(vae, images: np.ndarray, batch_size: int = 256,
+           conditions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means and log-variances (N, D) of (N, C, H, W) [-1, 1] images (a CVAE needs their
+    raw `conditions` (N, K))."""
     from keras import ops
 
     images = np.asarray(images, dtype=np.float32)
@@ -101,9 +130,17 @@ def encode(vae, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, 
                         f"{', '.join(map(str, vae_image_shape(vae)))})")
     if len(images) == 0:
         raise UserError("no images to encode")
+    conditions = _check_conditions(vae, conditions, len(images))
+    if is_conditional(vae) and conditions is None:
+        raise UserError("a conditional VAE encodes images together with their conditions")
     means, logvars = [], []
     for lo in range(0, len(images), batch_size):
-        mean, logvar = vae.encoder(nchw_to_nhwc(images[lo : lo + batch_size]), training=False)
+        batch = nchw_to_nhwc(images[lo : lo + batch_size])
+        if conditions is None:
+            mean, logvar = vae.encoder(batch, training=False)
+        else:
+            cond = vae.condition_input(conditions[lo : lo + batch_size], training=False)
+            mean, logvar = vae.encoder([ops.convert_to_tensor(batch), cond], training=False)
         means.append(ops.convert_to_numpy(mean))
         logvars.append(ops.convert_to_numpy(logvar))
     return np.concatenate(means), np.concatenate(logvars)
@@ -121,9 +158,10 @@ def fit_latent_gaussian(means: np.ndarray, logvars: np.ndarray) -> tuple[np.ndar
     return means.mean(axis=0), np.linalg.cholesky(cov)
 
 
-def fit_prior(vae, images: np.ndarray, batch_size: int = 256) -> None:
-    """Replace the VAE's prior by the Gaussian fitted to the aggregate posterior of `images` (NCHW)."""
-    mean, chol = fit_latent_gaussian(*encode(vae, images, batch_size))
+def fit_prior(vae, images: np.ndarray, batch_size: int = 256, conditions: np.ndarray | None = None) -> None:
+    """Replace the VAE's prior by the Gaussian fitted to the aggregate posterior of `images` (NCHW)
+    (a CVAE's: of the images encoded with their raw `conditions`)."""
+    mean, chol = fit_latent_gaussian(*encode(vae, images, batch_size, conditions))
     vae.prior_mean.assign(mean.astype(np.float32))
     vae.prior_scale.assign(chol.astype(np.float32))
 
@@ -134,9 +172,9 @@ def reset_prior(vae) -> None:
     vae.prior_scale.assign(np.eye(vae.latent_dim, dtype=np.float32))
 
 
-def reconstruct(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def reconstruct(vae, images: np.ndarray, batch_size: int = 64, conditions: np.ndarray | None = None) -> np.ndarray:
     """Encode (N, C, H, W) [-1, 1] images to their posterior means and decode them again (same format)."""
-    return _decode(vae, encode(vae, images, batch_size)[0], batch_size)
+    return _decode(vae, encode(vae, images, batch_size, conditions)[0], batch_size, conditions)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:

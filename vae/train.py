@@ -23,12 +23,13 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.common.config import Config, dump_config
+from pipeline.common.config import VAE_CONDITIONS, Config, dump_config
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for, write_text_atomic
 from pipeline.common.images import make_grid, nchw_to_nhwc, write_image
@@ -54,11 +55,14 @@ def _check_training_config(cfg: Config) -> None:
     if not 0 <= v.val_fraction < 1 or v.kl_warmup_epochs < 0 or v.early_stop_patience < 0:
         raise UserError("vae.val_fraction must be in [0, 1) and vae.kl_warmup_epochs, "
                         "vae.early_stop_patience >= 0")
+    if v.condition not in VAE_CONDITIONS:
+        raise UserError(f"vae.condition must be one of {', '.join(VAE_CONDITIONS)}, got '{v.condition}'")
+    if not 0 <= v.condition_dropout < 1:
+        raise UserError(f"vae.condition_dropout must be in [0, 1), got {v.condition_dropout}")
 
 
-def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split into (train, val) NCHW arrays; UserError when too few images for one batch."""
-    n = len(images)
+def split_indices(n: int, val_fraction: float, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of range(n) into sorted (train, val) indices; UserError when too few for one batch."""
     if n == 0:
         raise UserError("the dataset is empty")
     n_val = int(round(n * val_fraction))
@@ -66,11 +70,44 @@ def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed:
         raise UserError(f"only {n - n_val} training images (of {n}) but vae.batch_size is {batch_size}; "
                         "use more images or a smaller batch")
     order = np.random.default_rng([seed, 1]).permutation(n)
-    return images[np.sort(order[n_val:])], images[np.sort(order[:n_val])]
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int, skip: int = 0):
-    """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.common.batches.iterate_batches` order.
+def split_images(images: np.ndarray, val_fraction: float, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split into (train, val) NCHW arrays; UserError when too few images for one batch."""
+    train_idx, val_idx = split_indices(len(images), val_fraction, batch_size, seed)
+    return images[train_idx], images[val_idx]
+
+
+@dataclass(frozen=True)
+class ConditionSource:
+    """Where a CVAE's raw conditions come from: `load()` → (N, K), one row per image of the dataset in
+    its order, and `mirror(rows)` → the conditions of those images mirrored horizontally (data.hflip)."""
+
+    load: Callable[[], np.ndarray]
+    mirror: Callable[[np.ndarray], np.ndarray]
+
+
+def _condition_batches(conditions: np.ndarray, batch_size: int, seed: int, hflip: bool, epoch: int,
+                       mirror: Callable[[np.ndarray], np.ndarray]):
+    """The raw conditions of each batch of `iterate_batches(…, start_epoch=epoch)`, in its order, the
+    mirrored images' conditions through `mirror`."""
+    from pipeline.common.batches import epoch_permutation, flip_mask
+
+    n = len(conditions)
+    order = epoch_permutation(n, seed, epoch)
+    flips = flip_mask(n, seed, epoch) if hflip else np.zeros(n, bool)
+    for begin in range(0, n - n % batch_size, batch_size):
+        idx = order[begin : begin + batch_size]
+        batch = np.array(conditions[idx], np.float32)
+        batch[flips[idx]] = mirror(batch[flips[idx]])
+        yield batch
+
+
+def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, start_epoch: int, skip: int = 0,
+                 conditions: np.ndarray | None = None, mirror: Callable[[np.ndarray], np.ndarray] | None = None):
+    """An endless `keras.utils.PyDataset` of NHWC batches in `pipeline.common.batches.iterate_batches` order
+    (with `conditions`, a CVAE's: batches of (images, their raw conditions), mirrored with `mirror`).
 
     Global batch i is batch p % steps of epoch start_epoch + p // steps, p = skip + i, so the order
     depends only on (seed, epoch) and a resumed run sees the same batches as an uninterrupted one,
@@ -95,8 +132,12 @@ def make_batches(images: np.ndarray, batch_size: int, seed: int, hflip: bool, st
             if index != self._next or k == 0:  # a new epoch, or an out-of-order read
                 self._batches = islice(iterate_batches(images, batch_size, seed, shuffle=True, hflip=hflip,
                                                        drop_last=True, start_epoch=start_epoch + epoch), k, None)
+                if conditions is not None:
+                    self._conditions = islice(_condition_batches(conditions, batch_size, seed, hflip,
+                                                                 start_epoch + epoch, mirror), k, None)
             self._next = index + 1
-            return (nchw_to_nhwc(next(self._batches)),)
+            batch = nchw_to_nhwc(next(self._batches))
+            return (batch,) if conditions is None else ((batch, next(self._conditions)),)
 
     return EpochBatches()
 
@@ -144,10 +185,13 @@ def _continue_noise(vae) -> None:
     stream's position (the second number of the state) is the optimizer's step count."""
     import keras
 
-    generator = vae.sampling.seed_generator
-    state = keras.ops.convert_to_numpy(generator.state).copy()
-    state[1] = keras.ops.convert_to_numpy(vae.optimizer.iterations)
-    generator.state.assign(state)
+    generators = [vae.sampling.seed_generator]
+    if vae.conditional and vae.condition_dropout > 0:  # the condition dropout draws once per step too
+        generators.append(vae.condition_input.seed_generator)
+    for generator in generators:
+        state = keras.ops.convert_to_numpy(generator.state).copy()
+        state[1] = keras.ops.convert_to_numpy(vae.optimizer.iterations)
+        generator.state.assign(state)
 
 
 def _resume(cfg: Config, out: Path, steps: int):
@@ -166,10 +210,28 @@ def _resume(cfg: Config, out: Path, steps: int):
     return vae, (epoch, batch)
 
 
+def _load_data(cfg: Config, load_images: Callable[[], np.ndarray],
+               conditions: ConditionSource | None) -> tuple[np.ndarray, ...]:
+    """(train images, val images, train conditions, val conditions); the conditions are None for a plain VAE."""
+    v = cfg.vae
+    images = load_images()
+    train_idx, val_idx = split_indices(len(images), v.val_fraction, v.batch_size, v.seed)
+    if v.condition == "none":
+        return images[train_idx], images[val_idx], None, None
+    if conditions is None:
+        raise UserError(f"vae.condition={v.condition} needs labelled images")
+    c = np.asarray(conditions.load(), np.float32)
+    if len(c) != len(images):
+        raise UserError(f"{len(images)} images but {len(c)} conditions")
+    return images[train_idx], images[val_idx], c[train_idx], c[val_idx]
+
+
 def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, resume: bool = False, overwrite: bool = False,
-          verbose: int | str | None = None, stop: GracefulStop | None = None) -> Path:
+          verbose: int | str | None = None, stop: GracefulStop | None = None,
+          conditions: ConditionSource | None = None) -> Path:
     """Train (or resume) a VAE into the run folder `out`; returns the folder. The images come from
-    `load_images()` ((N, C, H, W) in [-1, 1]), called after the cheap checks so mistakes fail fast.
+    `load_images()` ((N, C, H, W) in [-1, 1]), called after the cheap checks so mistakes fail fast;
+    a CVAE's (vae.condition) raw conditions (N, K) from `conditions`.
     With `stop`, a signal it records ends training early with a TrainingInterrupted (`callbacks.StopOnSignal`)."""
     _check_training_config(cfg)
     v, out = cfg.vae, Path(out)
@@ -177,7 +239,7 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
         raise UserError(f"nothing to resume: {out / 'last.keras'} not found")
     if not resume:
         prepare_out_dir(out, overwrite)
-    train_x, val_x = split_images(load_images(), v.val_fraction, v.batch_size, v.seed)
+    train_x, val_x, train_c, val_c = _load_data(cfg, load_images, conditions)
 
     import keras  # after the cheap checks: importing TensorFlow is slow
 
@@ -199,7 +261,7 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
     else:
         shutil.rmtree(out, ignore_errors=True)  # prepare_out_dir allowed it (--overwrite)
         out.mkdir(parents=True)
-        vae = build_vae(cfg)
+        vae = build_vae(cfg, train_c)
         vae.compile(optimizer=keras.optimizers.Adam(schedule))
         (epoch, batch), best, wait = (0, 0), math.inf, 0
     write_text_atomic(out / "config.yaml", dump_config(cfg))
@@ -207,7 +269,7 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
     early = cb.EarlyStop(monitor, v.early_stop_patience, best, wait)
     callbacks = [  # in this order: the prior is fitted before the grid is drawn and the model saved
         cb.KLWarmup(v.beta, v.kl_warmup_epochs),
-        *([cb.FitPrior(train_x)] if v.prior == "fitted" else []),
+        *([cb.FitPrior(train_x, train_c)] if v.prior == "fitted" else []),
         cb.SampleGrid(out, prior_latents(v.latent_dim, GRID_SAMPLES, v.seed)),
         cb.Checkpoint(out, monitor, best),
         early,
@@ -221,9 +283,11 @@ def train(cfg: Config, load_images: Callable[[], np.ndarray], out: str | Path, r
 
     def fit(first: int, end: int, skip: int) -> None:
         """Epochs first..end-1, the first of them from its batch `skip` on."""
-        batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, first, skip)
+        batches = make_batches(train_x, v.batch_size, v.seed, cfg.data.hflip, first, skip, train_c,
+                               conditions.mirror if conditions else None)
+        val = nchw_to_nhwc(val_x) if train_c is None else (nchw_to_nhwc(val_x), val_c)
         vae.fit(batches, epochs=end, initial_epoch=first, steps_per_epoch=steps - skip,
-                validation_data=(nchw_to_nhwc(val_x),) if len(val_x) else None, validation_batch_size=v.batch_size,
+                validation_data=(val,) if len(val_x) else None, validation_batch_size=v.batch_size,
                 shuffle=False, callbacks=callbacks, verbose=verbose)
 
     try:

@@ -5,6 +5,8 @@ noising and diffusion denoising; writes the images, grid.png and metadata.json (
     generate --from-noise --diffusion runs/diffusion --n 64 --sampler dpm++2m --steps 15
     generate … --index 17          re-make image 17 of the run the other arguments describe
     generate … --format bmp        000000.bmp … (--format tiff --bits 16: 16-bit 000000.tif …)
+    generate --from-vae runs/vae-geometry/vae.keras … --pupil-ratio 0.25:0.65 --n 9
+                                   a dilation sweep (a geometry VAE: train-vae --set vae.condition=geometry)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pipeline.common.config import GenerateConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir
 from pipeline.generate import generate, image_suffix, write_generation
+from pipeline.geometry_targets import request_from_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--png16", dest="bits", action="store_const", const=16, help="deprecated: the same as --bits 16")
     parser.add_argument("--index", type=int, nargs="+", default=None, metavar="I",
                         help="re-make only image(s) I of the run given by the other arguments")
+    geo = parser.add_argument_group("geometry (with --from-vae and a VAE trained with vae.condition=geometry)")
+    geo.add_argument("--pupil-ratio", metavar="V|A:B", help="pupil/iris radius ratio in (0, 1): a value, "
+                     "or a sweep A:B spread over the --n images")
+    geo.add_argument("--iris-radius", metavar="V|A:B", help="iris radius / image side in (0, 1): a value or a sweep A:B")
+    geo.add_argument("--offset", metavar="DX,DY", help="pupil-centre offset from the iris centre, in iris radii")
+    geo.add_argument("--geometry-csv", metavar="FILE", help="per-image targets: columns pupil_ratio (or "
+                     "pupil_iris_ratio) and/or iris_radius (or iris_r with width), e.g. circularity-check's "
+                     "results.csv; image i takes row i (cycling)")
     return parser
 
 
@@ -78,11 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpolate and not args.from_vae:
         raise UserError("--interpolate needs --from-vae")
     image_suffix(cfg.generate.format, cfg.generate.bits)  # a bad --format/--bits fails before any work
+    geometry = request_from_options(args.pupil_ratio, args.iris_radius, args.offset, args.geometry_csv)
+    if geometry is not None and not args.from_vae:
+        raise UserError("--pupil-ratio, --iris-radius, --offset and --geometry-csv need --from-vae with a geometry VAE")
     out = prepare_out_dir(args.out, args.overwrite)
     source = "vae" if args.from_vae else "images" if args.from_images else "noise"
     result = generate(
         cfg, args.diffusion, source=source, vae_path=args.from_vae, images_dir=args.from_images,
         device=args.device, interpolate=args.interpolate, vae_device=args.vae_device, indices=args.index,
+        geometry=geometry,
     )
     if not args.save_priors:
         result.priors = None
@@ -90,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = result.metadata
     print(f"wrote {len(result.indices)} images ({meta['source']}, strength {meta['strength']}, t_start {meta['t_start']}, "
           f"{meta['nfe_per_image']} network evaluations each) to {out}")
+    control = meta["prior"].get("geometry", {}).get("control_result", {}).get("pupil_ratio")
+    if geometry is not None and control:
+        print(f"pupil/iris ratio vs target: mean absolute error {control['mae']:.3f}, correlation {control['corr']:.3f} "
+              f"({control['measured']} of {control['n']} measured; per image in metadata.json)")
     return 0
 
 

@@ -3,6 +3,11 @@
     train-vae --config configs/vae.yaml [--set vae.epochs=20] [--out runs/vae]
     train-vae --resume runs/vae [--set vae.epochs=40]
     train-vae --sample 16 --from runs/vae/vae.keras --out runs/priors
+    train-vae --config configs/vae.yaml --set vae.condition=geometry --out runs/vae-geometry
+
+With vae.condition=geometry the VAE is conditional (a CVAE) on each image's geometry
+(`pipeline.data.geometry`: pupil/iris ratio, iris radius, pupil offset), read from the labels of the
+data: the synthetic generator's records, a prepare-data cache's or a folder's labels.json.
 
 Loads the images and runs `vae.train`; the run folder's contents are described there. The first
 SIGINT (Ctrl-C) or SIGTERM lets the current step finish, saves `last.keras` there and exits with
@@ -26,7 +31,8 @@ from pipeline.common.config import load_config
 from pipeline.common.errors import UserError
 from pipeline.common.interrupts import GracefulStop, TrainingInterrupted
 from pipeline.data.folders import load_image_array
-from vae.train import train, write_priors
+from pipeline.data.geometry import load_geometry, mirror
+from vae.train import ConditionSource, train, write_priors
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(saved, args.overrides)
     else:
         cfg = config_from_args(args)
+    conditions = ConditionSource(partial(load_geometry, cfg.data), mirror) if cfg.vae.condition == "geometry" else None
     with GracefulStop() as stop:
         try:
-            train(cfg, partial(load_image_array, cfg.data), out, resume=resume, overwrite=args.overwrite, stop=stop)
+            train(cfg, partial(load_image_array, cfg.data), out, resume=resume, overwrite=args.overwrite,
+                  stop=stop, conditions=conditions)
         except TrainingInterrupted as exc:
             print(f"{exc}; continue with: train-vae --resume {out}", file=sys.stderr)
             return exc.exit_code

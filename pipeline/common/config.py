@@ -103,6 +103,9 @@ class TrainConfig:
     seed: int = 0
 
 
+VAE_CONDITIONS = ("none", "geometry")  # vae.condition: what a conditional VAE is conditioned on
+
+
 @dataclass
 class VAEConfig:
     """Stage 1: the Keras VAE (image size and channels come from `data`)."""
@@ -123,6 +126,8 @@ class VAEConfig:
     early_stop_patience: int = 10  # epochs without improvement of the monitored ELBO; 0 → off
     val_fraction: float = 0.05  # images held out for validation (monitor val_elbo); 0 → monitor training elbo
     seed: int = 0
+    condition: str = "none"  # none | geometry: a CVAE conditioned on (pupil/iris ratio, iris radius, pupil offset)
+    condition_dropout: float = 0.0  # CVAE: share of training rows whose condition is dropped (null condition)
 
 
 @dataclass

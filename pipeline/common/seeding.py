@@ -16,6 +16,9 @@ from pipeline.common.errors import UserError
 
 SCHEME = "numpy.random.SeedSequence(seed, spawn_key=(image index, purpose)), v1"
 PURPOSES = ("start", "step", "vae")  # starting noise x_T / SDEdit noise, each step's noise, VAE latent ε
+# Streams of optional features, keyed after PURPOSES (so theirs never change), described where used:
+# a geometry VAE's targets drawn from its training geometry (pipeline.geometry_targets).
+EXTRA_PURPOSES = ("geometry",)
 
 
 def _sequence(seed: int, index: int, purpose: str) -> np.random.SeedSequence:
@@ -23,7 +26,7 @@ def _sequence(seed: int, index: int, purpose: str) -> np.random.SeedSequence:
         raise UserError(f"seed must be >= 0, got {seed}")
     if index < 0:
         raise ValueError(f"image index must be >= 0, got {index}")
-    return np.random.SeedSequence(seed, spawn_key=(index, PURPOSES.index(purpose)))
+    return np.random.SeedSequence(seed, spawn_key=(index, (*PURPOSES, *EXTRA_PURPOSES).index(purpose)))
 
 
 def stream_seed(seed: int, index: int, purpose: str) -> int:
