@@ -71,7 +71,7 @@ def plot_hd_histograms(path: Path, groups: dict[str, np.ndarray], threshold: flo
     name = f"{kind} Hamming distance"
     plot_histograms({label: {name: hd} for label, hd in groups.items()}, path, [name], {name: [threshold]},
                     title=f"identity check: dashed = near-copy threshold {threshold:g}", ncols=1, bins=50,
-                    panel_size=(8.0, 4.5))
+                    panel_size=(800, 450))
 
 
 def write_closest_sheet(path: Path, pairs: Sequence[tuple[tuple[np.ndarray, str], tuple[np.ndarray, str], float]],

@@ -225,8 +225,6 @@ def test_eval_folder_puts_measured_numbers_on_the_card(trained_run, tmp_path, mo
     from pipeline.cli import circularity_check
 
     monkeypatch.setattr(gen_mod, "library_versions", dict)  # importing TensorFlow for its version takes ~10 s
-    for name in ("plot_groups", "write_worst_sheet"):  # plots (seconds each): not what is read here
-        monkeypatch.setattr(circularity_check, name, lambda *args, **kwargs: None)
     gen_cfg = load_config(None, ["generate.n=2", "generate.steps=2", "generate.batch_size=2"])
     result = gen_mod.generate(gen_cfg, trained_run, source="noise", device="cpu", progress=False)
     gen_mod.write_generation(result, tmp_path / "samples", overwrite=False)

@@ -8,10 +8,12 @@ at their own size; 8/16-bit, grey/RGB/RGBA all work. Unreadable files are listed
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -85,9 +87,10 @@ def draw_overlay(img: np.ndarray, metrics: dict, geometry: Geometry) -> np.ndarr
     return rgb
 
 
-def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | None, want_features: bool) -> dict:
+def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | None, want_features: bool,
+          want_outline: bool) -> dict:
     """Measure one file (path, name in the results): its CSV row (or an `error`), writing its
-    overlay when asked."""
+    overlay when asked; with `want_outline` its boundaries (no usable-iris mask) under "_geometry"."""
     path, rel = task
     try:
         img = read_image(path)
@@ -100,6 +103,8 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
         out = Path(overlay_dir, rel).with_suffix(".png")
         out.parent.mkdir(parents=True, exist_ok=True)
         write_image_uint(out, draw_overlay(img, metrics, geometry))
+    if want_outline:
+        row["_geometry"] = Geometry(geometry.pupil_contour, geometry.pupil, geometry.iris)
     if want_features:
         from pipeline.check.metrics import proxy_features
 
@@ -108,18 +113,31 @@ def _work(task: tuple[Path, str], cfg: CircularityConfig, overlay_dir: Path | No
 
 
 def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_dir: Path | None = None,
-                   want_features: bool = False, exclude: tuple[Path, ...] = ()) -> tuple[list[dict], list[dict]]:
+                   want_features: bool = False, exclude: tuple[Path, ...] = (),
+                   worst: tuple[int, Callable[[dict], float]] | None = None) -> tuple[list[dict], list[dict]]:
     """Rows for every readable image under `folder`, and {file, error} for the unreadable ones.
+
+    With `worst` = (k, badness) the k rows of highest badness keep their boundaries under "_geometry"
+    (a `Geometry` without the usable-iris mask), so that a sheet of them needs no second
+    measurement; the other rows drop theirs as they arrive (memory stays bounded).
 
     With workers > 1 the processes come from a fork server, which imports the caller's main module:
     scripts calling this need the usual `if __name__ == "__main__":` guard."""
     files = find_images(folder, exclude)
     tasks = [(p, p.relative_to(folder).as_posix()) for p in files]
-    work = functools.partial(_work, cfg=cfg, overlay_dir=overlay_dir, want_features=want_features)
-    results = []
+    work = functools.partial(_work, cfg=cfg, overlay_dir=overlay_dir, want_features=want_features,
+                             want_outline=worst is not None)
+    results: list[dict] = []
+    kept: list[tuple[float, int]] = []  # a min-heap of (badness, −index): the worst so far, earlier first on ties
     with tqdm(total=len(tasks), unit="img", desc=folder.name or str(folder), disable=None, leave=False) as bar:
         for rows in chunked_map(work, tasks, workers, preload=("pipeline.check.folder",)):
-            results.extend(rows)
+            for row in rows:
+                results.append(row)
+                if worst is not None and "error" not in row:
+                    k, badness = worst
+                    heapq.heappush(kept, (badness(row), 1 - len(results)))
+                    if len(kept) > k:
+                        del results[-heapq.heappop(kept)[1]]["_geometry"]
             bar.update(len(rows))
     rows = [r for r in results if "error" not in r]
     bad = [r for r in results if "error" in r]

@@ -5,13 +5,14 @@ folder, the distribution distances."""
 from __future__ import annotations
 
 import csv
+import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.check.analyze import analyze_with_geometry
 from pipeline.check.folder import draw_overlay, read_image
 from pipeline.check.rules import (
     METRICS,
@@ -106,17 +107,19 @@ def _badness(row: dict, cfg: CircularityConfig) -> float:
     return worst
 
 
+def worst_rows(cfg: CircularityConfig) -> tuple[int, Callable[[dict], float]]:
+    """`analyze_folder`'s `worst` argument for the worst-cases sheet: how many, and how bad a row is."""
+    return WORST_COUNT, functools.partial(_badness, cfg=cfg)
+
+
 def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, path: Path) -> None:
-    """Contact sheet of the images furthest from passing, with their boundaries drawn."""
+    """Contact sheet of the images furthest from passing, with their boundaries drawn (the rows that
+    kept them: `analyze_folder(..., worst=worst_rows(cfg))`)."""
     from pipeline.check.plots import contact_sheet
 
-    worst = sorted(rows, key=lambda r: -_badness(r, cfg))[:WORST_COUNT]
-    tiles, captions = [], []
-    for r in worst:
-        img = read_image(folder / r["file"])
-        metrics, geometry = analyze_with_geometry(img, cfg)
-        tiles.append(draw_overlay(img, metrics, geometry))
-        captions.append(f"{r['file'][-28:]}\n{r['reason'] or 'pass'}")
+    worst = sorted((r for r in rows if "_geometry" in r), key=lambda r: -_badness(r, cfg))
+    tiles = [draw_overlay(read_image(folder / r["file"]), r, r["_geometry"]) for r in worst]
+    captions = [f"{r['file'][-28:]}\n{r['reason'] or 'pass'}" for r in worst]
     contact_sheet(tiles, captions, path, title=f"{folder.name}: {len(worst)} worst of {len(rows)}")
 
 

@@ -32,19 +32,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.check.folder import analyze_folder
-from pipeline.check.summary import (
-    console_table,
-    distances,
-    plot_groups,
-    summarize,
-    write_csv,
-    write_worst_sheet,
-)
 from pipeline.cli.entry import add_config_args, add_metrics_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import building, numpy_json_default, prepare_out_dir
+from pipeline.common.pool import start_pool_server
 
 if TYPE_CHECKING:
     from pipeline.check.inception import InceptionFeatures
@@ -105,9 +97,19 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
             inception: InceptionFeatures | None, tmp: Path,
             exclude: tuple[Path, ...]) -> tuple[dict, list[tuple[str, dict]], dict | None]:
     """Measure the folder(s) and write every output into `tmp`: (summary, table columns, comparison)."""
+    from pipeline.check.folder import analyze_folder
+    from pipeline.check.summary import (
+        distances,
+        plot_groups,
+        summarize,
+        worst_rows,
+        write_csv,
+        write_worst_sheet,
+    )
+
     start = time.perf_counter()
     rows, bad = analyze_folder(folder, cfg, args.workers, tmp / "overlays" if args.overlays else None,
-                               reference is not None, exclude)
+                               reference is not None, exclude, worst_rows(cfg))
     if not rows:
         raise UserError(f"none of the {len(bad)} image file(s) in {folder} could be read")
     seconds = time.perf_counter() - start
@@ -143,6 +145,10 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `circularity-check`."""
     args = _parse(argv)
+    if args.workers > 1:  # the workers' server starts first: its imports overlap ours (measurement, NumPy, OpenCV)
+        start_pool_server(("pipeline.check.folder",))
+    from pipeline.check.summary import console_table
+
     cfg, folder, reference, out, inception = _inputs(args)
     with building(out.resolve()) as tmp:
         summary, tables, comparison = _report(args, cfg, folder, reference, inception, tmp, (out.resolve(), tmp))

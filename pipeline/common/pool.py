@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import multiprocessing.forkserver
 import os
 from collections.abc import Callable, Iterator
 from typing import TypeVar
-
-import cv2
 
 from pipeline.common.errors import UserError
 
@@ -53,8 +52,18 @@ def pool_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseC
     return multiprocessing.get_context("spawn")
 
 
+def start_pool_server(preload: tuple[str, ...] = ()) -> None:
+    """Start the fork server of `pool_context(preload)` now, where there is one, and return at once:
+    its imports (the main module and `preload`) then overlap whatever the caller imports or does
+    next, and `chunked_map`'s pool forks its workers from it without waiting for them."""
+    if pool_context(preload).get_start_method() == "forkserver":
+        multiprocessing.forkserver.ensure_running()
+
+
 def init_worker() -> None:
     """Pool initializer: one image per process, so no nested OpenCV threading."""
+    import cv2  # here, not at the top: a caller that starts the pool server early has not imported it yet
+
     cv2.setNumThreads(1)
 
 
