@@ -150,6 +150,20 @@ def flops_per_step(name: str) -> int:
     return counter.get_total_flops()
 
 
+def convolution_share(step: Callable[[], None]) -> float:
+    """The share of one CPU step's operator time spent inside convolutions (forward and backward,
+    oneDNN's kernels), from the profiler's self times: what neither fusion nor compilation of the
+    rest can remove."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    return conv / total
+
+
 def summarize(times: list[float]) -> dict:
     return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4),
             "times_s": [round(s, 4) for s in times]}
@@ -198,6 +212,10 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
         v["ratio_min_to_diffusers"] = round(v["min_s"] / base["min_s"], 3)
         v["ratio_median_to_ours_fp32"] = round(v["median_s"] / variants[OURS]["median_s"], 3)
         v["warmup_s"] = [round(s, 2) for s in warm[n]]
+    if device == "cpu":  # how close to the baseline ours could come with the same convolutions
+        share = convolution_share(steps[OURS])
+        variants[OURS]["convolution_share"] = round(share, 3)
+        variants[OURS]["ratio_if_only_convolutions"] = round(share * variants[OURS]["ratio_median_to_diffusers"], 3)
     if compile_too:  # the first call compiles forward and backward
         variants["ours compiled"]["compile_s"] = round(warm["ours compiled"][0] - variants["ours compiled"]["median_s"], 1)
     return {"name": name, "device": device, "batch": batch, "auto_precision": auto,
@@ -222,6 +240,13 @@ def headlines(run: dict, extensions: list[str]) -> list[dict]:
                  f"{run['params']['ours']:,} / {run['params']['diffusers']:,} ({rel:+.2%})",
                  f"within {PARAM_TOLERANCE:.0%}", abs(rel) <= PARAM_TOLERANCE),
     ]
+    if "convolution_share" in v[OURS]:
+        rows.append(headline(
+            f"{label}: ours fp32 / diffusers if everything but our convolutions took no time (profiled share)",
+            f"{v[OURS]['ratio_if_only_convolutions']:.2f}x ({v[OURS]['convolution_share']:.0%} of our step is in "
+            "oneDNN convolutions, which the baseline runs too)", "context: the fp32 target needs faster convolutions "
+            "than this, i.e. another algorithm" if limit is not None and v[OURS]["ratio_if_only_convolutions"] > limit
+            else "context"))
     for name in (n for n in v if n not in (BASELINE, OURS, run["auto_variant"])):
         extra = f"; compile {v[name]['compile_s']:.0f} s (not in the steps)" if "compile_s" in v[name] else ""
         rows.append(headline(f"{label}: {name} / ours fp32 eager (same run)",

@@ -92,3 +92,29 @@ def test_headline_has_no_target_on_cuda_and_flags_a_parameter_mismatch():
     rows = bench_unet.headlines(fake_run(0.5, device="cuda", rel=0.02), ["avx2"])
     assert rows[0]["met"] is None and rows[0]["target"] == ""
     assert rows[1]["met"] is False
+
+
+def test_convolution_share_tells_convolutions_from_the_rest():
+    torch.manual_seed(0)
+    conv, linear = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Linear(256, 256)
+    x, v = torch.randn(2, 16, 32, 32), torch.randn(64, 256)
+
+    def conv_step():
+        conv(x).square().mean().backward()
+
+    def linear_step():
+        linear(v).square().mean().backward()
+
+    assert bench_unet.convolution_share(conv_step) > 0.7
+    assert bench_unet.convolution_share(linear_step) == 0.0
+
+
+def test_the_convolution_bound_row_says_when_the_target_needs_another_algorithm():
+    run = fake_run(0.92)
+    run["variants"]["ours fp32"].update(convolution_share=0.88, ratio_if_only_convolutions=0.81)
+    rows = bench_unet.headlines(run, ["avx2"])
+    bound = next(r for r in rows if "if everything but our convolutions" in r["measured"])
+    assert bound["value"].startswith("0.81x (88% of our step") and "another algorithm" in bound["target"]
+    run["variants"]["ours fp32"].update(ratio_if_only_convolutions=0.6)
+    bound = next(r for r in bench_unet.headlines(run, ["avx2"]) if "if everything but" in r["measured"])
+    assert bound["target"] == "context"
