@@ -89,11 +89,11 @@ def histogram_panel(data: Sequence[np.ndarray], name: str, thresholds: Sequence[
         for ya in range(y0, y1, 6):
             cv2.line(panel, (x, ya), (x, min(ya + 3, y1)), INK, 1)
     cv2.rectangle(panel, (x0, y0), (x1, y1), GRID, 1)
-    for v in nice_ticks(xlo, xhi):
+    for v in nice_ticks(xlo, xhi, max(3, w // 80)):
         x = int(px(v))
         cv2.line(panel, (x, y1), (x, y1 + 3), GRID, 1)
         _text(panel, tick_label(v), x, y1 + 15, 0.33, "centre")
-    for v in nice_ticks(0.0, ymax, 4):
+    for v in nice_ticks(0.0, ymax, max(3, h // 70)):
         y = int(py(v))
         cv2.line(panel, (x0 - 3, y), (x0, y), GRID, 1)
         _text(panel, tick_label(v), x0 - 5, y + 4, 0.33, "right")
