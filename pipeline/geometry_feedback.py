@@ -11,8 +11,10 @@ denoises it again under the corrected condition
 with the same latent ε and the same diffusion noise streams, so the condition is the only change:
 the same seed and settings give the same images. Up to `rounds` times per image; each image keeps
 its try whose measurement is nearest its target (the largest |measured − target| over the fed-back
-keys), its first try on ties. An image that cannot be measured (no pupil or iris found) keeps its
-first try; a retry that cannot be measured stops that image's loop; so does a correction clipped to
+keys), its first try on ties, and never trades a round pupil for geometry: when the first try's
+pupil is round (circularity-check's round-pupil rule) only tries with a round pupil are kept, so
+the loop cannot lower the round-pupil rate. An image that cannot be measured (no pupil or iris
+found) keeps its first try; a retry that cannot be measured stops that image's loop; so does a correction clipped to
 the condition it already tried (it would give the same image again).
 """
 
@@ -109,7 +111,8 @@ def close_loop(targets: np.ndarray, priors: np.ndarray, images: np.ndarray, meas
     errors = [[_finite(e)] for e in first]
     tries, kept_try = np.ones(len(targets), int), np.zeros(len(targets), int)
     active = np.isfinite(best) & (best > tolerance)
-    per_round = []
+    keep_round = [bool(m.get("round_pupil", False)) for m in measured]  # only round tries may replace a round one
+    per_round, not_round = [], 0
     for r in range(1, rounds + 1):
         step = corrected(tried, targets, latest, keys, bounds)
         rows = np.flatnonzero(active & np.any(step != tried, axis=1))
@@ -122,7 +125,9 @@ def close_loop(targets: np.ndarray, priors: np.ndarray, images: np.ndarray, meas
             tries[row] += 1
             tried[row], latest[row] = step[row], new_measured[k]
             errors[row].append(_finite(err[k]))
-            if err[k] < best[row]:  # a NaN (not measured) is never kept
+            shape_ok = not keep_round[row] or bool(new_measured[k].get("round_pupil", False))
+            not_round += bool(err[k] < best[row] and not shape_ok)
+            if err[k] < best[row] and shape_ok:  # a NaN (not measured) is never kept
                 best[row], kept_try[row] = err[k], r
                 kept.priors[row], kept.images[row] = new_priors[k], new_images[k]
                 kept.measured[row], kept.conditions[row] = new_measured[k], step[row]
@@ -138,6 +143,7 @@ def close_loop(targets: np.ndarray, priors: np.ndarray, images: np.ndarray, meas
         "not_measured_first_try": int(np.sum(~np.isfinite(first))),
         "within_tolerance_first_try": int(np.sum(first <= tolerance)),
         "within_tolerance": int(np.sum(best <= tolerance)),
+        "nearer_but_not_round": not_round,  # tries nearer their target but not kept: the first try's pupil was round
         "per_round": per_round,
         "per_image": [{"tries": int(t), "kept_try": int(k), "condition": c.tolist(), "errors": e}
                       for t, k, c, e in zip(tries, kept_try, kept.conditions, errors, strict=True)],

@@ -113,7 +113,7 @@ def test_close_loop_keeps_the_nearest_try_and_counts_its_passes():
         return images, images
 
     def measure_(images: np.ndarray) -> list[dict]:
-        return [{"pupil_ratio": float(img[0, 0, 0]), "iris_radius": 0.35} for img in images]
+        return [{"pupil_ratio": float(img[0, 0, 0]), "iris_radius": 0.35, "round_pupil": True} for img in images]
 
     priors, images = respond(targets, np.arange(5))
     loop = close_loop(targets, priors, images, measure_(images), respond, measure_, rounds=3, tolerance=0.005,
@@ -130,6 +130,25 @@ def test_close_loop_keeps_the_nearest_try_and_counts_its_passes():
     assert [r["regenerated"] for r in loop.record["per_round"]] == [3, 2, 1]
     np.testing.assert_allclose(loop.conditions[0, 0], 0.45 + (targets[0, 0] - 0.45) * (1 - 0.4**4) / 0.6, atol=1e-5)
     np.testing.assert_array_equal(loop.conditions[4], targets[4])
+
+
+def test_a_round_pupil_is_never_traded_for_geometry():
+    targets = np.array([[0.3, 0.35, 0, 0], [0.3, 0.35, 0, 0]], np.float32)
+
+    def respond(conditions: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = (0.45 + 0.6 * (conditions[:, :1, None, None] - 0.45)).astype(np.float32)
+        return images, images
+
+    def measure_(images: np.ndarray, first: bool = False) -> list[dict]:  # retries: never round
+        return [{"pupil_ratio": img.item(), "iris_radius": 0.35, "round_pupil": first and i == 0}
+                for i, img in enumerate(images)]
+
+    priors, images = respond(targets, np.arange(2))
+    loop = close_loop(targets, priors, images, measure_(images, first=True), respond, measure_, rounds=2,
+                      tolerance=0.005, keys=("pupil_ratio",), bounds=condition_bounds(BANK, ("pupil_ratio",)))
+    assert [p["kept_try"] for p in loop.record["per_image"]] == [0, 2]  # round first try kept; the other improves
+    assert [p["tries"] for p in loop.record["per_image"]] == [3, 3]
+    assert loop.record["nearer_but_not_round"] == 2 and loop.measured[0]["round_pupil"]
 
 
 # --- through generate ------------------------------------------------------------------------------
