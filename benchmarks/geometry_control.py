@@ -11,13 +11,19 @@ round-pupil pass rate (pupil found, round, no bleed) against the unconditional V
 
 With `--diffusion RUN_DIR` the same requests also go through `generate` at the default strength
 (generate.strength) and are measured after diffusion; without it the output says that half was not run.
+After diffusion is reported open loop and closed loop: `generate` runs with `--feedback K` rounds of
+geometry feedback (generate.geometry_feedback, pipeline/geometry_feedback.py: images that miss their
+target by more than `--tolerance` are re-made under a corrected condition, same ε and noise), and the
+open loop is the first try of every image, bit-identical to `generate.geometry_feedback=0`
+(tests/test_geometry_feedback.py), so it costs no second run. Seconds per image: the wall time of the
+`generate` calls per image (closed loop), less the time spent in the feedback loop (open loop).
 
     python benchmarks/geometry_control.py --out docs/geometry --vae runs/vae-geometry/vae.keras \
-        --baseline-vae runs/vae/vae.keras [--diffusion runs/diffusion] [--n 200 --settings 9]
+        --baseline-vae runs/vae/vae.keras [--diffusion runs/diffusion --feedback 2] [--n 200 --settings 9]
 
 Without --vae (or --baseline-vae) the VAE is trained first with configs/vae.yaml (+ vae.condition=geometry)
 into OUT/cvae (OUT/vae). Writes OUT/geometry_control.json, OUT/geometry_control.md and OUT/sweep.png
-(one row per requested dilation: priors, and after diffusion when run).
+(one row per requested dilation: priors, and after diffusion open and closed loop when run).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from results_io import headline, machine_facts, write_result  # noqa: E402
 
-from pipeline.common.config import CircularityConfig, load_config  # noqa: E402
+from pipeline.common.config import CircularityConfig, GenerateConfig, load_config  # noqa: E402
 from pipeline.geometry_targets import GeometryRequest, control_error, measure, parse_span  # noqa: E402
 
 MAX_MAE, MIN_CORR = 0.03, 0.95
@@ -107,23 +113,54 @@ def run_priors(vae, ratios: np.ndarray, n: int, iris_radius: float | None) -> tu
 
 
 def run_diffusion(vae_path: Path, diffusion: Path, ratios: np.ndarray, n: int, device: str,
-                  iris_radius: float | None) -> tuple[list, list, list, dict]:
-    """`generate` at the default strength for each requested ratio; results, targets, measurements, facts."""
+                  iris_radius: float | None, feedback: int, tolerance: float) -> tuple[dict, list, dict]:
+    """`generate` at the default strength with `feedback` rounds for each requested ratio: the open
+    loop (first tries) and closed loop (kept tries) halves, the closed-loop images, and facts."""
     from pipeline.generate import generate
 
-    cfg = load_config(None, [f"generate.n={n}", f"generate.seed={SEED}"])
-    results, targets, measured, facts = [], [], [], {}
+    cfg = load_config(None, [f"generate.n={n}", f"generate.seed={SEED}", f"generate.geometry_feedback={feedback}",
+                             f"generate.geometry_tolerance={tolerance}"])
+    images, targets, facts = [], [], {}
+    halves = {"open_loop": {"measured": [], "seconds": 0.0}, "closed_loop": {"measured": [], "seconds": 0.0}}
+    tries = []
     for ratio in ratios:
+        start = time.perf_counter()
         gen = generate(cfg, diffusion, source="vae", vae_path=vae_path, device=device, progress=False,
                        geometry=request(ratio, iris_radius))
+        wall = time.perf_counter() - start
         geometry = gen.metadata["prior"]["geometry"]
-        results.append(gen.images)
+        images.append(gen.images)
         targets.append(np.asarray(geometry["targets"], np.float32))
-        measured.append(geometry["measured_result"])
+        loop = geometry.get("feedback", {})
+        halves["open_loop"]["measured"].append(geometry.get("measured_open_loop", geometry["measured_result"]))
+        halves["closed_loop"]["measured"].append(geometry["measured_result"])
+        halves["open_loop"]["seconds"] += wall - gen.metadata["timings_s"]["geometry_feedback"]
+        halves["closed_loop"]["seconds"] += wall
+        tries += [p["tries"] for p in loop.get("per_image", [])] or [1] * n
         facts = {"checkpoint": str(diffusion), "strength": gen.metadata["strength"], "t_start": gen.metadata["t_start"],
                  "sampler": gen.metadata["sampler"], "steps": gen.metadata["steps"],
-                 "image_size": int(gen.images.shape[-1]), "resized_priors": gen.metadata["prior"]["resized"]}
-    return results, targets, measured, facts
+                 "image_size": int(gen.images.shape[-1]), "resized_priors": gen.metadata["prior"]["resized"],
+                 "feedback_rounds": feedback, "feedback_tolerance": tolerance,
+                 "feedback_keys": loop.get("keys"), "feedback_bounds": loop.get("bounds"),
+                 "open_loop_from": "the first try of every image of the closed-loop run (= generate.geometry_feedback=0)"}
+    out = {}
+    for name, half in halves.items():
+        out[name] = {"settings": setting_rows(ratios, images, half["measured"]),
+                     "sweep": sweep_summary(ratios, targets, half["measured"]),
+                     "seconds_per_image": half["seconds"] / (n * len(ratios))}
+    out["closed_loop"].update(mean_tries=float(np.mean(tries)), extra_passes_per_image=float(np.mean(tries) - 1),
+                              images_regenerated=int(np.sum(np.array(tries) > 1)))
+    return out, images, facts
+
+
+def open_loop_images(vae_path: Path, diffusion: Path, ratios: np.ndarray, device: str,
+                     iris_radius: float | None) -> list[np.ndarray]:
+    """The picture's open-loop images (the first PICTURE_COLUMNS of each setting, no feedback)."""
+    from pipeline.generate import generate
+
+    cfg = load_config(None, [f"generate.n={PICTURE_COLUMNS}", f"generate.seed={SEED}", "generate.geometry_feedback=0"])
+    return [generate(cfg, diffusion, source="vae", vae_path=vae_path, device=device, progress=False,
+                     geometry=request(ratio, iris_radius)).images for ratio in ratios]
 
 
 def baseline_after_diffusion(base_path: Path, diffusion: Path, n: int, device: str) -> dict:
@@ -158,21 +195,40 @@ def picture(path: Path, ratios: np.ndarray, groups: list[tuple[str, list[np.ndar
     save_figure_atomic(fig, path, dpi=90)
 
 
+def halves(result: dict) -> list[tuple[str, dict]]:
+    """(name, {settings, sweep, …}) of the priors and, when run, after diffusion open and closed loop."""
+    d = result.get("diffusion")
+    if not d:
+        return [("priors", result["priors"])]
+    return [("priors", result["priors"]), ("after diffusion, open loop", d["open_loop"]),
+            (f"after diffusion, closed loop (K={d['feedback_rounds']})", d["closed_loop"])]
+
+
 def markdown(result: dict) -> str:
     """The README table: one row per requested ratio, then the sweep's summary lines."""
-    halves = [("priors", result["priors"])] + ([("after diffusion", result["diffusion"])] if result.get("diffusion") else [])
-    head = "| requested ratio | " + " | ".join(f"{name}: measured mean ± sd | {name}: MAE" for name, _ in halves) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(halves))]
+    parts = halves(result)
+    head = "| requested ratio | " + " | ".join(f"{name}: measured mean ± sd | MAE" for name, _ in parts) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(parts))]
     for i, ratio in enumerate(result["ratios"]):
         cells = [f"{h['settings'][i]['measured_mean']:.3f} ± {h['settings'][i]['measured_sd']:.3f} | {h['settings'][i]['mae']:.3f}"
-                 for _, h in halves]
+                 for _, h in parts]
         lines.append(f"| {ratio:.3f} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"- {result['n_per_setting']} priors per setting; iris radius / side: {result['iris_radius']}")
-    for name, h in halves:
+    if result.get("diffusion"):
+        d = result["diffusion"]
+        lines.append(f"- after diffusion: {d['n_per_setting']} images per setting at {d['image_size']} px, strength "
+                     f"{d['strength']}; closed loop: up to {d['feedback_rounds']} rounds, tolerance {d['feedback_tolerance']} "
+                     f"on {', '.join(d['feedback_keys'] or [])}; open loop = {d['open_loop_from']}")
+    for name, h in parts:
         s = h["sweep"]
+        cost = ""
+        if "seconds_per_image" in h:
+            cost = f", {h['seconds_per_image']:.2f} s/image"
+        if "mean_tries" in h:
+            cost += f", {h['mean_tries']:.2f} tries/image ({h['images_regenerated']} images regenerated)"
         lines.append(f"- {name}: MAE {s['mae']:.4f} (target ≤ {MAX_MAE}), correlation {s['corr']:.4f} (target ≥ {MIN_CORR}), "
-                     f"{s['measured']}/{s['n']} measured, round pupil {100 * s['round_pupil_rate']:.1f} %: "
+                     f"{s['measured']}/{s['n']} measured, round pupil {100 * s['round_pupil_rate']:.1f} %{cost}: "
                      f"{'met' if s['met'] else 'NOT met'}")
     base = result["baseline"]
     lines.append(f"- unconditional VAE ({base['vae']}): round pupil {100 * base['round_pupil_rate']:.1f} % of {base['n']} priors")
@@ -187,6 +243,21 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headlines(result: dict) -> list[dict]:
+    """The summary lines: error, correlation and round pupil of each half against its target."""
+    out = []
+    for name, h in halves(result):
+        s = h["sweep"]
+        base = result["baseline"] if name == "priors" else result["baseline"]["after_diffusion"]
+        out += [headline(f"{name}: |measured − requested| pupil/iris ratio", f"{s['mae']:.4f}", f"≤ {MAX_MAE}",
+                         s["mae"] <= MAX_MAE),
+                headline(f"{name}: correlation measured vs requested", f"{s['corr']:.4f}", f"≥ {MIN_CORR}",
+                         s["corr"] >= MIN_CORR),
+                headline(f"{name}: round pupil vs unconditional VAE", f"{100 * s['round_pupil_rate']:.1f} % vs "
+                         f"{100 * base['round_pupil_rate']:.1f} %", "not lower", s["round_pupil_not_lower"])]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/geometry_control"))
@@ -199,6 +270,10 @@ def main() -> None:
     parser.add_argument("--settings", type=int, default=9, help="requested ratios along the sweep")
     parser.add_argument("--sweep", default="0.25:0.65", help="requested pupil/iris ratios A:B")
     parser.add_argument("--device", default="cpu", help="the diffusion model's device")
+    parser.add_argument("--feedback", type=int, default=GenerateConfig.geometry_feedback,
+                        help="closed loop after diffusion: rounds of geometry feedback (default: generate's)")
+    parser.add_argument("--tolerance", type=float, default=GenerateConfig.geometry_tolerance,
+                        help="closed loop: regenerate while |measured − target| exceeds this (default: generate's)")
     parser.add_argument("--iris-radius", default="0.35", help="iris radius / image side of every request (the middle of "
                         "the synthetic set's 0.28–0.42), or 'bank': each image's from the training geometry")
     args = parser.parse_args()
@@ -225,35 +300,24 @@ def main() -> None:
     groups = [("priors", priors)]
     if args.diffusion:
         dn = args.diffusion_n or args.n
-        images, d_targets, d_measured, facts = run_diffusion(vae_path, args.diffusion, ratios, dn, args.device, iris_radius)
-        result["diffusion"] = {**facts, "n_per_setting": dn, "settings": setting_rows(ratios, images, d_measured),
-                               "sweep": sweep_summary(ratios, d_targets, d_measured)}
+        d, images, facts = run_diffusion(vae_path, args.diffusion, ratios, dn, args.device, iris_radius,
+                                         args.feedback, args.tolerance)
+        result["diffusion"] = {**facts, "n_per_setting": dn, **d}
         result["baseline"]["after_diffusion"] = baseline_after_diffusion(base_path, args.diffusion, dn * args.settings,
                                                                          args.device)
-        d = result["diffusion"]["sweep"]
-        d["round_pupil_not_lower"] = d["round_pupil_rate"] >= result["baseline"]["after_diffusion"]["round_pupil_rate"]
-        groups.append(("after diffusion", images))
+        for half in ("open_loop", "closed_loop"):
+            s = result["diffusion"][half]["sweep"]
+            s["round_pupil_not_lower"] = s["round_pupil_rate"] >= result["baseline"]["after_diffusion"]["round_pupil_rate"]
+        groups += [("after diffusion, open loop", open_loop_images(vae_path, args.diffusion, ratios, args.device,
+                                                                   iris_radius)),
+                   (f"closed loop, K={args.feedback}", images)]
     else:
         result["diffusion"] = None
         result["diffusion_note"] = "after-diffusion half not run: no --diffusion given"
     picture(args.out / "sweep.png", ratios, groups)
     result["seconds"] = time.perf_counter() - start
     result["machine"] = machine_facts()
-    p = result["priors"]["sweep"]
-    result["headline"] = [
-        headline("priors: |measured − requested| pupil/iris ratio", f"{p['mae']:.4f}", f"≤ {MAX_MAE}", p["mae"] <= MAX_MAE),
-        headline("priors: correlation measured vs requested", f"{p['corr']:.4f}", f"≥ {MIN_CORR}", p["corr"] >= MIN_CORR),
-        headline("priors: round pupil vs unconditional VAE", f"{100 * p['round_pupil_rate']:.1f} % vs "
-                 f"{100 * result['baseline']['round_pupil_rate']:.1f} %", "not lower", p["round_pupil_not_lower"]),
-    ]
-    if result["diffusion"]:
-        d, bd = result["diffusion"]["sweep"], result["baseline"]["after_diffusion"]
-        result["headline"] += [
-            headline("after diffusion: |measured − requested| ratio", f"{d['mae']:.4f}", f"≤ {MAX_MAE}", d["mae"] <= MAX_MAE),
-            headline("after diffusion: correlation", f"{d['corr']:.4f}", f"≥ {MIN_CORR}", d["corr"] >= MIN_CORR),
-            headline("after diffusion: round pupil vs unconditional VAE", f"{100 * d['round_pupil_rate']:.1f} % vs "
-                     f"{100 * bd['round_pupil_rate']:.1f} %", "not lower", d["round_pupil_not_lower"]),
-        ]
+    result["headline"] = headlines(result)
     (args.out / "geometry_control.md").write_text(markdown(result))
     write_result(args.out / "geometry_control.json", result)
 

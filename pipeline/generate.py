@@ -5,7 +5,8 @@ console script is `pipeline.cli.generate`.
 Priors are made first (Keras, on whichever backend it runs), handed over as NumPy arrays, then denoised with PyTorch,
 so the two frameworks meet only at NumPy. Priors of another size or channel count than the diffusion
 model (a 64 px VAE seeding a 128 px model) are fitted to it by `pipeline.common.resize.fit_priors`,
-and what was done is recorded in the metadata under prior.resized.
+and what was done is recorded in the metadata under prior.resized. Where the priors come from:
+`pipeline.prior_sources`; a geometry VAE's closed loop: `pipeline.geometry_feedback`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,13 @@ import numpy as np
 from pipeline.common.config import Config, GenerateConfig, config_to_dict
 from pipeline.common.devices import pick_torch_device
 from pipeline.common.errors import UserError
-from pipeline.common.files import prepare_out_dir, replace_dir, sha256_file, temp_dir_for
+from pipeline.common.files import prepare_out_dir, replace_dir, temp_dir_for
 from pipeline.common.images import FORMAT_SUFFIXES, SIXTEEN_BIT_SUFFIXES, make_grid, write_image
 from pipeline.common.resize import describe_fit, fit_priors
-from pipeline.common.seeding import describe, numpy_stream, stream_seed
-from pipeline.data.geometry import GEOMETRY_KEYS
+from pipeline.common.seeding import describe, stream_seed
+from pipeline.geometry_feedback import check_feedback, run_feedback
 from pipeline.geometry_targets import GeometryRequest, control_error, measure
+from pipeline.prior_sources import image_files, image_priors, load_geometry_vae, vae_priors
 
 log = logging.getLogger(__name__)
 
@@ -74,113 +77,19 @@ def image_suffix(fmt: str, bits: int) -> str:
     return suffix
 
 
-def load_geometry_vae(vae_path: str | Path, geometry: GeometryRequest | None):
-    """The VAE at `vae_path`; UserError when geometry targets are asked of an unconditional one."""
-    from vae.priors import is_conditional, load_vae
-
-    vae = load_vae(vae_path)
-    if geometry is not None and not is_conditional(vae):
-        raise UserError(f"geometry options ({geometry.source}) need a geometry VAE: the VAE at {vae_path} is "
-                        "unconditional (train it with vae.condition=geometry)")
-    return vae
-
-
-def _geometry_targets(vae, gen: GenerateConfig, geometry: GeometryRequest | None) -> tuple[np.ndarray | None, dict]:
-    """A CVAE's raw conditions of images 0…n−1 (what was asked for, else its training geometry) and
-    their description for metadata.json; (None, {}) for a plain VAE."""
-    from keras import ops
-
-    from vae.priors import is_conditional
-
-    if not is_conditional(vae):
-        return None, {}
-    request = geometry or GeometryRequest(source="none: every target from the VAE's condition bank (training geometry)")
-    targets = request.targets(gen.n, ops.convert_to_numpy(vae.condition_bank), gen.seed)
-    return targets, {"request": request.source, "keys": list(GEOMETRY_KEYS),
-                     "bank_draws": "image i: bank row numpy.random.default_rng(SeedSequence(seed, spawn_key=(i, 3)))"
-                                   ".integers(bank size), for what the request leaves open"}
-
-
-def _vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool,
-                vae_device: str, geometry: GeometryRequest | None = None) -> tuple[np.ndarray, dict]:
-    """Priors of images `indices`: image i decodes temperature · ε_i, ε_i from its own (seed, i, "vae")
-    stream; with `interpolate`, frame k decodes the slerp from ε_0 to ε_1 at k / (n − 1). A geometry
-    VAE decodes image i under target i (`geometry`, or its training geometry; see pipeline.geometry_targets)."""
-    from vae.priors import decode_draws, slerp
-
-    vae = load_geometry_vae(vae_path, geometry)
-    targets, geometry_info = _geometry_targets(vae, gen, geometry)
-    conditions = None if targets is None else targets[indices]
-
-    def eps(i: int) -> np.ndarray:
-        return numpy_stream(gen.seed, i, "vae").standard_normal(vae.latent_dim) * gen.temperature
-
-    if interpolate:
-        ends = eps(0), eps(1)
-        draws = np.stack([slerp(*ends, k / (gen.n - 1)) for k in indices])
-    else:
-        draws = np.stack([eps(i) for i in indices])
-
-    def draw() -> np.ndarray:
-        return decode_draws(vae, draws, conditions=conditions)
-
-    if vae_device == "cpu":
-        import keras
-
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            with tf.device("/CPU:0"):
-                priors = draw()
-        else:
-            priors = draw()
-    else:
-        priors = draw()
-    info = {"path": str(vae_path), "sha256": sha256_file(vae_path), "interpolate": interpolate,
-            "temperature": gen.temperature, "device": vae_device}
-    if conditions is not None:
-        info["geometry"] = {**geometry_info, "targets": conditions.tolist()}
-    return priors, info
-
-
-def _measure_geometry(prior_info: dict, priors: np.ndarray, images: np.ndarray, cfg: Config) -> None:
-    """Add circularity-check's measured geometry of the priors and the results, and how far the pupil
-    ratio and iris radius are from their targets, to a geometry VAE's prior_info["geometry"]."""
+def _measure_geometry(prior_info: dict, priors: np.ndarray, images: np.ndarray, cfg: Config,
+                      measured_result: list[dict] | None = None) -> None:
+    """Add circularity-check's measured geometry of the priors and the results (`measured_result` when
+    already measured), and how far the pupil ratio and iris radius are from their targets, to a
+    geometry VAE's prior_info["geometry"]."""
     geometry = prior_info.get("geometry")
     if geometry is None:
         return
     targets = np.asarray(geometry["targets"])
-    for name, batch in (("prior", priors), ("result", images)):
-        measured = measure(batch, cfg.circularity)
+    for name, batch, known in (("prior", priors, None), ("result", images, measured_result)):
+        measured = known if known is not None else measure(batch, cfg.circularity)
         geometry[f"measured_{name}"] = measured
         geometry[f"control_{name}"] = {key: control_error(targets, measured, key) for key in ("pupil_ratio", "iris_radius")}
-
-
-def _image_files(folder: str, n: int) -> list[Path]:
-    from pipeline.data.folders import list_image_files
-
-    files = list_image_files(folder)[:n]
-    if len(files) < n:
-        log.warning("only %d prior images in %s; generating %d images", len(files), folder, len(files))
-    return files
-
-
-def _image_priors(folder: str, files: list[Path], indices: list[int], channels: int) -> tuple[np.ndarray, dict]:
-    """Files `indices` at their own size with `channels` channels; UserError unless they share one size."""
-    from pipeline.data.folders import read_image_native
-
-    priors = [read_image_native(files[i], channels) for i in indices]
-    odd = next((k for k, img in enumerate(priors) if img.shape != priors[0].shape), None)
-    if odd is not None:
-        raise UserError("prior images must all have one size: "
-                        f"{_sized(files[indices[0]], folder, priors[0])}, {_sized(files[indices[odd]], folder, priors[odd])}")
-    return np.stack(priors), {"folder": folder, "files": [str(f) for f in files]}
-
-
-def _sized(path: Path, folder: str, img: np.ndarray) -> str:
-    """'a.png is 64x64' (width x height; the path relative to the prior folder)."""
-    name = path.relative_to(folder) if path.is_relative_to(folder) else path
-    return f"{name} is {img.shape[2]}x{img.shape[1]}"
 
 
 def _check_indices(indices: Sequence[int] | None, n: int) -> list[int]:
@@ -228,7 +137,10 @@ def generate(
     diffusion noise, so neighbouring frames differ only through their priors.
     `geometry` (pipeline.geometry_targets) sets the targets of a geometry VAE (a UserError for a
     plain one, before the diffusion model is loaded); the targets and circularity-check's
-    measurement of priors and results go into metadata["prior"]["geometry"].
+    measurement of priors and results go into metadata["prior"]["geometry"]. With targets,
+    `generate.geometry_feedback` > 0 rounds re-make the images that miss them by more than
+    `generate.geometry_tolerance` under a corrected condition (pipeline.geometry_feedback; the same ε
+    and noise streams); 0 is the open loop.
     """
     import torch
 
@@ -240,6 +152,7 @@ def generate(
     if source not in SOURCES:
         raise UserError(f"unknown source '{source}'; valid: {', '.join(SOURCES)}")
     gen = cfg.generate
+    check_feedback(gen.geometry_feedback, gen.geometry_tolerance)
     if geometry is not None:
         if source != "vae":
             raise UserError("geometry options need --from-vae with a geometry VAE")
@@ -271,14 +184,14 @@ def generate(
             raise UserError("--from-vae needs a VAE file")
         n = gen.n
         indices = _check_indices(indices, n)
-        priors, prior_info = _vae_priors(str(vae_path), gen, indices, interpolate, vae_device, geometry)
+        priors, prior_info, decoder = vae_priors(str(vae_path), gen, indices, interpolate, vae_device, geometry)
     elif source == "images":
         if images_dir is None:
             raise UserError("--from-images needs a folder")
-        files = _image_files(str(images_dir), gen.n)
+        files = image_files(str(images_dir), gen.n)
         n = len(files)
         indices = _check_indices(indices, n)
-        priors, prior_info = _image_priors(str(images_dir), files, indices, shape[0])
+        priors, prior_info = image_priors(str(images_dir), files, indices, shape[0])
     else:
         n = gen.n
         indices = _check_indices(indices, n)
@@ -291,24 +204,42 @@ def generate(
     net = model if precision == "fp32" else with_autocast(model, autocast_for(precision, torch_device))
     keys = [0 if interpolate else i for i in indices]  # whose noise streams each image uses
 
-    results = []
+    def denoise(x0: np.ndarray | None, rows: Sequence[int]) -> np.ndarray:
+        """Results of the images at `rows` of `indices` from their priors `x0` (None: pure noise), each
+        with its own noise streams (so a retry under another condition differs only by its prior)."""
+        results = []
+        for lo in range(0, len(rows), batch_size):
+            batch_keys = [keys[r] for r in rows[lo : lo + batch_size]]
+            noise = _start_noise(gen.seed, batch_keys, shape).to(torch_device)
+            step_gens = [torch.Generator(device=torch_device).manual_seed(stream_seed(gen.seed, k, "step"))
+                         for k in batch_keys]
+            x_start = None if x0 is None else torch.from_numpy(x0[lo : lo + batch_size]).to(torch_device)
+            out = sample(
+                net, diffusion, (len(batch_keys), *shape), sampler=gen.sampler, eta=gen.eta, x_start=x_start,
+                t_start=None if pure_noise else t_index, noise=noise, generator=step_gens,
+                clip_denoised=gen.clip_denoised, progress=progress, device=torch_device,
+            )
+            results.append(out.float().cpu().numpy())
+        return np.clip(np.concatenate(results), -1.0, 1.0).astype(np.float32)
+
     t_sample = time.perf_counter()
-    for lo in range(0, len(indices), batch_size):
-        batch_keys = keys[lo : lo + batch_size]
-        noise = _start_noise(gen.seed, batch_keys, shape).to(torch_device)
-        step_gens = [torch.Generator(device=torch_device).manual_seed(stream_seed(gen.seed, k, "step"))
-                     for k in batch_keys]
-        x_start = None if pure_noise else torch.from_numpy(priors[lo : lo + batch_size]).to(torch_device)
-        out = sample(
-            net, diffusion, (len(batch_keys), *shape), sampler=gen.sampler, eta=gen.eta, x_start=x_start,
-            t_start=None if pure_noise else t_index, noise=noise, generator=step_gens,
-            clip_denoised=gen.clip_denoised, progress=progress, device=torch_device,
-        )
-        results.append(out.float().cpu().numpy())
+    images = denoise(None if pure_noise else priors, range(len(indices)))
     sample_seconds = time.perf_counter() - t_sample
-    images = np.clip(np.concatenate(results), -1.0, 1.0).astype(np.float32)
+    measured_result, t_feedback = None, time.perf_counter()
+    if geometry is not None and gen.geometry_feedback > 0 and pure_noise:
+        log.info("geometry feedback skipped: at strength 1 the prior does not reach the result")
+    elif geometry is not None and gen.geometry_feedback > 0:
+
+        def render(conditions: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            fitted = fit_priors(decoder(conditions, rows), shape)[0]
+            return fitted, denoise(fitted, rows)
+
+        loop = run_feedback(prior_info["geometry"], geometry, decoder.bank(), priors, images, render,
+                            partial(measure, cfg=cfg.circularity), gen.geometry_feedback, gen.geometry_tolerance)
+        priors, images, measured_result = loop.priors, loop.images, loop.measured
+    feedback_seconds = time.perf_counter() - t_feedback
     if priors is not None:
-        _measure_geometry(prior_info, priors, images, cfg)
+        _measure_geometry(prior_info, priors, images, cfg, measured_result)
 
     metadata = {
         "source": source,
@@ -331,7 +262,7 @@ def generate(
         "prior": prior_info,
         "device": str(torch_device),
         "timings_s": {"total": time.perf_counter() - t0, "priors": prior_seconds, "sampling": sample_seconds,
-                      "sampling_per_image": sample_seconds / max(len(indices), 1)},
+                      "sampling_per_image": sample_seconds / max(len(indices), 1), "geometry_feedback": feedback_seconds},
         "versions": library_versions(),
         "config": config_to_dict(cfg),
         "train_config": config_to_dict(train_cfg),

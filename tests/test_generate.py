@@ -13,6 +13,7 @@ from pipeline import generate as gen_mod
 from pipeline.cli import generate as gen_cli
 from pipeline.common.config import load_config
 from pipeline.data.folders import load_image_array
+from pipeline.prior_sources import vae_priors
 from vae import train as vae_train
 
 TINY = ["data.image_size=32", "data.synthetic_count=32", "model.model_channels=16", "model.num_res_blocks=1",
@@ -107,7 +108,7 @@ def test_a_smaller_vae_seeds_the_model_through_fit_priors(models, tmp_path):
     cfg16 = load_config(None, [*TINY, "generate.n=2", "generate.steps=5", "generate.strength=0"])
     result = gen_mod.generate(cfg16, root / "diffusion", source="vae", vae_path=tmp_path / "vae16" / "vae.keras",
                               device="cpu", progress=False)
-    native, _ = gen_mod._vae_priors(str(tmp_path / "vae16" / "vae.keras"), cfg16.generate, [0, 1], False, "auto")
+    native, _, _ = vae_priors(str(tmp_path / "vae16" / "vae.keras"), cfg16.generate, [0, 1], False, "auto")
     assert native.shape == (2, 1, 16, 16) and result.images.shape == (2, 1, 32, 32)
     np.testing.assert_array_equal(result.images, fit_priors(native, (1, 32, 32))[0])
     by_cv2 = [np.clip(cv2.resize(p[0], (32, 32), interpolation=cv2.INTER_CUBIC), -1, 1) for p in native]

@@ -7,6 +7,8 @@ noising and diffusion denoising; writes the images, grid.png and metadata.json (
     generate … --format bmp        000000.bmp … (--format tiff --bits 16: 16-bit 000000.tif …)
     generate --from-vae runs/vae-geometry/vae.keras … --pupil-ratio 0.25:0.65 --n 9
                                    a dilation sweep (a geometry VAE: train-vae --set vae.condition=geometry)
+    generate … --pupil-ratio 0.45 --geometry-feedback 3 --geometry-tolerance 0.02
+                                   re-make images that miss their target (up to 3 rounds; 0 = open loop)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pipeline.common.config import GenerateConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import prepare_out_dir
 from pipeline.generate import generate, image_suffix, write_generation
+from pipeline.geometry_feedback import check_feedback
 from pipeline.geometry_targets import request_from_options
 
 
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     geo.add_argument("--geometry-csv", metavar="FILE", help="per-image targets: columns pupil_ratio (or "
                      "pupil_iris_ratio) and/or iris_radius (or iris_r with width), e.g. circularity-check's "
                      "results.csv; image i takes row i (cycling)")
+    geo.add_argument("--geometry-feedback", type=int, metavar="K", help="rounds of closed-loop correction: an image "
+                     "whose measured pupil ratio (iris radius, when set) misses its target by more than the tolerance is "
+                     "made again under condition + (target − measured), same seed; 0 = open loop "
+                     f"(default: {fields['geometry_feedback'].default})")
+    geo.add_argument("--geometry-tolerance", type=float, metavar="T", help="the miss, in (0, 1), under which an image is "
+                     f"kept as it is (default: {fields['geometry_tolerance'].default})")
     return parser
 
 
@@ -82,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     for name in ("n", "strength", "sampler", "steps", "eta", "seed", "batch_size", "temperature", "precision",
-                 "format", "bits", "clip_denoised", "use_ema"):
+                 "format", "bits", "clip_denoised", "use_ema", "geometry_feedback", "geometry_tolerance"):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg.generate, name, value)
@@ -92,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     geometry = request_from_options(args.pupil_ratio, args.iris_radius, args.offset, args.geometry_csv)
     if geometry is not None and not args.from_vae:
         raise UserError("--pupil-ratio, --iris-radius, --offset and --geometry-csv need --from-vae with a geometry VAE")
+    if geometry is None and (args.geometry_feedback is not None or args.geometry_tolerance is not None):
+        raise UserError("--geometry-feedback and --geometry-tolerance need geometry targets "
+                        "(--pupil-ratio, --iris-radius, --offset or --geometry-csv)")
+    check_feedback(cfg.generate.geometry_feedback, cfg.generate.geometry_tolerance)
     out = prepare_out_dir(args.out, args.overwrite)
     source = "vae" if args.from_vae else "images" if args.from_images else "noise"
     result = generate(
@@ -105,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = result.metadata
     print(f"wrote {len(result.indices)} images ({meta['source']}, strength {meta['strength']}, t_start {meta['t_start']}, "
           f"{meta['nfe_per_image']} network evaluations each) to {out}")
-    control = meta["prior"].get("geometry", {}).get("control_result", {}).get("pupil_ratio")
+    geometry_info = meta["prior"].get("geometry", {})
+    control = geometry_info.get("control_result", {}).get("pupil_ratio")
     if geometry is not None and control:
         print(f"pupil/iris ratio vs target: mean absolute error {control['mae']:.3f}, correlation {control['corr']:.3f} "
               f"({control['measured']} of {control['n']} measured; per image in metadata.json)")
+    loop, first = geometry_info.get("feedback"), geometry_info.get("control_open_loop", {}).get("pupil_ratio")
+    if loop and first:
+        print(f"geometry feedback: {loop['images_regenerated']} images re-made, {loop['extra_diffusion_passes']} extra "
+              f"diffusion passes; open loop the error was {first['mae']:.3f}, correlation {first['corr']:.3f}")
     return 0
 
 

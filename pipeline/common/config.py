@@ -147,6 +147,8 @@ class GenerateConfig:
     temperature: float = 1.0  # VAE latent temperature
     format: str = "png"  # png | bmp | tiff: the images' file type (grid.png stays PNG)
     bits: int = 8  # 8 | 16 (png and tiff only)
+    geometry_feedback: int = 2  # with geometry targets: rounds of per-image correction (0 = open loop)
+    geometry_tolerance: float = 0.01  # |measured − target| under which an image is kept as it is
 
 
 @dataclass
