@@ -11,6 +11,7 @@ import pytest
 from pipeline.check.analyze import analyze_with_geometry
 from pipeline.check.folder import analyze_folder, read_image
 from pipeline.check.plots import COLOURS, MARGINS, histogram_panel, nice_ticks, plot_histograms
+from pipeline.check.rules import rules_from_config
 from pipeline.check.summary import WORST_COUNT, _badness, worst_rows
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import write_image
@@ -105,9 +106,9 @@ def eyes(tmp_path_factory):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_worst_rows_keep_their_boundaries(eyes, workers):
     cfg = CircularityConfig()
-    rows, _ = analyze_folder(eyes, cfg, workers, worst=(5, functools.partial(_badness, cfg=cfg)))
+    rows, _ = analyze_folder(eyes, cfg, workers, worst=(5, functools.partial(_badness, rules=rules_from_config(cfg))))
     kept = [r for r in rows if "_geometry" in r]
-    ranked = sorted(rows, key=lambda r: -_badness(r, cfg))  # stable: earlier files first on ties
+    ranked = sorted(rows, key=lambda r: -_badness(r, rules_from_config(cfg)))  # stable: earlier files first on ties
     assert [r["file"] for r in kept] == sorted(r["file"] for r in ranked[:5])
     for r in kept:
         _, geometry = analyze_with_geometry(read_image(eyes / r["file"]), cfg)

@@ -8,6 +8,7 @@ Rules are the fields of `CircularityConfig`, in order: `min_<metric>` needs metr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,15 +44,21 @@ class Rule:
         return f"{self.metric} {value:.3g} {op} {self.threshold:.3g}"
 
 
-def rules_from_config(cfg: CircularityConfig) -> list[Rule]:
-    """The rules, in the order of the config fields."""
-    rules = []
-    for f in dataclasses.fields(cfg):
+@functools.cache
+def _rule_fields(config_class: type) -> tuple[tuple[str, str, str], ...]:
+    """(field, kind, metric) of each rule field of a config class, read once (this runs per image)."""
+    out = []
+    for f in dataclasses.fields(config_class):
         kind, _, metric = f.name.partition("_")
         if kind not in ("min", "max") or metric not in METRICS:
             raise ValueError(f"circularity config field {f.name!r} is not min_/max_<metric>")
-        rules.append(Rule(metric, kind, float(getattr(cfg, f.name))))
-    return rules
+        out.append((f.name, kind, metric))
+    return tuple(out)
+
+
+def rules_from_config(cfg: CircularityConfig) -> list[Rule]:
+    """The rules, in the order of the config fields."""
+    return [Rule(metric, kind, float(getattr(cfg, name))) for name, kind, metric in _rule_fields(type(cfg))]
 
 
 def evaluate_rules(metrics: dict, cfg: CircularityConfig) -> tuple[bool, str]:

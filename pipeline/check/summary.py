@@ -18,6 +18,7 @@ from pipeline.check.rules import (
     METRICS,
     NO_IRIS,
     NO_PUPIL,
+    Rule,
     round_pupil_without_bleed,
     rules_from_config,
 )
@@ -91,14 +92,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
                              else f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns])
 
 
-def _badness(row: dict, cfg: CircularityConfig) -> float:
-    """How far an image is from passing (largest relative rule violation; detection failures worst)."""
+def _badness(row: dict, rules: list[Rule]) -> float:
+    """How far an image is from passing `rules` (largest relative violation; detection failures worst)."""
     if not row["pupil_found"]:
         return math.inf
     if not row["iris_found"]:
         return 1e9
     worst = -math.inf
-    for rule in rules_from_config(cfg):
+    for rule in rules:
         v = row[rule.metric]
         if not math.isfinite(v):
             return 1e8
@@ -109,7 +110,7 @@ def _badness(row: dict, cfg: CircularityConfig) -> float:
 
 def worst_rows(cfg: CircularityConfig) -> tuple[int, Callable[[dict], float]]:
     """`analyze_folder`'s `worst` argument for the worst-cases sheet: how many, and how bad a row is."""
-    return WORST_COUNT, functools.partial(_badness, cfg=cfg)
+    return WORST_COUNT, functools.partial(_badness, rules=rules_from_config(cfg))
 
 
 def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, path: Path) -> None:
@@ -117,7 +118,8 @@ def write_worst_sheet(folder: Path, rows: list[dict], cfg: CircularityConfig, pa
     kept them: `analyze_folder(..., worst=worst_rows(cfg))`)."""
     from pipeline.check.plots import contact_sheet
 
-    worst = sorted((r for r in rows if "_geometry" in r), key=lambda r: -_badness(r, cfg))
+    _, badness = worst_rows(cfg)
+    worst = sorted((r for r in rows if "_geometry" in r), key=lambda r: -badness(r))
     tiles = [draw_overlay(read_image(folder / r["file"]), r, r["_geometry"]) for r in worst]
     captions = [f"{r['file'][-28:]}\n{r['reason'] or 'pass'}" for r in worst]
     contact_sheet(tiles, captions, path, title=f"{folder.name}: {len(worst)} worst of {len(rows)}")
