@@ -1,5 +1,5 @@
-"""Report figures drawn with OpenCV, no Matplotlib (whose import and text layout alone would cost
-circularity-check more than measuring a thousand images): metric histograms, overlaid for several
+"""Report figures drawn with OpenCV, no Matplotlib (whose import and text layout were most of a
+circularity-check call's time outside the measurement): metric histograms, overlaid for several
 groups, and contact sheets of captioned images. Generic: no knowledge of where the numbers come from."""
 
 from __future__ import annotations
