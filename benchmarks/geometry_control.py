@@ -96,12 +96,10 @@ def request(ratio: float, iris_radius: float | None) -> GeometryRequest:
 
 def run_priors(vae, ratios: np.ndarray, n: int, iris_radius: float | None) -> tuple[list, list, list]:
     """Priors, targets and measurements of each requested ratio (shared latents and other targets)."""
-    from keras import ops
-
-    from vae.priors import decode_draws, prior_latents
+    from vae.priors import condition_bank, decode_draws, prior_latents
 
     eps = prior_latents(vae.latent_dim, n, SEED)
-    bank = ops.convert_to_numpy(vae.condition_bank)
+    bank = condition_bank(vae)
     priors, targets, measured = [], [], []
     for ratio in ratios:
         t = request(ratio, iris_radius).targets(n, bank, SEED)

@@ -8,6 +8,7 @@ Image i of a VAE run decodes temperature · ε_i, ε_i from its own (seed, i, "v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +39,12 @@ def load_geometry_vae(vae_path: str | Path, geometry: GeometryRequest | None):
 def geometry_targets_of(vae, gen: GenerateConfig, geometry: GeometryRequest | None) -> tuple[np.ndarray | None, dict]:
     """A CVAE's raw conditions of images 0…n−1 (what was asked for, else its training geometry) and
     their description for metadata.json; (None, {}) for a plain VAE."""
-    from keras import ops
-
-    from vae.priors import is_conditional
+    from vae.priors import condition_bank, is_conditional
 
     if not is_conditional(vae):
         return None, {}
     request = geometry or GeometryRequest(source="none: every target from the VAE's condition bank (training geometry)")
-    targets = request.targets(gen.n, ops.convert_to_numpy(vae.condition_bank), gen.seed)
+    targets = request.targets(gen.n, condition_bank(vae), gen.seed)
     return targets, {"request": request.source, "keys": list(GEOMETRY_KEYS),
                      "bank_draws": "image i: bank row numpy.random.default_rng(SeedSequence(seed, spawn_key=(i, 3)))"
                                    ".integers(bank size), for what the request leaves open"}
@@ -61,23 +60,23 @@ class PriorDecoder:
     vae_device: str
 
     def __call__(self, conditions: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+        import keras
+
         from vae.priors import decode_draws
 
-        if self.vae_device == "cpu":
-            import keras
+        place = contextlib.nullcontext()
+        if self.vae_device == "cpu" and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
 
-            if keras.backend.backend() == "tensorflow":
-                import tensorflow as tf
-
-                with tf.device("/CPU:0"):
-                    return decode_draws(self.vae, self.draws[rows], conditions=conditions)
-        return decode_draws(self.vae, self.draws[rows], conditions=conditions)
+            place = tf.device("/CPU:0")
+        with place:
+            return decode_draws(self.vae, self.draws[rows], conditions=conditions)
 
     def bank(self) -> np.ndarray:
         """A geometry VAE's training geometry (its condition bank)."""
-        from keras import ops
+        from vae.priors import condition_bank
 
-        return ops.convert_to_numpy(self.vae.condition_bank)
+        return condition_bank(self.vae)
 
 
 def vae_priors(vae_path: str, gen: GenerateConfig, indices: list[int], interpolate: bool, vae_device: str,

@@ -54,6 +54,13 @@ def is_conditional(vae) -> bool:
     return bool(getattr(vae, "conditional", False))
 
 
+def condition_bank(vae) -> np.ndarray:
+    """A CVAE's condition bank (its training set's raw geometry, one row per training image) as NumPy."""
+    from keras import ops
+
+    return ops.convert_to_numpy(vae.condition_bank)
+
+
 def _check_conditions(vae, conditions: np.ndarray | None, n: int) -> np.ndarray | None:
     """Raw conditions (n, K) float32 for a CVAE (None: its own defaults); UserError for a plain VAE given some."""
     if conditions is None:
@@ -76,7 +83,7 @@ def _decode(vae, z: np.ndarray, batch_size: int, conditions: np.ndarray | None =
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     conditions = _check_conditions(vae, conditions, len(z))
     if conditions is None and is_conditional(vae):
-        bank = ops.convert_to_numpy(vae.condition_bank)
+        bank = condition_bank(vae)
         conditions = bank[np.arange(len(z)) % len(bank)]
     out = np.empty((len(z), *vae_image_shape(vae)), np.float32)
     for lo in range(0, len(z), batch_size):

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.check import POOL_PRELOAD
 from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_uint8, to_grey_unit
 from pipeline.check.rules import METRICS
 from pipeline.common.config import CircularityConfig
@@ -129,12 +130,12 @@ def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_d
                              want_outline=worst is not None)
     results: list[dict] = []
     kept: list[tuple[float, int]] = []  # a min-heap of (badness, −index): the worst so far, earlier first on ties
+    k, badness = worst or (0, None)
     with tqdm(total=len(tasks), unit="img", desc=folder.name or str(folder), disable=None, leave=False) as bar:
-        for rows in chunked_map(work, tasks, workers, preload=("pipeline.check.folder",)):
+        for rows in chunked_map(work, tasks, workers, preload=POOL_PRELOAD):
             for row in rows:
                 results.append(row)
-                if worst is not None and "error" not in row:
-                    k, badness = worst
+                if badness is not None and "error" not in row:
                     heapq.heappush(kept, (badness(row), 1 - len(results)))
                     if len(kept) > k:
                         del results[-heapq.heappop(kept)[1]]["_geometry"]

@@ -77,7 +77,8 @@ def histogram_panel(data: Sequence[np.ndarray], name: str, thresholds: Sequence[
         return np.rint(y1 - np.asarray(v) / ymax * (y1 - y0)).astype(int)
 
     alpha = 0.55 if len(data) > 1 else 0.9
-    for colour, c in zip(COLOURS * (len(data) // len(COLOURS) + 1), counts, strict=False):
+    for k, c in enumerate(counts):
+        colour = COLOURS[k % len(COLOURS)]
         layer = np.zeros((h, w), np.uint8)
         for a, b, top_y in zip(px(edges[:-1]), px(edges[1:]), py(c), strict=True):
             if top_y < y1:

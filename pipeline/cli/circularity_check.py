@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.check import POOL_PRELOAD
 from pipeline.cli.entry import add_config_args, add_metrics_args, cli_entry, config_from_args
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `circularity-check`."""
     args = _parse(argv)
     if args.workers > 1:  # the workers' server starts first: its imports overlap ours (measurement, NumPy, OpenCV)
-        start_pool_server(("pipeline.check.folder",))
+        start_pool_server(POOL_PRELOAD)
     from pipeline.check.summary import console_table
 
     cfg, folder, reference, out, inception = _inputs(args)
