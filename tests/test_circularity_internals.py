@@ -5,10 +5,15 @@ import numpy as np
 import pytest
 from skimage.measure import find_contours
 
-from pipeline.check.arrays import linear_quantile
+from pipeline.check import quality
+from pipeline.check.analyze import analyze_image
+from pipeline.check.arrays import kernel, linear_quantile
 from pipeline.check.contour import longest_closed_contour
 from pipeline.check.fit import _null_vectors
-from pipeline.check.quality import sharpness
+from pipeline.check.quality import LASH_CONTRAST, sharpness
+from pipeline.common.config import CircularityConfig
+from pipeline.common.images import to_unit
+from pipeline.data.synthetic import generate_irises
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -49,3 +54,37 @@ def test_null_vectors_solve_the_systems():
 def test_linear_quantile_is_numpys(q):
     a = np.random.default_rng(1).normal(size=(7, 31))
     assert np.array_equal(linear_quantile(a, q), np.quantile(a, q, axis=-1))
+
+
+def _lashes_dropped_over_the_whole_window(iris_like, sm, disk, pupil_mask, dy, i_med, scale):
+    """The lash rule as first written: closing, labelling and the upper-half test over the whole window."""
+    upper = dy < 0
+    closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
+    dark = ((closed - sm > LASH_CONTRAST * i_med) & upper).astype(np.uint8)
+    above = ((~iris_like | ~disk) & upper & (pupil_mask == 0)).astype(np.uint8)
+    n, labels = cv2.connectedComponents(dark | above)  # OpenCV's default labelling, not the one under test
+    hit = np.zeros(n, bool)
+    hit[labels[above > 0]] = True
+    hit[0] = False
+    return iris_like & ~(hit[labels] & (dark > 0))
+
+
+def test_lashes_looked_for_in_the_top_rows_are_those_of_the_whole_window(monkeypatch):
+    calls = []
+    real = quality._drop_lashes
+    monkeypatch.setattr(quality, "_drop_lashes", lambda *a: calls.append([x.copy() if isinstance(x, np.ndarray) else x
+                                                                           for x in a]) or real(*a))
+    cfg = CircularityConfig()
+    for img in generate_irises(40, 128, seed=11, defects=0.6)[0]:
+        analyze_image(to_unit(img[0]), cfg)
+    assert len(calls) >= 30
+    changed = 0
+    for args in calls:
+        want = _lashes_dropped_over_the_whole_window(*args)
+        np.testing.assert_array_equal(real(args[0].copy(), *args[1:]), want)
+        changed += not np.array_equal(want, args[0])
+    assert changed >= 3  # lashes were found in some eyes: the comparison covers the rule, not only no-ops
+    iris_like, sm, disk, pupil_mask, dy, i_med, scale = calls[0]
+    below = np.abs(dy) + 1  # a window wholly below the iris centre has no lash rows
+    np.testing.assert_array_equal(real(iris_like.copy(), sm, disk, pupil_mask, below, i_med, scale), iris_like)
+

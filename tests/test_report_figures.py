@@ -3,6 +3,7 @@ the worst-cases rows kept while measuring, and a pool whose server started early
 
 import functools
 import math
+import os
 
 import cv2
 import numpy as np
@@ -15,7 +16,12 @@ from pipeline.check.rules import rules_from_config
 from pipeline.check.summary import WORST_COUNT, _badness, worst_rows
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import write_image
-from pipeline.common.pool import chunked_map, start_pool_server
+from pipeline.common.pool import (
+    WORKER_THREAD_ENV,
+    chunked_map,
+    start_pool_server,
+    worker_environment,
+)
 from pipeline.data.synthetic import generate_irises
 
 COUNTS = [3, 7, 1, 9, 4, 12, 6, 2, 8, 5]  # no empty bin, no two neighbours equal
@@ -126,3 +132,19 @@ def test_a_pool_server_started_early_gives_the_inline_results():
     items = list(range(50))
     pooled = [v for chunk in chunked_map(_square, items, 2, preload=("tests.test_report_figures",)) for v in chunk]
     assert pooled == [_square(i) for i in items]
+
+
+def _thread_settings(_: int) -> dict:
+    return {k: os.environ.get(k) for k in WORKER_THREAD_ENV}
+
+
+def test_pool_workers_run_one_blas_thread_and_the_caller_keeps_its_environment(monkeypatch):
+    before = {k: os.environ.get(k) for k in WORKER_THREAD_ENV}
+    seen = [v for chunk in chunked_map(_thread_settings, list(range(8)), 2) for v in chunk]
+    assert all(s == {k: before[k] or "1" for k in WORKER_THREAD_ENV} for s in seen)
+    assert {k: os.environ.get(k) for k in WORKER_THREAD_ENV} == before
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with worker_environment():
+        assert os.environ["OMP_NUM_THREADS"] == "3" and os.environ["MKL_NUM_THREADS"] == "1"
+    assert "MKL_NUM_THREADS" not in os.environ and os.environ["OMP_NUM_THREADS"] == "3"

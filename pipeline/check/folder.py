@@ -18,7 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.check import POOL_PRELOAD
 from pipeline.check.analyze import Geometry, analyze_with_geometry, to_grey_uint8, to_grey_unit
@@ -124,6 +123,8 @@ def analyze_folder(folder: Path, cfg: CircularityConfig, workers: int, overlay_d
 
     With workers > 1 the processes come from a fork server, which imports the caller's main module:
     scripts calling this need the usual `if __name__ == "__main__":` guard."""
+    from tqdm import tqdm  # here: the workers, which import this module, need no progress bars
+
     files = find_images(folder, exclude)
     tasks = [(p, p.relative_to(folder).as_posix()) for p in files]
     work = functools.partial(_work, cfg=cfg, overlay_dir=overlay_dir, want_features=want_features,

@@ -104,7 +104,7 @@ def _darkest_core(comp: np.ndarray, sm: np.ndarray, spread: float, s: float, sca
         inner = np.zeros_like(comp)
         inner[box] = cv2.morphologyEx(((sm[box] < dark + 0.4 * (mid - dark)) & (comp[box] > 0)).astype(np.uint8),
                                       cv2.MORPH_OPEN, kernel(1.5 * scale))
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(inner[box], 8)
+        n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(inner[box], 8, cv2.CV_32S, cv2.CCL_GRANA)
         if n < 2 or stats[1:, cv2.CC_STAT_AREA].max() < math.pi * (0.015 * s) ** 2:
             break
         inner[box] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
@@ -174,7 +174,7 @@ def find_pupil(g: np.ndarray, s: float, scale: float) -> tuple[Pupil, np.ndarray
     black = cv2.morphologyEx((sm < dark + 0.1 * (around - dark)).astype(np.uint8), cv2.MORPH_OPEN, kernel(1.5 * scale))
     if glints is not None:
         black |= glints  # a reflection must not split the pupil; its part of the rim is bridged below
-    labels = cv2.connectedComponents(black)[1]
+    labels = cv2.connectedComponentsWithAlgorithm(black, 8, cv2.CV_32S, cv2.CCL_GRANA)[1]
     hits = np.bincount(labels[comp > 0], minlength=2)
     hits[0] = 0  # the black component that overlaps the first guess most
     if hits.max() == 0:

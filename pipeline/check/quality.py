@@ -134,21 +134,34 @@ def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.
     # Texture energy spills a few pixels past the iris into a smooth lid that is as grey as the iris
     # (where brightness cannot tell them apart): pull the iris back from every large smooth region.
     smooth = (~textured & not_bright & annulus).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(smooth, 8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(smooth, 8, cv2.CV_32S, cv2.CCL_GRANA)
     large = np.zeros(n, bool)
     large[1:] = stats[1:, cv2.CC_STAT_AREA] >= LID_MIN_AREA * np.count_nonzero(disk)
-    iris_like &= cv2.dilate(large[labels].astype(np.uint8), kernel(LID_SPILL * scale)) == 0
-    upper = dy < 0
-    closed = cv2.morphologyEx(sm, cv2.MORPH_CLOSE, kernel(3 * scale))
-    dark_lines = ((closed - sm > LASH_CONTRAST * i_med) & upper).astype(np.uint8)
-    above = ((~iris_like | ~disk) & upper & (pupil_mask == 0)).astype(np.uint8)
-    lashes = _touching(dark_lines | above, above > 0) & (dark_lines > 0)
-    return annulus & iris_like & ~lashes
+    if large.any():
+        iris_like &= cv2.dilate(large[labels].astype(np.uint8), kernel(LID_SPILL * scale)) == 0
+    return annulus & _drop_lashes(iris_like, sm, disk, pupil_mask, dy, i_med, scale)
+
+
+def _drop_lashes(iris_like: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.ndarray, dy: np.ndarray,
+                 i_med: float, scale: float) -> np.ndarray:
+    """`iris_like` (changed in place) without lashes: dark thin lines (black-hat over `LASH_CONTRAST`
+    of the iris level) above the iris centre joined to what is not iris above it. They are looked for
+    in the window's top rows only (dy grows downwards); a closing reads at most its kernel's side − 1
+    rows below a row, so the rows further down are not read at all."""
+    top = slice(0, int(np.count_nonzero(dy < 0)))
+    if top.stop == 0:
+        return iris_like
+    lash_kernel = kernel(3 * scale)
+    closed = cv2.morphologyEx(sm[: top.stop + lash_kernel.shape[0] - 1], cv2.MORPH_CLOSE, lash_kernel)[top]
+    dark_lines = (closed - sm[top] > LASH_CONTRAST * i_med).astype(np.uint8)
+    above = ((~iris_like[top] | ~disk[top]) & (pupil_mask[top] == 0)).astype(np.uint8)
+    iris_like[top] &= ~(_touching(dark_lines | above, above > 0) & (dark_lines > 0))
+    return iris_like
 
 
 def _touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """The pixels of the connected components (8-connected) of a 0/1 uint8 `mask` that hold a pixel of `seed`."""
-    n, labels = cv2.connectedComponents(mask)
+    n, labels = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
     hit = np.zeros(n, bool)
     hit[labels[seed]] = True
     hit[0] = False
