@@ -29,7 +29,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,19 +114,15 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
     if not rows:
         raise UserError(f"none of the {len(bad)} image file(s) in {folder} could be read")
     seconds = time.perf_counter() - start
-    # The worst-cases sheet (decoding, drawing, PNG encoding: OpenCV, mostly without the GIL) is
-    # drawn beside the summary, the table and the histograms: the workers' cores are free again.
-    with ThreadPoolExecutor(1) as sheet_thread:
-        sheet = sheet_thread.submit(write_worst_sheet, folder, rows, cfg, tmp / "worst.png")
-        summary = summarize(folder, rows, bad, cfg)
-        summary.update(seconds=seconds, images_per_second=len(rows) / seconds if seconds > 0 else None,
-                       workers=args.workers, fail_under=args.fail_under, config=dataclasses.asdict(cfg))
-        write_csv(rows, tmp / "results.csv")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=numpy_json_default))
-        label = folder.name or "images"
-        plot_groups({label: rows}, tmp / "histograms.png", cfg,
-                     f"{label}: pass rate {100 * summary['pass_rate']:.1f}% of {len(rows)}")
-        sheet.result()
+    summary = summarize(folder, rows, bad, cfg)
+    summary.update(seconds=seconds, images_per_second=len(rows) / seconds if seconds > 0 else None,
+                   workers=args.workers, fail_under=args.fail_under, config=dataclasses.asdict(cfg))
+    write_csv(rows, tmp / "results.csv")
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=numpy_json_default))
+    label = folder.name or "images"
+    plot_groups({label: rows}, tmp / "histograms.png", cfg,
+                 f"{label}: pass rate {100 * summary['pass_rate']:.1f}% of {len(rows)}")
+    write_worst_sheet(folder, rows, cfg, tmp / "worst.png")
     if reference is None:
         return summary, [(label, summary)], None
     ref_rows, ref_bad = analyze_folder(reference, cfg, args.workers, None, True, exclude)
