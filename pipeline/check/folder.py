@@ -74,8 +74,8 @@ def draw_overlay(img: np.ndarray, metrics: dict, geometry: Geometry) -> np.ndarr
     def pt(x: float, y: float) -> tuple[int, int]:  # pixel centres → enlarged sub-pixel coordinates
         return int(round((x + 0.5) * unit - 8)), int(round((y + 0.5) * unit - 8))
 
-    if len(geometry.pupil_contour):
-        poly = np.array([pt(x, y) for x, y in geometry.pupil_contour], np.int32)
+    if len(geometry.pupil_contour):  # as `pt` does, for every point at once (both round halves to even)
+        poly = np.round((geometry.pupil_contour + 0.5) * unit - 8).astype(np.int32)
         cv2.polylines(rgb, [poly], True, colour, 1, cv2.LINE_AA, shift)
     for cx, cy, _ in (geometry.pupil, geometry.iris):
         if math.isfinite(cx):

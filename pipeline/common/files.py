@@ -9,13 +9,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.common.errors import UserError
 
 
 def numpy_json_default(value: object) -> object:
     """`json.dumps(default=...)` for NumPy scalars: their plain Python number; TypeError otherwise."""
+    import numpy as np  # here: the command-line tools import this module before they need NumPy
+
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
