@@ -71,17 +71,17 @@ def draw_overlay(img: np.ndarray, metrics: dict, geometry: Geometry) -> np.ndarr
     colour = (40, 200, 40) if metrics["pass"] else (230, 40, 40)
     shift, unit = 4, 16 * f
 
-    def pt(x: float, y: float) -> tuple[int, int]:  # pixel centres → enlarged sub-pixel coordinates
-        return int(round((x + 0.5) * unit - 8)), int(round((y + 0.5) * unit - 8))
+    def pts(xy: np.ndarray | tuple[float, float]) -> np.ndarray:  # pixel centres → enlarged sub-pixel coordinates
+        return np.round((np.asarray(xy, np.float64) + 0.5) * unit - 8).astype(np.int32)
 
-    if len(geometry.pupil_contour):  # as `pt` does, for every point at once (both round halves to even)
-        poly = np.round((geometry.pupil_contour + 0.5) * unit - 8).astype(np.int32)
-        cv2.polylines(rgb, [poly], True, colour, 1, cv2.LINE_AA, shift)
+    if len(geometry.pupil_contour):
+        cv2.polylines(rgb, [pts(geometry.pupil_contour)], True, colour, 1, cv2.LINE_AA, shift)
     for cx, cy, _ in (geometry.pupil, geometry.iris):
         if math.isfinite(cx):
-            cv2.drawMarker(rgb, tuple(v >> shift for v in pt(cx, cy)), colour, cv2.MARKER_CROSS, 2 * f + 4, 1)
+            cv2.drawMarker(rgb, tuple(int(v) >> shift for v in pts((cx, cy))), colour, cv2.MARKER_CROSS, 2 * f + 4, 1)
     if math.isfinite(geometry.iris[0]):
-        cv2.circle(rgb, pt(geometry.iris[0], geometry.iris[1]), int(round(geometry.iris[2] * unit)), colour, 1, cv2.LINE_AA, shift)
+        centre = tuple(int(v) for v in pts(geometry.iris[:2]))
+        cv2.circle(rgb, centre, int(round(geometry.iris[2] * unit)), colour, 1, cv2.LINE_AA, shift)
     if not metrics["pass"]:
         cv2.putText(rgb, metrics["reason"], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, colour, 1, cv2.LINE_AA)
     return rgb
