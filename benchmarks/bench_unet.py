@@ -7,10 +7,11 @@ The baseline is diffusers' `UNet2DModel` configured as the same ADM network thro
 pipeline/diffusers_map.py (scale-shift norm, resnet up/down-sampling, attention at the same sizes,
 our weights under its names; where our heads differ in width by level, which UNet2DModel cannot
 express, the closest single attention_head_dim, which changes no parameter count). Against it, in
-one process: our U-Net in fp32, in channels_last, at `precision: auto` (what
-`resolve_precision("auto", device)` picks: fp32 on a CPU without bf16 support, then the same
-measurement as fp32) and compiled (`model.compile: true`; its compile time is measured apart from
-its steps). After a warm-up step each, the variants take turns in palindromic order (A B C C B A
+one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: direct`), in
+channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
+fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
+3x3 layers on a CPU) and compiled (`model.compile: true`; its compile time is measured apart from
+its steps). After WARMUP steps each, the variants take turns in palindromic order (A B C C B A
 A B C …), `--repeats` timed steps each, so drift in the machine's load falls on all alike; min and
 median seconds per step and the ratios of medians and of mins. The machine (CPU model, AVX2 /
 AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only.
@@ -43,7 +44,7 @@ from pipeline.diffusers_map import unet_config, unet_state_dict
 
 RESULTS = Path(__file__).parent / "results" / "bench_unet.json"
 BASELINE = "diffusers fp32"
-OURS = "ours fp32"
+OURS = "ours fp32"  # direct convolutions
 CONFIGS = {  # the seed's HP1 and HP2 networks, and the batch each step trains on
     "HP1": ({"data": {"image_size": 64}, "model": {"model_channels": 128, "num_res_blocks": 3,
                                                     "attention_resolutions": [16, 8]}}, 4),
@@ -51,7 +52,8 @@ CONFIGS = {  # the seed's HP1 and HP2 networks, and the batch each step trains o
                                                      "attention_resolutions": [32, 16, 8], "num_head_channels": 64}}, 2),
 }
 PARAM_TOLERANCE = 0.01
-WARMUP = 1  # steps per variant before timing; a compiled model compiles forward and backward in its first
+WARMUP = 2  # steps per variant before timing: a compiled model compiles forward and backward in its first;
+# the allocator settles on the sizes of a step's buffers in the first few (page faults in the first)
 TARGETS = {"bf16": 0.30, "avx2": 0.75}  # precision auto / diffusers fp32, by whether the CPU has native bf16
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -185,7 +187,7 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
     batch = CONFIGS[name][1]
     torch.manual_seed(0)
     cfg = bench_config(name)
-    ours = create_model(cfg).to(device)
+    ours = create_model(bench_config(name, conv_algorithm="direct")).to(device)
     twin, twin_cfg = diffusers_twin(cfg, ours.cpu())
     ours, twin = ours.to(device), twin.to(device)
     g = torch.Generator().manual_seed(0)
@@ -193,9 +195,12 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
     x, target = (torch.randn(batch, 1, size, size, generator=g).to(device) for _ in range(2))
     t = torch.randint(0, cfg.diffusion.steps, (batch,), generator=g).to(device)
     auto = resolve_precision("auto", torch.device(device))
-    steps = {BASELINE: train_step(twin, x, t, target), OURS: train_step(ours, x, t, target)}
-    if auto != "fp32":
-        steps[f"ours auto ({auto})"] = train_step(ours, x, t, target, auto)
+    defaults = create_model(cfg).to(device)  # precision auto, conv_algorithm auto
+    defaults.load_state_dict(ours.state_dict())
+    convs = "winograd" if device == "cpu" and any(getattr(m, "winograd", False) for m in defaults.modules()) else "direct"
+    auto_name = f"ours auto ({auto}, {convs})"
+    steps = {BASELINE: train_step(twin, x, t, target), OURS: train_step(ours, x, t, target),
+             auto_name: train_step(defaults, x, t, target, auto)}
     if not quick:
         cl = create_model(bench_config(name, channels_last=True)).to(device)
         cl.load_state_dict(ours.state_dict())
@@ -219,7 +224,7 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
     if compile_too:  # the first call compiles forward and backward
         variants["ours compiled"]["compile_s"] = round(warm["ours compiled"][0] - variants["ours compiled"]["median_s"], 1)
     return {"name": name, "device": device, "batch": batch, "auto_precision": auto,
-            "auto_variant": OURS if auto == "fp32" else f"ours auto ({auto})",
+            "auto_variant": auto_name, "auto_convolutions": convs,
             "params": {"ours": param_count(ours), "diffusers": param_count(twin),
                        "relative_difference": round(param_count(twin) / param_count(ours) - 1, 6)},
             "diffusers_attention_head_dim": twin_cfg.model.num_head_channels, "variants": variants}
@@ -232,7 +237,8 @@ def headlines(run: dict, extensions: list[str]) -> list[dict]:
     auto = v[run["auto_variant"]]
     rel = run["params"]["relative_difference"]
     rows = [
-        headline(f"{label}: precision auto (= {run['auto_precision']}) / diffusers UNet2DModel fp32 (same run, ABBA)",
+        headline(f"{label}: defaults (precision auto = {run['auto_precision']}, convolutions "
+                 f"{run['auto_convolutions']}) / diffusers UNet2DModel fp32 (same run, ABBA)",
                  f"{auto['ratio_median_to_diffusers']:.2f}x median ({auto['ratio_min_to_diffusers']:.2f}x min); "
                  f"{auto['median_s']:.2f} vs {v[BASELINE]['median_s']:.2f} s/step median",
                  target, None if limit is None else auto["ratio_median_to_diffusers"] <= limit),
@@ -244,8 +250,8 @@ def headlines(run: dict, extensions: list[str]) -> list[dict]:
         rows.append(headline(
             f"{label}: ours fp32 / diffusers if everything but our convolutions took no time (profiled share)",
             f"{v[OURS]['ratio_if_only_convolutions']:.2f}x ({v[OURS]['convolution_share']:.0%} of our step is in "
-            "oneDNN convolutions, which the baseline runs too)", "context: the fp32 target needs faster convolutions "
-            "than this, i.e. another algorithm" if limit is not None and v[OURS]["ratio_if_only_convolutions"] > limit
+            "oneDNN's direct convolutions, which the baseline runs too)", "context: why the fp32 target needs another "
+            "convolution algorithm" if limit is not None and v[OURS]["ratio_if_only_convolutions"] > limit
             else "context"))
     for name in (n for n in v if n not in (BASELINE, OURS, run["auto_variant"])):
         extra = f"; compile {v[name]['compile_s']:.0f} s (not in the steps)" if "compile_s" in v[name] else ""

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from guided_diffusion.errors import DiffusionSettingError
 from guided_diffusion.nn import NearestUpsample, group_norm, timestep_embedding, zero_module
+from guided_diffusion.winograd import Conv3x3
 
 # Channel multiplier per resolution level, by image size. 320 px uses six levels
 # (320, 160, 80, 40, 20, 10) with the 256-px multipliers.
@@ -54,11 +55,11 @@ class ResBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.in_norm = group_norm(channels)
         self.resample = NearestUpsample() if up else nn.AvgPool2d(2) if down else None
-        self.in_conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.in_conv = Conv3x3(channels, out_channels)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
         self.out_norm = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.out_conv = zero_module(Conv3x3(out_channels, out_channels))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -129,7 +130,7 @@ class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.up = NearestUpsample()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv3x3(channels, channels)
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         return self.conv(self.up(x))

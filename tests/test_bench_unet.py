@@ -70,7 +70,7 @@ def fake_run(ratio, device="cpu", rel=0.0):
                 ratio_median_to_ours_fp32=1.0)
     compiled = dict(ours, ratio_median_to_ours_fp32=0.8, median_s=3.2 * ratio, compile_s=95.0)
     return {"name": "HP1", "device": device, "batch": 4, "auto_precision": "fp32", "auto_variant": "ours fp32",
-            "params": {"ours": 1000, "diffusers": round(1000 * (1 + rel)), "relative_difference": rel},
+            "auto_convolutions": "direct", "params": {"ours": 1000, "diffusers": round(1000 * (1 + rel)), "relative_difference": rel},
             "variants": {"diffusers fp32": base, "ours fp32": ours, "ours compiled": compiled}}
 
 
@@ -114,7 +114,7 @@ def test_the_convolution_bound_row_says_when_the_target_needs_another_algorithm(
     run["variants"]["ours fp32"].update(convolution_share=0.88, ratio_if_only_convolutions=0.81)
     rows = bench_unet.headlines(run, ["avx2"])
     bound = next(r for r in rows if "if everything but our convolutions" in r["measured"])
-    assert bound["value"].startswith("0.81x (88% of our step") and "another algorithm" in bound["target"]
+    assert bound["value"].startswith("0.81x (88% of our step") and "another convolution algorithm" in bound["target"]
     run["variants"]["ours fp32"].update(ratio_if_only_convolutions=0.6)
     bound = next(r for r in bench_unet.headlines(run, ["avx2"]) if "if everything but" in r["measured"])
     assert bound["target"] == "context"

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from guided_diffusion import machine
 from guided_diffusion.training import cpu_bf16
 from guided_diffusion.training.step import autocast_for, resolve_precision
 from tests.test_train_cli import read_rows, run
@@ -40,7 +41,7 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def fake_cpu(monkeypatch, cpuinfo: str) -> None:
     """Make this machine look like the CPU of `cpuinfo`."""
-    monkeypatch.setattr(cpu_bf16, "_cpuinfo_text", lambda: cpuinfo)
+    monkeypatch.setattr(machine, "cpuinfo_text", lambda: cpuinfo)
 
 
 def fake_timing(monkeypatch, speedup: float) -> list[int]:

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from guided_diffusion.machine import cache_root, cpu_flags, cpu_model
+
 log = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo names
@@ -45,40 +47,9 @@ def native_bf16_flags(flags: Iterable[str]) -> list[str]:
     return [f for f in NATIVE_BF16_FLAGS if f in present]
 
 
-def _cpuinfo_text() -> str:
-    """/proc/cpuinfo, or "" where there is none (macOS, Windows) or it cannot be read."""
-    try:
-        return Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def _cpuinfo_field(text: str, name: str) -> str:
-    """The value of the first `name : value` line of cpuinfo text ("" if absent)."""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == name:
-            return value.strip()
-    return ""
-
-
-def cpu_flags(text: str | None = None) -> set[str]:
-    """The CPU's feature flags from cpuinfo text (default: this machine's /proc/cpuinfo; empty off
-    Linux). Linux names them `flags` on x86 and `Features` on ARM."""
-    text = _cpuinfo_text() if text is None else text
-    return set((_cpuinfo_field(text, "flags") or _cpuinfo_field(text, "Features")).split())
-
-
-def cpu_model(text: str | None = None) -> str:
-    """The CPU's model name from cpuinfo text (default: this machine's), or "unknown"."""
-    text = _cpuinfo_text() if text is None else text
-    return _cpuinfo_field(text, "model name") or "unknown"
-
-
 def cache_path() -> Path:
     """Where verdicts are cached: $IRIS_DIFFUSION_CACHE/cpu_bf16.json, else ~/.cache/iris-diffusion/."""
-    root = os.environ.get("IRIS_DIFFUSION_CACHE") or Path.home() / ".cache" / "iris-diffusion"
-    return Path(root) / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def machine_key(model: str, flags: list[str]) -> str:

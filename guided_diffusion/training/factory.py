@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from guided_diffusion.diffusion import GaussianDiffusion
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.schedules import get_betas
 from guided_diffusion.unet import UNetModel
-from pipeline.common.config import Config
+from guided_diffusion.winograd import MIN_CHANNELS, MIN_SIZE, available, set_winograd
+from pipeline.common.config import Config, ModelConfig
 from pipeline.common.errors import UserError
+
+log = logging.getLogger(__name__)
+CONV_ALGORITHMS = ("auto", "direct", "winograd")
 
 
 def create_model(cfg: Config) -> UNetModel:
@@ -21,6 +27,7 @@ def create_model(cfg: Config) -> UNetModel:
     GroupNorm + SiLU and GroupNorm·(1 + scale) + shift + SiLU into one kernel each by itself
     (checked in tests/test_unet_compile.py), so the network has no hand-fused variant.
     `torch.compiler.set_stance("force_eager")` runs a compiled model eagerly where needed.
+    model.conv_algorithm: see `resolve_conv_algorithm`.
     """
     m = cfg.model
     model = UNetModel(
@@ -39,11 +46,43 @@ def create_model(cfg: Config) -> UNetModel:
         use_checkpoint=m.use_checkpoint,
         learn_sigma=m.learn_sigma,
     )
+    set_winograd(model, resolve_conv_algorithm(m) == "winograd")
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if m.compile:
         model.compile()
     return model
+
+
+def resolve_conv_algorithm(m: ModelConfig) -> str:
+    """direct | winograd for model.conv_algorithm, logged with why. winograd: the U-Net's 3x3
+    convolutions run Winograd F(4x4, 3x3) C kernels where they pay (float32 on the CPU, no autocast,
+    >= 64 channels in and out, maps >= 32 px; guided_diffusion/winograd.py), direct convolutions
+    elsewhere, e.g. on a GPU. auto is winograd unless model.compile or model.channels_last asks for
+    the direct path's compiler or layout; its kernels are built on the first CPU step that uses them,
+    and where they cannot be (no C compiler) it logs why and stays direct. winograd builds them now
+    and fails clearly if it cannot."""
+    if m.conv_algorithm not in CONV_ALGORITHMS:
+        raise UserError(f"unknown model.conv_algorithm '{m.conv_algorithm}'; valid: {', '.join(CONV_ALGORITHMS)}")
+    rule = f"3x3 layers with >= {MIN_CHANNELS} channels on maps >= {MIN_SIZE} px, float32 on the CPU"
+    if m.conv_algorithm == "direct":
+        return "direct"
+    if m.conv_algorithm == "winograd":
+        if m.compile:
+            raise UserError("model.conv_algorithm winograd cannot run under model.compile (torch.compile cannot "
+                            "trace its C kernels); use conv_algorithm auto or direct")
+        ok, why = available()
+        if not ok:
+            raise UserError(f"model.conv_algorithm winograd: its C kernels cannot be built here ({why}); "
+                            "use conv_algorithm auto or direct")
+        log.info("convolutions: Winograd F(4x4, 3x3) for %s (model.conv_algorithm winograd)", rule)
+        return "winograd"
+    if m.compile or m.channels_last:
+        log.info("convolutions: direct (model.conv_algorithm auto with model.%s)",
+                 "compile" if m.compile else "channels_last")
+        return "direct"
+    log.info("convolutions: Winograd F(4x4, 3x3) for %s, direct elsewhere (model.conv_algorithm auto)", rule)
+    return "winograd"
 
 
 def create_diffusion(cfg: Config, respacing: str | None = None) -> GaussianDiffusion:

@@ -50,6 +50,7 @@ class ModelConfig:
     learn_sigma: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile (inductor) the U-Net's forward in place; weights and their names unchanged
+    conv_algorithm: str = "auto"  # auto | direct | winograd: 3x3 convolutions on the CPU (guided_diffusion/winograd.py)
 
 
 @dataclass
