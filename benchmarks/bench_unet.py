@@ -14,7 +14,9 @@ fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4
 its steps). After WARMUP steps each, the variants take turns in palindromic order (A B C C B A
 A B C …), `--repeats` timed steps each, so drift in the machine's load falls on all alike; min and
 median seconds per step and the ratios of medians and of mins. The machine (CPU model, AVX2 /
-AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only.
+AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only,
+and so are single HP1 3x3 layers timed with Winograd and with oneDNN's direct convolution (where
+conv_algorithm auto uses which).
 JSON goes to stdout and to --out.
 """
 
@@ -36,6 +38,7 @@ from results_io import headline, machine_facts, write_result
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from guided_diffusion import winograd
 from guided_diffusion.training.factory import create_model
 from guided_diffusion.training.step import autocast_for, resolve_precision
 from guided_diffusion.unet import AttentionBlock
@@ -56,6 +59,8 @@ WARMUP = 2  # steps per variant before timing: a compiled model compiles forward
 # the allocator settles on the sizes of a step's buffers in the first few (page faults in the first)
 TARGETS = {"bf16": 0.30, "avx2": 0.75}  # precision auto / diffusers fp32, by whether the CPU has native bf16
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# 3x3 layers of HP1 (in channels, out channels, map size), batch 4: where Winograd pays and where not
+LAYERS = ((64, 64, 64), (128, 128, 64), (256, 256, 32), (384, 384, 16), (512, 512, 16), (512, 512, 8))
 
 
 def bench_config(name: str, **model: object) -> Config:
@@ -166,6 +171,37 @@ def convolution_share(step: Callable[[], None]) -> float:
     return conv / total
 
 
+def layer_step(conv: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+               dy: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of conv(x, w, b) against the output gradient dy, gradients cleared first."""
+    def run() -> None:
+        x.grad = w.grad = b.grad = None
+        conv(x, w, b).backward(dy)
+    return run
+
+
+def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
+    """Forward + backward of single 3x3 layers (LAYERS) on the CPU, Winograd F(4x4, 3x3) against
+    oneDNN's direct convolution, the two in turns (ABBA), best of `repeats` each; whether
+    conv_algorithm auto uses Winograd for that layer. Empty where the kernels cannot be built."""
+    if not winograd.available()[0]:
+        return []
+    rows = []
+    for c, co, size in LAYERS:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, c, size, size, generator=g, requires_grad=True)
+        w = (torch.randn(co, c, 3, 3, generator=g) / (3 * c**0.5)).requires_grad_()
+        b, dy = torch.randn(co, generator=g, requires_grad=True), torch.randn(batch, co, size, size, generator=g)
+        steps = {"direct": layer_step(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy),
+                 "winograd": layer_step(winograd.winograd_conv3x3, x, w, b, dy)}
+        _, timed = time_steps(steps, repeats, warmup=1)
+        rows.append({"in": c, "out": co, "size": size, "direct_ms": round(min(timed["direct"]) * 1e3, 2),
+                     "winograd_ms": round(min(timed["winograd"]) * 1e3, 2),
+                     "ratio": round(min(timed["winograd"]) / min(timed["direct"]), 2),
+                     "used_by_auto": winograd.applies(x, w)})
+    return rows
+
+
 def summarize(times: list[float]) -> dict:
     return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4),
             "times_s": [round(s, 4) for s in times]}
@@ -253,12 +289,24 @@ def headlines(run: dict, extensions: list[str]) -> list[dict]:
             "oneDNN's direct convolutions, which the baseline runs too)", "context: why the fp32 target needs another "
             "convolution algorithm" if limit is not None and v[OURS]["ratio_if_only_convolutions"] > limit
             else "context"))
+    if run["auto_variant"] != OURS:
+        rows.append(headline(f"{label}: {run['auto_variant']} / ours fp32 with direct convolutions (same run)",
+                             f"{auto['ratio_median_to_ours_fp32']:.2f}x median; {auto['median_s']:.2f} vs "
+                             f"{v[OURS]['median_s']:.2f} s/step"))
     for name in (n for n in v if n not in (BASELINE, OURS, run["auto_variant"])):
         extra = f"; compile {v[name]['compile_s']:.0f} s (not in the steps)" if "compile_s" in v[name] else ""
         rows.append(headline(f"{label}: {name} / ours fp32 eager (same run)",
                              f"{v[name]['ratio_median_to_ours_fp32']:.2f}x median; {v[name]['median_s']:.2f} s/step"
                              f"{extra}"))
     return rows
+
+
+def layers_row(layers: list[dict]) -> dict:
+    """Winograd / direct per single layer (context: why conv_algorithm auto uses it where it does)."""
+    value = "; ".join(f"{r['in']}→{r['out']} ch {r['size']} px {r['ratio']:.2f}x{'' if r['used_by_auto'] else ' (not used)'}"
+                      for r in layers)
+    return headline("single 3x3 layers fwd+bwd, batch 4, cpu: Winograd F(4x4, 3x3) / oneDNN direct (same run, ABBA, "
+                    "best of 3)", value, "context")
 
 
 def context_row(machine: dict, runs: list[dict]) -> dict:
@@ -273,7 +321,7 @@ def context_row(machine: dict, runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="diffusers and ours at fp32/auto only, 2 timed steps each")
+    parser.add_argument("--quick", action="store_true", help="diffusers and ours at fp32/auto only, 3 timed steps each")
     parser.add_argument("--repeats", type=int, default=6, help="timed steps per variant (default 6)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variant")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -285,7 +333,7 @@ def main() -> None:
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but CUDA is not available")
-    repeats = 2 if args.quick else args.repeats
+    repeats = 3 if args.quick else args.repeats
     machine = machine_facts()
     machine.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
                    cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
@@ -308,6 +356,10 @@ def main() -> None:
               "configs": {n: {"config": c, "batch": b} for n, (c, b) in CONFIGS.items()},
               "machine": machine, "runs": runs,
               "headline": [row for run in runs for row in headlines(run, machine["extensions"])]}
+    if "cpu" in devices[args.device]:
+        result["layers_cpu"] = layer_ratios()
+        if result["layers_cpu"]:
+            result["headline"].append(layers_row(result["layers_cpu"]))
     result["headline"].append(context_row(machine, runs))
     write_result(args.out, result)
 

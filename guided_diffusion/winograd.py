@@ -128,9 +128,12 @@ def available() -> tuple[bool, str]:
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether a 3x3 layer of `weight` on input `x` runs here (see the module's docstring)."""
+    """Whether a 3x3 layer of `weight` on input `x` runs here (see the module's docstring); never for
+    tensor subclasses such as FakeTensor (activation counting, torch.compile's tracing), which have
+    no memory for the C kernels to read."""
     co, c = weight.shape[:2]
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
+    real = type(x) is torch.Tensor and type(weight) in (torch.Tensor, nn.Parameter)  # not fake/traced: the C reads memory
+    return (real and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 4
             and not torch.is_autocast_enabled("cpu") and c >= MIN_CHANNELS and co >= MIN_CHANNELS
             and c % 8 == 0 and co % 8 == 0 and min(x.shape[-2:]) >= MIN_SIZE)
 

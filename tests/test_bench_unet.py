@@ -118,3 +118,28 @@ def test_the_convolution_bound_row_says_when_the_target_needs_another_algorithm(
     run["variants"]["ours fp32"].update(ratio_if_only_convolutions=0.6)
     bound = next(r for r in bench_unet.headlines(run, ["avx2"]) if "if everything but" in r["measured"])
     assert bound["target"] == "context"
+
+
+def test_the_defaults_row_is_also_put_against_our_direct_path():
+    run = fake_run(0.9)
+    auto = dict(run["variants"]["ours fp32"], median_s=2.4, ratio_median_to_diffusers=0.6, ratio_min_to_diffusers=0.6,
+                ratio_median_to_ours_fp32=round(2.4 / 3.6, 3))
+    run["variants"]["ours auto (fp32, winograd)"] = auto
+    run.update(auto_variant="ours auto (fp32, winograd)", auto_convolutions="winograd")
+    rows = bench_unet.headlines(run, ["avx2"])
+    assert rows[0]["met"] is True and "convolutions winograd" in rows[0]["measured"]
+    versus = next(r for r in rows if "/ ours fp32 with direct convolutions" in r["measured"])
+    assert versus["value"] == "0.67x median; 2.40 vs 3.60 s/step" and versus["met"] is None
+
+
+def test_layer_ratios_are_timed_both_ways_and_say_where_auto_uses_winograd(monkeypatch):
+    from guided_diffusion import winograd
+
+    if not winograd.available()[0]:
+        pytest.skip("no C compiler for the Winograd kernels")
+    monkeypatch.setattr(bench_unet, "LAYERS", ((64, 64, 32), (64, 64, 8)))
+    rows = bench_unet.layer_ratios(repeats=1, batch=1)
+    assert [(r["size"], r["used_by_auto"]) for r in rows] == [(32, True), (8, False)]
+    assert all(r["ratio"] == pytest.approx(r["winograd_ms"] / r["direct_ms"], rel=0.05, abs=0.01) for r in rows)
+    row = bench_unet.layers_row(rows)
+    assert "64→64 ch 8 px" in row["value"] and row["value"].endswith("(not used)") and row["target"] == "context"

@@ -182,3 +182,21 @@ def test_training_steps_follow_the_direct_path():
     assert curves["direct"][-1] < curves["direct"][0]  # it trains
     for a, b in zip(curves["direct"], curves["winograd"], strict=True):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_resume_keeps_the_convolution_algorithm():
+    from guided_diffusion.training.resume import resume_differences
+
+    fixed, free = resume_differences(tiny(), tiny(conv_algorithm="direct"))
+    assert fixed == ["model.conv_algorithm: 'auto' → 'direct'"] and free == []
+
+
+def test_fake_tensors_take_the_direct_path(recwarn):
+    """Activation counting runs the model on FakeTensors (no memory): Winograd must not touch them,
+    and the count is the direct path's."""
+    from guided_diffusion.activation_memory import count_activation_bytes
+
+    counts = [count_activation_bytes(create_model(tiny(conv_algorithm=name)), 32, 1, "fp32")
+              for name in ("direct", "winograd")]
+    assert counts[0] == counts[1] and counts[0].per_image > 0
+    assert not [w for w in recwarn if "data pointer of FakeTensor" in str(w.message)]
