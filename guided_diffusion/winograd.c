@@ -160,31 +160,57 @@ static void stage(const float *img, int h, int w, int c0, int cb, int y0, int R,
     }
 }
 
-/* x [images][c][h][w] -> v [tiles][36][c]; rows enumerate (image, i) */
-int wino_input(const float *x, float *v, int c, int h, int w, long first, long last) {
-    int th = TH(h), tw = TH(w), W = 4 * tw + 2; /* scratch columns: image columns -1 .. 4tw */
-    float *sc = malloc(sizeof(float) * 6 * W * CB);
+/* The 36 transformed vectors of tile j (channels k0 .. k0 + 7) from the staged rows: F(4, 3)'s
+ * input transform of the 6x6 patch at scratch column 4j, or the adjoint of its output transform of
+ * the 4x4 patch there. */
+static void input_tile(const float *sc, int W, int j, int k0, v8 t[6][6]) {
+    v8 d[6][6];
+    for (int r = 0; r < 6; r++)
+        for (int s = 0; s < 6; s++) d[r][s] = ld8(sc + (r * W + 4 * j + s) * CB + k0);
+    SANDWICH(in1d, 6, 6, d, t);
+}
+static void output_adjoint_tile(const float *sc, int W, int j, int k0, v8 t[6][6]) {
+    v8 g[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int s = 0; s < 4; s++) g[r][s] = ld8(sc + (r * W + 4 * j + s) * CB + k0);
+    SANDWICH(out1d_t, 4, 6, g, t);
+}
+
+/* NCHW images -> [tiles][36][c]: for each tile row, stage its R image rows from 4i - off (image
+ * column x at scratch column x + off), then transform tile by tile. */
+static int to_tiles(const float *src, float *dst, int c, int h, int w, long first, long last, int R, int off,
+                    void (*tile)(const float *, int, int, int, v8[6][6])) {
+    int th = TH(h), tw = TH(w), W = 4 * tw + 2 * off;
+    float *sc = malloc(sizeof(float) * R * W * CB);
     if (!sc) return 1;
     for (long row = first; row < last; row++) {
         long n = row / th;
         int i = row % th;
         for (int c0 = 0; c0 < c; c0 += CB) {
             int cb = MIN(CB, c - c0);
-            stage(x + n * c * h * w, h, w, c0, cb, 4 * i - 1, 6, W, 1, sc);
+            stage(src + n * c * h * w, h, w, c0, cb, 4 * i - off, R, W, off, sc);
             for (int j = 0; j < tw; j++)
                 for (int k0 = 0; k0 < cb; k0 += 8) {
-                    float *dst = v + (row * tw + j) * 36 * c + c0 + k0;
-                    v8 d[6][6], t[6][6];
-                    PREFETCH_NEXT_TILE(dst, c, j, tw, 1);
-                    for (int r = 0; r < 6; r++)
-                        for (int s = 0; s < 6; s++) d[r][s] = ld8(sc + (r * W + 4 * j + s) * CB + k0);
-                    SANDWICH(in1d, 6, 6, d, t);
-                    for (int a = 0; a < 36; a++) st8(dst + a * c, t[a / 6][a % 6]);
+                    float *out = dst + (row * tw + j) * 36 * c + c0 + k0;
+                    v8 t[6][6];
+                    PREFETCH_NEXT_TILE(out, c, j, tw, 1);
+                    tile(sc, W, j, k0, t);
+                    for (int a = 0; a < 36; a++) st8(out + a * c, t[a / 6][a % 6]);
                 }
         }
     }
     free(sc);
     return 0;
+}
+
+/* x [images][c][h][w] -> v [tiles][36][c]; rows enumerate (image, i) */
+int wino_input(const float *x, float *v, int c, int h, int w, long first, long last) {
+    return to_tiles(x, v, c, h, w, first, last, 6, 1, input_tile);
+}
+
+/* The adjoint of wino_output (bias aside): dy [images][c][h][w] -> dm [tiles][36][c] */
+int wino_output_adjoint(const float *dy, float *dm, int c, int h, int w, long first, long last) {
+    return to_tiles(dy, dm, c, h, w, first, last, 4, 0, output_adjoint_tile);
 }
 
 /* m [tiles][36][c] (+ bias [c]) -> y [images][c][h][w]; rows enumerate (image, i) */
@@ -211,33 +237,6 @@ int wino_output(const float *m, const float *bias, float *y, int c, int h, int w
             for (int r = 0; r < 4 && 4 * i + r < h; r++)
                 for (int k0 = 0; k0 < cb; k0 += 8)
                     scatter_row(sc + r * W * CB + k0, y + (n * c + c0 + k0) * plane + (long)(4 * i + r) * w, plane, w, 0);
-        }
-    }
-    free(sc);
-    return 0;
-}
-
-/* The adjoint of wino_output (bias aside): dy [images][c][h][w] -> dm [tiles][36][c] */
-int wino_output_adjoint(const float *dy, float *dm, int c, int h, int w, long first, long last) {
-    int th = TH(h), tw = TH(w), W = 4 * tw; /* scratch: rows 4i .. 4i+3, columns 0 .. 4tw-1 */
-    float *sc = malloc(sizeof(float) * 4 * W * CB);
-    if (!sc) return 1;
-    for (long row = first; row < last; row++) {
-        long n = row / th;
-        int i = row % th;
-        for (int c0 = 0; c0 < c; c0 += CB) {
-            int cb = MIN(CB, c - c0);
-            stage(dy + n * c * h * w, h, w, c0, cb, 4 * i, 4, W, 0, sc);
-            for (int j = 0; j < tw; j++)
-                for (int k0 = 0; k0 < cb; k0 += 8) {
-                    float *dst = dm + (row * tw + j) * 36 * c + c0 + k0;
-                    PREFETCH_NEXT_TILE(dst, c, j, tw, 1);
-                    v8 g[4][4], t[6][6];
-                    for (int r = 0; r < 4; r++)
-                        for (int s = 0; s < 4; s++) g[r][s] = ld8(sc + (r * W + 4 * j + s) * CB + k0);
-                    SANDWICH(out1d_t, 4, 6, g, t);
-                    for (int a = 0; a < 36; a++) st8(dst + a * c, t[a / 6][a % 6]);
-                }
         }
     }
     free(sc);
