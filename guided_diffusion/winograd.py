@@ -177,10 +177,14 @@ def _chunks(n: int, tiles_per_image: int, channels: int) -> list[tuple[int, int]
 # ---------------------------------------------------------------------------------- the layer
 
 
-def _weight_matrix(dtype: torch.dtype) -> Tensor:
-    """[36, 9]: row 6a + b holds the weights of tap (i, j) in transformed point (a, b): G ⊗ G."""
-    g = torch.tensor(G, dtype=torch.float64)
-    return torch.kron(g, g).to(dtype)
+# [36, 9] float32: row 6a + b holds the weights of tap (i, j) in transformed point (a, b): G ⊗ G
+WEIGHT_MATRIX = torch.kron(torch.tensor(G, dtype=torch.float64), torch.tensor(G, dtype=torch.float64)).float()
+
+
+def _tiling(h: int, w: int) -> tuple[int, int]:
+    """(tile rows, tiles) of one h x w image: 4x4 output tiles, the last row and column partial."""
+    rows = -(-h // 4)
+    return rows, rows * -(-w // 4)
 
 
 class _Winograd3x3(torch.autograd.Function):
@@ -190,9 +194,8 @@ class _Winograd3x3(torch.autograd.Function):
         x = x.contiguous()
         n, c, h, w = x.shape
         co = weight.shape[0]
-        rows, tiles = -(-h // 4), -(-h // 4) * -(-w // 4)
-        kw = _weight_matrix(x.dtype)
-        u = (kw @ weight.reshape(co * c, 9).t()).view(36, co, c).transpose(1, 2).contiguous()  # [36, c, co]
+        rows, tiles = _tiling(h, w)
+        u = (WEIGHT_MATRIX @ weight.reshape(co * c, 9).t()).view(36, co, c).transpose(1, 2).contiguous()  # [36, c, co]
         y = x.new_empty(n, co, h, w)
         for i, j in _chunks(n, tiles, max(c, co)):
             v = _buffer(0, (j - i) * tiles, c)
@@ -210,7 +213,7 @@ class _Winograd3x3(torch.autograd.Function):
         dy = dy.contiguous()
         n, c, h, w = x.shape
         co = dy.shape[1]
-        rows, tiles = -(-h // 4), -(-h // 4) * -(-w // 4)
+        rows, tiles = _tiling(h, w)
         du = torch.zeros_like(u) if ctx.needs_input_grad[1] else None
         dx = dy.new_zeros(n, c, h, w) if ctx.needs_input_grad[0] else None
         for i, j in _chunks(n, tiles, max(c, co)):
@@ -227,8 +230,7 @@ class _Winograd3x3(torch.autograd.Function):
                               dx[i].data_ptr(), c, h, w, parity)
         dw = None
         if du is not None:
-            kw = _weight_matrix(du.dtype)
-            dw = (kw.t() @ du.transpose(1, 2).reshape(36, co * c)).view(9, co, c).permute(1, 2, 0).reshape(co, c, 3, 3)
+            dw = (WEIGHT_MATRIX.t() @ du.transpose(1, 2).reshape(36, co * c)).view(9, co, c).permute(1, 2, 0).reshape(co, c, 3, 3)
         db = dy.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -259,9 +261,8 @@ class Conv3x3(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, padding=1)
 
 
-def set_winograd(model: nn.Module, on: bool) -> int:
-    """Turn Winograd on or off in every Conv3x3 of `model`; the number of such layers."""
-    layers = [m for m in model.modules() if isinstance(m, Conv3x3)]
-    for m in layers:
-        m.winograd = on
-    return len(layers)
+def set_winograd(model: nn.Module, on: bool) -> None:
+    """Turn Winograd on or off in every Conv3x3 of `model`."""
+    for m in model.modules():
+        if isinstance(m, Conv3x3):
+            m.winograd = on
