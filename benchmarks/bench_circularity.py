@@ -7,18 +7,24 @@ Measured:
   one_shot              the whole `circularity-check DIR --workers 2` command in a fresh interpreter,
                         as a user runs it (the headline; target ≥ 300 images/s on 2 cores), and
                         how its time splits: measuring (summary.json's seconds) and the rest;
-  analyze_ms_per_image  `analyze_image` on decoded images in this process (wall and CPU time);
+  analyze_ms_per_image  `analyze_image` on decoded images in this process (wall and CPU time), with
+                        the allocator setting the workers use (`keep_freed_memory`);
   folder                `analyze_folder` (find, decode, analyse; the process pool for 2 workers,
                         including its start-up) for workers = 1 and 2: wall images/s of the first
                         call (the fork server starting) and best/median of the calls after it, and
                         for 1 worker images per CPU-second (× cores ≈ an idle machine's ceiling).
 JSON to stdout and to benchmarks/results/bench_circularity.json, with the load average (the
 numbers are only as good as the machine is quiet).
+
+The one-shot calls run with Python's bytecode cache on, as a user's Python runs (this project's CI
+machines set PYTHONDONTWRITEBYTECODE, which would recompile the project's modules on every call,
+~0.07 s in the command and again in its worker server).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -36,6 +42,7 @@ from pipeline.check.analyze import analyze_image
 from pipeline.check.folder import analyze_folder
 from pipeline.common.config import CircularityConfig
 from pipeline.common.images import to_unit, write_image
+from pipeline.common.pool import keep_freed_memory
 from pipeline.data.synthetic import generate_irises
 
 RESULTS = Path(__file__).parent / "results" / "bench_circularity.json"
@@ -68,13 +75,16 @@ def one_shot(folder: Path, workers: int, repeats: int) -> dict:
     cores, which run faster a few seconds into a load than straight from idle)."""
     rates, measuring, rest = [], [], []
     n = len(list(folder.iterdir()))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # see the module docstring
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pipeline.cli.circularity_check", str(folder), "--out", f"{tmp}/out",
                "--workers", str(workers), "--overwrite"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)  # warm-up
+        call = functools.partial(subprocess.run, cmd, check=True, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd=REPO, env=env)
+        call()  # warm-up (and the bytecode cache written)
         for _ in range(repeats):
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+            call()
             wall = time.perf_counter() - t
             seconds = json.loads(Path(tmp, "out", "summary.json").read_text())["seconds"]
             rates.append(n / wall)
@@ -108,6 +118,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     args = parser.parse_args()
     cv2.setNumThreads(1)
+    keep_freed_memory()  # as in the workers (and inline runs) of `analyze_folder`
     n, repeats = (1000, 2) if args.quick else (1000, 5)  # a folder of 1000: the pool's start-up amortised as in use
     cfg = CircularityConfig()
     images, _ = generate_irises(n, 128, seed=0, defects=0.3)

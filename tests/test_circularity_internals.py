@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 import pytest
-from skimage.measure import find_contours
+from skimage.measure import find_contours, label
 
 from pipeline.check import quality
 from pipeline.check.analyze import analyze_image
@@ -48,6 +48,20 @@ def test_null_vectors_solve_the_systems():
     degenerate = systems[:1].copy()
     degenerate[0, 1] = degenerate[0, 0]  # two equal rows: no unique null vector
     assert not _null_vectors(degenerate).any()
+    mixed = np.concatenate([systems[:3], degenerate])  # one singular system: the others are still solved
+    assert np.allclose(_null_vectors(mixed), np.concatenate([vectors[:3], np.zeros((1, 6))]), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize(("shape", "density"), [((40, 50), 0.45), ((64, 64), 0.12), ((520, 520), 0.002)])
+def test_touching_components_are_skimages(shape, density):
+    # Few components (8-bit table), over 256 (16-bit labels) and a frame too big for 16-bit labels.
+    rng = np.random.default_rng(shape[0])
+    mask = (rng.random(shape) < density).astype(np.uint8)
+    seed = (mask > 0) & (rng.random(shape) < 0.3)
+    labels = label(mask, connectivity=2)
+    expected = np.isin(labels, labels[seed]) & (mask > 0)
+    assert labels.max() > 1 and expected.any() and not expected.all()
+    assert np.array_equal(quality._touching(mask, seed), expected)
 
 
 @pytest.mark.parametrize("q", [0.0, 0.4, 0.5, 0.93, 1.0])

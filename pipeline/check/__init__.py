@@ -3,4 +3,4 @@ summaries, plots and image-set metrics (KID). Pure NumPy/OpenCV; imports only `p
 
 # What the worker processes of `pipeline.check.folder.analyze_folder` import: here, where a caller can
 # name it to start their server early (`pipeline.common.pool.start_pool_server`) without importing it.
-POOL_PRELOAD = ("pipeline.check.folder",)
+POOL_PRELOAD = ("pipeline.check.folder", "numpy.random")  # NumPy imports its random module on first use

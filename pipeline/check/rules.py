@@ -56,9 +56,16 @@ def _rule_fields(config_class: type) -> tuple[tuple[str, str, str], ...]:
     return tuple(out)
 
 
-def rules_from_config(cfg: CircularityConfig) -> list[Rule]:
+def rules_from_config(cfg: CircularityConfig) -> tuple[Rule, ...]:
     """The rules, in the order of the config fields."""
-    return [Rule(metric, kind, float(getattr(cfg, name))) for name, kind, metric in _rule_fields(type(cfg))]
+    fields = _rule_fields(type(cfg))
+    return _rules(fields, tuple(float(getattr(cfg, name)) for name, _, _ in fields))
+
+
+@functools.lru_cache(maxsize=16)
+def _rules(fields: tuple[tuple[str, str, str], ...], thresholds: tuple[float, ...]) -> tuple[Rule, ...]:
+    """The rules for these thresholds, built once (they are read per image and per row)."""
+    return tuple(Rule(metric, kind, t) for (_, kind, metric), t in zip(fields, thresholds, strict=True))
 
 
 def evaluate_rules(metrics: dict, cfg: CircularityConfig) -> tuple[bool, str]:

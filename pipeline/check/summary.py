@@ -92,7 +92,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
                              else f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns])
 
 
-def _badness(row: dict, rules: list[Rule]) -> float:
+def _badness(row: dict, rules: tuple[Rule, ...]) -> float:
     """How far an image is from passing `rules` (largest relative violation; detection failures worst)."""
     if not row["pupil_found"]:
         return math.inf

@@ -29,11 +29,18 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.check import POOL_PRELOAD
-from pipeline.cli.entry import add_config_args, add_metrics_args, cli_entry, config_from_args
+from pipeline.cli.entry import (
+    add_config_args,
+    add_metrics_args,
+    cli_entry,
+    config_from_args,
+    exit_without_teardown,
+)
 from pipeline.common.config import CircularityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.files import building, numpy_json_default, prepare_out_dir
@@ -117,12 +124,14 @@ def _report(args: argparse.Namespace, cfg: CircularityConfig, folder: Path, refe
     summary = summarize(folder, rows, bad, cfg)
     summary.update(seconds=seconds, images_per_second=len(rows) / seconds if seconds > 0 else None,
                    workers=args.workers, fail_under=args.fail_under, config=dataclasses.asdict(cfg))
-    write_csv(rows, tmp / "results.csv")
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=numpy_json_default))
     label = folder.name or "images"
-    plot_groups({label: rows}, tmp / "histograms.png", cfg,
-                 f"{label}: pass rate {100 * summary['pass_rate']:.1f}% of {len(rows)}")
-    write_worst_sheet(folder, rows, cfg, tmp / "worst.png")
+    with ThreadPoolExecutor(1) as drawing:  # OpenCV draws and encodes without the GIL: the sheet beside the rest
+        sheet = drawing.submit(write_worst_sheet, folder, rows, cfg, tmp / "worst.png")
+        write_csv(rows, tmp / "results.csv")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=numpy_json_default))
+        plot_groups({label: rows}, tmp / "histograms.png", cfg,
+                     f"{label}: pass rate {100 * summary['pass_rate']:.1f}% of {len(rows)}")
+        sheet.result()
     if reference is None:
         return summary, [(label, summary)], None
     ref_rows, ref_bad = analyze_folder(reference, cfg, args.workers, None, True, exclude)
@@ -170,5 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+run = exit_without_teardown(main)  # the console script: a quick command, its exit kept quick
+
 if __name__ == "__main__":
-    main()
+    run()

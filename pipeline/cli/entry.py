@@ -4,11 +4,13 @@ error into one line on stderr and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from guided_diffusion.errors import DiffusionSettingError
 from pipeline.common.config import Config, load_config
@@ -69,3 +71,30 @@ def cli_entry(func: F) -> F:
         sys.exit(code or 0)
 
     return wrapper  # type: ignore[return-value]
+
+
+def exit_without_teardown(main: Callable[[list[str] | None], object]) -> Callable[[list[str] | None], NoReturn]:
+    """A console script's entry point for a quick command. Called with no arguments (the console
+    script, `python -m`), it runs `main` (a `cli_entry`) on the command line, then its exit handlers
+    (logging's flush, multiprocessing's clean-up of its pool and temp folder), flushes the output and
+    leaves with `main`'s exit code, skipping the interpreter's teardown of every module and object,
+    which with NumPy and OpenCV loaded costs ~0.1 s. Called with `argv` (tests, other code), it is
+    `main` itself. A bug's traceback exits as usual."""
+
+    def run(argv: list[str] | None = None) -> NoReturn:
+        if argv is not None:
+            sys.exit(main(argv))  # (a cli_entry exits by itself)
+        try:
+            main(None)
+            code: object = 0
+        except SystemExit as exc:
+            code = exc.code
+        if code is not None and not isinstance(code, int):  # sys.exit("message"), as Python prints it
+            print(code, file=sys.stderr)
+            code = 1
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+
+    return run

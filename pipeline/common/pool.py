@@ -8,10 +8,12 @@ for, so a run's output does not depend on the number of workers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import platform
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -80,11 +82,28 @@ def start_pool_server(preload: tuple[str, ...] = ()) -> None:
             multiprocessing.forkserver.ensure_running()
 
 
+def keep_freed_memory() -> None:
+    """On glibc, keep freed memory (up to 16 MiB) in the process for the next allocation instead of
+    handing it back to the system: per-image work allocates and frees the same arrays of 64 KiB to a
+    few MiB image after image, which glibc's defaults (blocks from 128 KiB mapped and unmapped one
+    by one, the heap trimmed above 128 KiB free) turn into page faults on every image (about 10 %
+    of circularity-check's time, measured). Elsewhere (macOS, musl, Windows) nothing changes."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt(_M_MMAP_THRESHOLD, 4 << 20)  # blocks below 4 MiB come from the heap
+    mallopt(_M_TRIM_THRESHOLD, 16 << 20)  # the heap is trimmed once 16 MiB lie free at its top
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
 def init_worker() -> None:
-    """Pool initializer: one image per process, so no nested OpenCV threading."""
+    """Pool initializer: one image per process, so no nested OpenCV threading; freed memory kept."""
     import cv2  # here, not at the top: a caller that starts the pool server early has not imported it yet
 
     cv2.setNumThreads(1)
+    keep_freed_memory()
 
 
 def _apply(func: Callable[[T], R], chunk: list[T]) -> list[R]:
@@ -96,11 +115,13 @@ def chunked_map(func: Callable[[T], R], items: list[T], workers: int,
                 preload: tuple[str, ...] = ()) -> Iterator[list[R]]:
     """`func` over `items`, yielded in order as lists of results (one per chunk, for a progress bar).
 
-    With workers <= 1 (or one item) it runs inline, one item per list. Otherwise `func` (a
+    With workers <= 1 (or one item) it runs inline, one item per list (freed memory kept from then
+    on: `keep_freed_memory`). Otherwise `func` (a
     module-level function or a `functools.partial` of one: it is pickled) runs in a pool of
     `workers` processes from `pool_context(preload)`; the fork server imports the caller's main
     module, so scripts calling this need the usual `if __name__ == "__main__":` guard."""
     if workers <= 1 or len(items) < 2:
+        keep_freed_memory()
         for item in items:
             yield [func(item)]
         return
