@@ -51,8 +51,9 @@ def linear_quantile(a: np.ndarray, q: float) -> np.ndarray | float:
     pos = q * (n - 1)
     lo = int(pos)
     hi, t = min(lo + 1, n - 1), pos - lo
-    part = np.partition(a, (lo, hi), axis=-1)
-    below, above = part[..., lo], part[..., hi]
+    part = np.partition(a, hi, axis=-1)
+    above = part[..., hi]
+    below = part[..., :hi].max(axis=-1) if hi > lo else above  # the largest below the hi-th: the lo-th
     return below + (above - below) * t if t < 0.5 else above - (above - below) * (1 - t)
 
 

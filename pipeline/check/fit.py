@@ -3,6 +3,7 @@ circle, and the robust (least-quantile-of-squares) ellipse with its residuals an
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 
@@ -98,9 +99,7 @@ def robust_ellipse(pts: np.ndarray, trials: int = 150) -> tuple[np.ndarray, np.n
     sc = float(np.abs(pts - c).mean()) or 1.0
     x, y = ((pts - c) / sc).T
     design = np.column_stack([x * x, x * y, y * y, x, y, np.ones(n)])
-    pick = random_indices(n, (n,), (trials, 5))[0]
-    pick = pick[(np.diff(np.sort(pick, axis=1), axis=1) > 0).all(axis=1)]  # 5 distinct points
-    conics = _null_vectors(design[pick])
+    conics = _null_vectors(design[_five_distinct(n, trials)])
     a, b, cc = conics[:, 0], conics[:, 1], conics[:, 2]
     ok = b * b - 4 * a * cc < 0  # ellipses only
     if not ok.any():
@@ -111,6 +110,15 @@ def robust_ellipse(pts: np.ndarray, trials: int = 150) -> tuple[np.ndarray, np.n
     gy = conics[:, 1:2] * x + 2 * conics[:, 2:3] * y + conics[:, 4:5]
     low = linear_quantile(np.abs(q) / np.maximum(np.hypot(gx, gy), 1e-9), _LTS_QUANTILE)
     return conics[int(np.argmin(low))], c, sc
+
+
+@functools.lru_cache(maxsize=256)
+def _five_distinct(n: int, trials: int) -> np.ndarray:
+    """The draws of 5 of `n` points (`random_indices` seeded by `n`) that name 5 distinct points."""
+    pick = random_indices(n, (n,), (trials, 5))[0]
+    pick = pick[(np.diff(np.sort(pick, axis=1), axis=1) > 0).all(axis=1)]
+    pick.flags.writeable = False  # shared by every call
+    return pick
 
 
 def robust_sigma(res: np.ndarray) -> float:
