@@ -92,7 +92,7 @@ def _support(x: np.ndarray, y: np.ndarray, weight: np.ndarray, tol: float,
     that agrees with it: per ray, the heaviest candidate within `tol` of the circle."""
     res = np.hypot(x.T[:, None] - ux, y.T[:, None] - uy)  # (k, circles, rays): max over k is then cheap
     res -= r
-    agree = weight.T[:, None] * (np.abs(res) < tol)  # weights ≥ 0: a product is np.where's result, 3× faster
+    agree = weight.T[:, None] * (np.abs(res) < tol)  # weights ≥ 0: the product is np.where's result, cheaper
     return agree.max(axis=0).sum(axis=1)
 
 

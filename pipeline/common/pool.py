@@ -82,20 +82,22 @@ def start_pool_server(preload: tuple[str, ...] = ()) -> None:
             multiprocessing.forkserver.ensure_running()
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
 def keep_freed_memory() -> None:
     """On glibc, keep freed memory (up to 16 MiB) in the process for the next allocation instead of
     handing it back to the system: per-image work allocates and frees the same arrays of 64 KiB to a
     few MiB image after image, which glibc's defaults (blocks from 128 KiB mapped and unmapped one
-    by one, the heap trimmed above 128 KiB free) turn into page faults on every image (about 10 %
-    of circularity-check's time, measured). Elsewhere (macOS, musl, Windows) nothing changes."""
+    by one, the heap trimmed above 128 KiB free) turn into page faults on every image (with this
+    setting circularity-check's analysis took 0.80x the CPU time: docs/bench/
+    circularity_before_after_2.txt). Elsewhere (macOS, musl, Windows) nothing changes."""
     if platform.libc_ver()[0] != "glibc":
         return
     mallopt = ctypes.CDLL(None).mallopt
     mallopt(_M_MMAP_THRESHOLD, 4 << 20)  # blocks below 4 MiB come from the heap
     mallopt(_M_TRIM_THRESHOLD, 16 << 20)  # the heap is trimmed once 16 MiB lie free at its top
 
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def init_worker() -> None:
