@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 
 AFTER = Path(__file__).resolve().parents[1]
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def load(root: Path):
@@ -57,7 +56,7 @@ def main() -> None:
     cv2.setNumThreads(1)
     sys.path.insert(0, str(AFTER))
     from pipeline.common.images import to_unit
-    from pipeline.common.pool import keep_freed_memory
+    from pipeline.common.pool import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
     from pipeline.data.synthetic import generate_irises
 
     images, _ = generate_irises(400, 128, seed=0, defects=0.3)

@@ -211,12 +211,12 @@ def test_kept_freed_memory_stops_the_page_faults_of_every_image():
         from pipeline.check.analyze import analyze_image
         from pipeline.common.config import CircularityConfig
         from pipeline.common.images import to_unit
-        from pipeline.common.pool import keep_freed_memory
+        from pipeline.common.pool import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
         from pipeline.data.synthetic import generate_irises
         images, _ = generate_irises(30, 128, seed=0, defects=0.3)
         grey = [to_unit(img[0]) for img in images]
-        ctypes.CDLL(None).mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
-        ctypes.CDLL(None).mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 << 10)
+        ctypes.CDLL(None).mallopt(M_TRIM_THRESHOLD, 128 << 10)
         if sys.argv[1] == "kept":
             keep_freed_memory()
         for g in grey[:10]:

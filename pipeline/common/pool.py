@@ -82,7 +82,7 @@ def start_pool_server(preload: tuple[str, ...] = ()) -> None:
             multiprocessing.forkserver.ensure_running()
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> None:
@@ -95,8 +95,8 @@ def keep_freed_memory() -> None:
     if platform.libc_ver()[0] != "glibc":
         return
     mallopt = ctypes.CDLL(None).mallopt
-    mallopt(_M_MMAP_THRESHOLD, 4 << 20)  # blocks below 4 MiB come from the heap
-    mallopt(_M_TRIM_THRESHOLD, 16 << 20)  # the heap is trimmed once 16 MiB lie free at its top
+    mallopt(M_MMAP_THRESHOLD, 4 << 20)  # blocks below 4 MiB come from the heap
+    mallopt(M_TRIM_THRESHOLD, 16 << 20)  # the heap is trimmed once 16 MiB lie free at its top
 
 
 
