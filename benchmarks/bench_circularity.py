@@ -1,6 +1,6 @@
 """Speed of the circularity check at 128×128: analysis alone, and whole folders with 1 and 2 workers.
 
-    python benchmarks/bench_circularity.py [--quick]
+    python benchmarks/bench_circularity.py [--quick] [--count N] [--out FILE]
 
 Synthetic eyes (30 % with defects, like a poor sample folder) are written as PNGs to a temp folder.
 Measured:
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from results_io import headline, write_result
+from results_io import headline, machine_facts, write_result
 
 from pipeline.check.analyze import analyze_image
 from pipeline.check.folder import analyze_folder
@@ -116,10 +116,12 @@ def folder_speed(folder: Path, cfg: CircularityConfig, workers: int, repeats: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--count", type=int, default=1000, help="images in the folder (default 1000)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     cv2.setNumThreads(1)
     keep_freed_memory()  # as in the workers (and inline runs) of `analyze_folder`
-    n, repeats = (1000, 2) if args.quick else (1000, 5)  # a folder of 1000: the pool's start-up amortised as in use
+    n, repeats = args.count, 2 if args.quick else 5  # a folder of 1000: the pool's start-up amortised as in use
     cfg = CircularityConfig()
     images, _ = generate_irises(n, 128, seed=0, defects=0.3)
     load_before = os.getloadavg()[0]
@@ -152,11 +154,12 @@ def main() -> None:
                  f"{one['median_images_per_s']:.0f} images/s; {alone['cpu_ms_per_image']:.2f} CPU-ms/image"),
     ]
     result["machine"] = {
+        **machine_facts(), "cores_usable": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
         "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2),
         "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
     }
-    write_result(RESULTS, result)
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,18 @@ def test_layer_ratios_are_timed_both_ways_and_say_where_auto_uses_winograd(monke
     assert all(r["ratio"] == pytest.approx(r["winograd_ms"] / r["direct_ms"], rel=0.05, abs=0.01) for r in rows)
     row = bench_unet.layers_row(rows)
     assert "64→64 ch 8 px" in row["value"] and row["value"].endswith("(not used)") and row["target"] == "context"
+
+
+def test_gpu_share_of_peak_is_judged_on_the_best_half_precision_variant():
+    run = fake_run(0.9, device="cuda")
+    run.update(auto_variant="ours auto (bf16, direct)")
+    gflop = {"diffusers fp32": 80e3, "ours fp32": 82e3, "ours compiled (bf16)": 350e3}
+    for name, g in gflop.items():
+        run["variants"][name] = dict(run["variants"].get(name, {}), achieved_gflop_per_s=g)
+    run["variants"]["ours auto (bf16, direct)"] = {"achieved_gflop_per_s": 122e3}
+    del run["variants"]["ours compiled"]
+    row = bench_unet.gpu_peak_row(run, 758.0)
+    assert "ours compiled (bf16) 350 TFLOP/s (46%)" in row["value"] and "ours fp32 82 TFLOP/s (11%)" in row["value"]
+    assert row["target"] == "≥ 45% (best bf16 variant: ours compiled (bf16))" and row["met"] is True
+    run["variants"]["ours compiled (bf16)"]["achieved_gflop_per_s"] = 300e3  # 40 %: the fp32 rows never count
+    assert bench_unet.gpu_peak_row(run, 758.0)["met"] is False

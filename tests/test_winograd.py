@@ -134,6 +134,19 @@ def test_conv_algorithm_setting(caplog):
         create_model(tiny(conv_algorithm="winograd", compile=True))
 
 
+def test_auto_stays_direct_on_avx512_cpus_where_onednn_was_faster(monkeypatch, caplog):
+    from guided_diffusion.training import factory
+
+    assert factory.winograd_pays_here({"avx2", "fma"}) and not factory.winograd_pays_here({"avx2", "avx512f"})
+    monkeypatch.setattr(factory, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "amx_bf16"})
+    with caplog.at_level(logging.INFO):
+        assert flags(create_model(tiny())) == {False}
+    assert "AVX-512" in caplog.text
+    assert flags(create_model(tiny(conv_algorithm="winograd"))) == {True}  # asked for: still used
+    monkeypatch.setattr(factory, "cpu_flags", lambda: {"avx2", "fma"})
+    assert flags(create_model(tiny())) == {True}
+
+
 def test_without_a_compiler_winograd_fails_clearly_and_auto_stays_direct(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("IRIS_DIFFUSION_CACHE", str(tmp_path))

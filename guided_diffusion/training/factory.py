@@ -7,6 +7,7 @@ import logging
 import torch
 
 from guided_diffusion.diffusion import GaussianDiffusion
+from guided_diffusion.machine import cpu_flags
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.schedules import get_betas
 from guided_diffusion.unet import UNetModel
@@ -16,6 +17,16 @@ from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
+# conv_algorithm auto stays direct on CPUs with these: oneDNN's AVX-512 kernels beat ours there
+# (measured 2026-11-27 on an Emerald Rapids Xeon, 16 threads: single HP1 layers 1.6-3.1x slower with
+# Winograd; docs/bench/device-2026-11-27/bench_unet_cpu.json)
+DIRECT_IS_FASTER_FLAGS = ("avx512f",)
+
+
+def winograd_pays_here(flags: set[str] | None = None) -> bool:
+    """Whether conv_algorithm auto uses Winograd on this CPU (`flags`: default this machine's):
+    not where it has AVX-512."""
+    return not any(f in (cpu_flags() if flags is None else flags) for f in DIRECT_IS_FASTER_FLAGS)
 
 
 def create_model(cfg: Config) -> UNetModel:
@@ -59,7 +70,7 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
     convolutions run Winograd F(4x4, 3x3) C kernels where they pay (float32 on the CPU, no autocast,
     >= 64 channels in and out, maps >= 32 px; guided_diffusion/winograd.py), direct convolutions
     elsewhere, e.g. on a GPU. auto is winograd unless model.compile or model.channels_last asks for
-    the direct path's compiler or layout; its kernels are built on the first CPU step that uses them,
+    the direct path's compiler or layout, or the CPU has AVX-512 (`winograd_pays_here`); its kernels are built on the first CPU step that uses them,
     and where they cannot be (no C compiler) it logs why and stays direct. winograd builds them now
     and fails clearly if it cannot."""
     if m.conv_algorithm not in CONV_ALGORITHMS:
@@ -80,6 +91,10 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
     if m.compile or m.channels_last:
         log.info("convolutions: direct (model.conv_algorithm auto with model.%s)",
                  "compile" if m.compile else "channels_last")
+        return "direct"
+    if not winograd_pays_here():
+        log.info("convolutions: direct (model.conv_algorithm auto on an AVX-512 CPU, where oneDNN's direct "
+                 "kernels were measured faster than the Winograd ones)")
         return "direct"
     log.info("convolutions: Winograd F(4x4, 3x3) for %s, direct elsewhere (model.conv_algorithm auto)", rule)
     return "winograd"
