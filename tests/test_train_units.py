@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
@@ -22,7 +23,7 @@ from guided_diffusion.training.checkpoint import (
 from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.ema import EMA, ema_decay, ema_file_name
 from guided_diffusion.training.factory import create_diffusion, create_model
-from guided_diffusion.training.loop import batch_indices, total_steps
+from guided_diffusion.training.loop import batch_indices, params_sha256, total_steps
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
 from guided_diffusion.training.resume import resume_differences
 from guided_diffusion.training.stats import ACT_EPS, ActivationProbe, block_grad_norms, named_blocks
@@ -354,3 +355,14 @@ def test_a_half_written_checkpoint_is_ignored_and_cleaned_up(tmp_path):
     _save_tiny(tmp_path, step=2)  # saving the same step again replaces it whole
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000001", "step_0000002"]
     load_training_checkpoint(ckpt_mod.latest_checkpoint(tmp_path))
+
+
+def test_params_hash_is_the_bytes_in_logical_order_whatever_the_memory_layout():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 16, 1), nn.Conv2d(16, 16, 3))
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():  # the definition, from NumPy's C-order copy
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(value.numpy()).tobytes())
+    assert params_sha256(model) == digest.hexdigest()
+    assert params_sha256(model.to(memory_format=torch.channels_last)) == digest.hexdigest()
