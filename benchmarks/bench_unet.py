@@ -1,7 +1,7 @@
 """Speed of one U-Net training step (forward + backward), as ratios to diffusers' UNet2DModel in the same run.
 
     python benchmarks/bench_unet.py [--quick] [--device cpu|cuda|all] [--configs HP1 [HP2]]
-                                    [--repeats N] [--no-compile] [--out FILE]
+                                    [--batch N] [--repeats N] [--no-compile] [--out FILE]
 
 The baseline is diffusers' `UNet2DModel` configured as the same ADM network through
 pipeline/diffusers_map.py (scale-shift norm, resnet up/down-sampling, attention at the same sizes,
@@ -10,13 +10,16 @@ express, the closest single attention_head_dim, which changes no parameter count
 one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: direct`), in
 channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
 fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
-3x3 layers on a CPU) and compiled (`model.compile: true`; its compile time is measured apart from
-its steps). After WARMUP steps each, the variants take turns in palindromic order (A B C C B A
-A B C …), `--repeats` timed steps each, so drift in the machine's load falls on all alike; min and
+3x3 layers on a CPU without AVX-512), in channels_last under the defaults' precision too where
+that is not fp32, and compiled (`model.compile: true` under the defaults' precision; its compile
+time is measured apart from its steps). After WARMUP steps each, the variants take turns in
+palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so drift in the machine's
+load falls on all alike; min and
 median seconds per step and the ratios of medians and of mins. The machine (CPU model, AVX2 /
 AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only,
 and so are single HP1 3x3 layers timed with Winograd and with oneDNN's direct convolution (where
-conv_algorithm auto uses which).
+conv_algorithm auto uses which). On a GPU each variant's achieved TFLOP/s is also put against a
+bf16 8192³ matmul timed in the same run (the goal: ≥ 45 % of it).
 JSON goes to stdout and to --out.
 """
 
