@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion import winograd
-from guided_diffusion.training.factory import create_model, winograd_pays_here
+from guided_diffusion.training.factory import create_model, why_not_winograd
 from guided_diffusion.training.step import autocast_for, resolve_precision
 from guided_diffusion.unet import AttentionBlock
 from pipeline.common.config import Config, config_from_dict
@@ -216,7 +216,7 @@ def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
         rows.append({"in": c, "out": co, "size": size, "direct_ms": round(min(timed["direct"]) * 1e3, 2),
                      "winograd_ms": round(min(timed["winograd"]) * 1e3, 2),
                      "ratio": round(min(timed["winograd"]) / min(timed["direct"]), 2),
-                     "used_by_auto": winograd.applies(x, w) and winograd_pays_here()})
+                     "used_by_auto": winograd.applies(x, w) and why_not_winograd() is None})
     return rows
 
 

@@ -138,10 +138,10 @@ def test_layer_ratios_are_timed_both_ways_and_say_where_auto_uses_winograd(monke
     if not winograd.available()[0]:
         pytest.skip("no C compiler for the Winograd kernels")
     monkeypatch.setattr(bench_unet, "LAYERS", ((64, 64, 32), (64, 64, 8)))
-    monkeypatch.setattr(bench_unet, "winograd_pays_here", lambda: True)  # an AVX2 CPU
+    monkeypatch.setattr(bench_unet, "why_not_winograd", lambda: None)  # an AVX2 CPU, 2 threads
     rows = bench_unet.layer_ratios(repeats=1, batch=1)
     assert [(r["size"], r["used_by_auto"]) for r in rows] == [(32, True), (8, False)]
-    monkeypatch.setattr(bench_unet, "winograd_pays_here", lambda: False)  # an AVX-512 CPU
+    monkeypatch.setattr(bench_unet, "why_not_winograd", lambda: "AVX-512")
     assert not any(r["used_by_auto"] for r in bench_unet.layer_ratios(repeats=1, batch=1))
     assert all(r["ratio"] == pytest.approx(r["winograd_ms"] / r["direct_ms"], rel=0.05, abs=0.01) for r in rows)
     row = bench_unet.layers_row(rows)

@@ -124,7 +124,7 @@ def flags(model):
 def test_conv_algorithm_setting(monkeypatch, caplog):
     from guided_diffusion.training import factory
 
-    monkeypatch.setattr(factory, "cpu_flags", lambda: {"avx2", "fma"})  # auto's choice on an AVX2 CPU
+    monkeypatch.setattr(factory, "why_not_winograd", lambda: None)  # an AVX2 CPU, few threads
     with caplog.at_level(logging.INFO):
         assert flags(create_model(tiny())) == {True}
     assert "Winograd F(4x4, 3x3)" in caplog.text
@@ -137,17 +137,20 @@ def test_conv_algorithm_setting(monkeypatch, caplog):
         create_model(tiny(conv_algorithm="winograd", compile=True))
 
 
-def test_auto_stays_direct_on_avx512_cpus_where_onednn_was_faster(monkeypatch, caplog):
+def test_auto_stays_direct_where_onednn_was_faster_or_would_be(monkeypatch, caplog):
     from guided_diffusion.training import factory
 
-    assert factory.winograd_pays_here({"avx2", "fma"}) and not factory.winograd_pays_here({"avx2", "avx512f"})
-    monkeypatch.setattr(factory, "cpu_flags", lambda: {"avx2", "fma", "avx512f", "amx_bf16"})
+    avx2, avx512 = {"avx2", "fma"}, {"avx2", "fma", "avx512f", "amx_bf16"}
+    assert factory.why_not_winograd(avx2, 1) is None and factory.why_not_winograd(avx2, 4) is None
+    assert "AVX-512" in factory.why_not_winograd(avx512, 2)
+    assert factory.why_not_winograd(avx2, 8).startswith("8 threads, above the 4")
+    monkeypatch.setattr(factory, "cpu_flags", lambda: avx512)
     with caplog.at_level(logging.INFO):
         assert flags(create_model(tiny())) == {False}
-    assert "AVX-512" in caplog.text
+    assert "direct (model.conv_algorithm auto on a CPU with AVX-512" in caplog.text
     assert flags(create_model(tiny(conv_algorithm="winograd"))) == {True}  # asked for: still used
-    monkeypatch.setattr(factory, "cpu_flags", lambda: {"avx2", "fma"})
-    assert flags(create_model(tiny())) == {True}
+    monkeypatch.setattr(factory, "cpu_flags", lambda: avx2)
+    assert flags(create_model(tiny())) == {torch.get_num_threads() <= factory.WINOGRAD_MAX_THREADS}
 
 
 def test_without_a_compiler_winograd_fails_clearly_and_auto_stays_direct(monkeypatch, tmp_path, caplog):

@@ -17,16 +17,25 @@ from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
-# conv_algorithm auto stays direct on CPUs with these: oneDNN's AVX-512 kernels beat ours there
-# (measured 2026-11-27 on an Emerald Rapids Xeon, 16 threads: single HP1 layers 1.6-3.1x slower with
-# Winograd; docs/bench/device-2026-11-27/bench_unet_cpu.json)
+# Where conv_algorithm auto uses the Winograd kernels: measured faster than oneDNN's direct
+# convolutions on an AVX2 CPU at 1 and 2 threads (single HP1 layers 0.46-0.76x), but their lead
+# shrinks with threads (1 → 2 threads: direct 1.5-2.3x faster, Winograd 1.3-1.9x), and on an AVX-512
+# Xeon at 16 threads they lost (1.6-3.1x slower; docs/bench/device-2026-11-27/bench_unet_cpu.json).
 DIRECT_IS_FASTER_FLAGS = ("avx512f",)
+WINOGRAD_MAX_THREADS = 4
 
 
-def winograd_pays_here(flags: set[str] | None = None) -> bool:
-    """Whether conv_algorithm auto uses Winograd on this CPU (`flags`: default this machine's):
-    not where it has AVX-512."""
-    return not any(f in (cpu_flags() if flags is None else flags) for f in DIRECT_IS_FASTER_FLAGS)
+def why_not_winograd(flags: set[str] | None = None, threads: int | None = None) -> str | None:
+    """None where conv_algorithm auto uses Winograd on this CPU (`flags`, `threads`: default this
+    machine's and torch's), else why not: AVX-512, or more than WINOGRAD_MAX_THREADS threads."""
+    flags = cpu_flags() if flags is None else flags
+    threads = torch.get_num_threads() if threads is None else threads
+    if any(f in flags for f in DIRECT_IS_FASTER_FLAGS):
+        return "a CPU with AVX-512, where oneDNN's direct kernels were measured faster"
+    if threads > WINOGRAD_MAX_THREADS:
+        return (f"{threads} threads, above the {WINOGRAD_MAX_THREADS} where the Winograd kernels were measured "
+                "to pay")
+    return None
 
 
 def create_model(cfg: Config) -> UNetModel:
@@ -70,7 +79,8 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
     convolutions run Winograd F(4x4, 3x3) C kernels where they pay (float32 on the CPU, no autocast,
     >= 64 channels in and out, maps >= 32 px; guided_diffusion/winograd.py), direct convolutions
     elsewhere, e.g. on a GPU. auto is winograd unless model.compile or model.channels_last asks for
-    the direct path's compiler or layout, or the CPU has AVX-512 (`winograd_pays_here`); its kernels are built on the first CPU step that uses them,
+    the direct path's compiler or layout, or the CPU has AVX-512 or torch more than 4 threads
+    (`why_not_winograd`); its kernels are built on the first CPU step that uses them,
     and where they cannot be (no C compiler) it logs why and stays direct. winograd builds them now
     and fails clearly if it cannot."""
     if m.conv_algorithm not in CONV_ALGORITHMS:
@@ -92,9 +102,9 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
         log.info("convolutions: direct (model.conv_algorithm auto with model.%s)",
                  "compile" if m.compile else "channels_last")
         return "direct"
-    if not winograd_pays_here():
-        log.info("convolutions: direct (model.conv_algorithm auto on an AVX-512 CPU, where oneDNN's direct "
-                 "kernels were measured faster than the Winograd ones)")
+    why_not = why_not_winograd()
+    if why_not is not None:
+        log.info("convolutions: direct (model.conv_algorithm auto on %s)", why_not)
         return "direct"
     log.info("convolutions: Winograd F(4x4, 3x3) for %s, direct elsewhere (model.conv_algorithm auto)", rule)
     return "winograd"
