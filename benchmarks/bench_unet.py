@@ -10,7 +10,7 @@ express, the closest single attention_head_dim, which changes no parameter count
 one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: direct`), in
 channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
 fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
-3x3 layers on a CPU without AVX-512), in channels_last under the defaults' precision too where
+3x3 layers on a CPU without AVX-512 at up to 4 threads), in channels_last under the defaults' precision too where
 that is not fp32, and compiled (`model.compile: true` under the defaults' precision; its compile
 time is measured apart from its steps). After WARMUP steps each, the variants take turns in
 palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so drift in the machine's
@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from results_io import headline, machine_facts, write_result
+from step_timing import gemm_gflop_per_s, matmul_bf16_tflop_per_s, summarize, time_steps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -100,25 +100,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def abba_order(names: list[str], repeats: int) -> list[str]:
-    """Each name `repeats` times, in palindromic rounds: A B C, C B A, A B C …"""
-    return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
-
-
-def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
-               clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """(warm-up seconds, timed seconds) per name: `warmup` steps each in turn, then `repeats` each in
-    `abba_order`."""
-    warm: dict[str, list[float]] = {n: [] for n in steps}
-    timed: dict[str, list[float]] = {n: [] for n in steps}
-    for out, order in ((warm, [n for n in steps for _ in range(warmup)]), (timed, abba_order(list(steps), repeats))):
-        for name in order:
-            t0 = clock()
-            steps[name]()
-            out[name].append(clock() - t0)
-    return warm, timed
-
-
 def train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: torch.Tensor,
                precision: str = "fp32") -> Callable[[], None]:
     """One forward + backward of the MSE to `target` (the diffusion loss) under `precision`'s
@@ -134,34 +115,6 @@ def train_step(model: nn.Module, x: torch.Tensor, t: torch.Tensor, target: torch
             torch.cuda.synchronize()
 
     return step
-
-
-def gemm_gflop_per_s(device: str, n: int = 2048) -> float:
-    """Best fp32 matmul throughput of three n³ products: what the cores give right now."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
-def matmul_bf16_tflop_per_s(n: int = 8192) -> float:
-    """Best bf16 matmul throughput of five n³ products on the GPU (after one warm-up): the attainable
-    peak this run's shares of peak are taken of."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
 
 
 def flops_per_step(name: str, batch: int) -> int:
@@ -218,11 +171,6 @@ def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
                      "ratio": round(min(timed["winograd"]) / min(timed["direct"]), 2),
                      "used_by_auto": winograd.applies(x, w) and why_not_winograd() is None})
     return rows
-
-
-def summarize(times: list[float]) -> dict:
-    return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4),
-            "times_s": [round(s, 4) for s in times]}
 
 
 def target_for(extensions: list[str], device: str) -> tuple[float | None, str]:

@@ -1,0 +1,62 @@
+"""Timing helpers of benchmarks/bench_unet.py: variants timed in turns (palindromic order), their
+min/median summaries, and the matmul throughputs recorded beside them as context."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def abba_order(names: list[str], repeats: int) -> list[str]:
+    """Each name `repeats` times, in palindromic rounds: A B C, C B A, A B C …"""
+    return [n for r in range(repeats) for n in (names if r % 2 == 0 else names[::-1])]
+
+
+def time_steps(steps: dict[str, Callable[[], None]], repeats: int, warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(warm-up seconds, timed seconds) per name: `warmup` steps each in turn, then `repeats` each in
+    `abba_order`."""
+    warm: dict[str, list[float]] = {n: [] for n in steps}
+    timed: dict[str, list[float]] = {n: [] for n in steps}
+    for out, order in ((warm, [n for n in steps for _ in range(warmup)]), (timed, abba_order(list(steps), repeats))):
+        for name in order:
+            t0 = clock()
+            steps[name]()
+            out[name].append(clock() - t0)
+    return warm, timed
+
+
+def summarize(times: list[float]) -> dict:
+    return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4),
+            "times_s": [round(s, 4) for s in times]}
+
+
+def gemm_gflop_per_s(device: str, n: int = 2048) -> float:
+    """Best fp32 matmul throughput of three n³ products: what the cores give right now."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def matmul_bf16_tflop_per_s(n: int = 8192) -> float:
+    """Best bf16 matmul throughput of five n³ products on the GPU (after one warm-up): the attainable
+    peak this run's shares of peak are taken of."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
