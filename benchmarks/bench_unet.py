@@ -10,8 +10,8 @@ express, the closest single attention_head_dim, which changes no parameter count
 one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: direct`), in
 channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
 fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
-3x3 layers on a CPU without AVX-512 at up to 4 threads), in channels_last under the defaults' precision too where
-that is not fp32, and compiled (`model.compile: true` under the defaults' precision; its compile
+3x3 layers on a CPU without AVX-512 at up to 4 threads), in channels_last under the defaults'
+precision too where that is not fp32, and compiled (`model.compile: true` under the defaults' precision; its compile
 time is measured apart from its steps). After WARMUP steps each, the variants take turns in
 palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so drift in the machine's
 load falls on all alike; min and
