@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -154,10 +153,9 @@ def main() -> None:
                  f"{one['median_images_per_s']:.0f} images/s; {alone['cpu_ms_per_image']:.2f} CPU-ms/image"),
     ]
     result["machine"] = {
-        **machine_facts(), "cores_usable": len(os.sched_getaffinity(0)),
-        "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+        **machine_facts(), "cores_usable": len(os.sched_getaffinity(0)),  # (machine_facts: CPU, flags, cores, Python)
         "load_average_1min_before": round(load_before, 2), "load_average_1min_after": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
+        "numpy": np.__version__, "opencv": cv2.__version__,
     }
     write_result(args.out, result)
 

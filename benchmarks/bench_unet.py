@@ -11,11 +11,11 @@ one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: 
 channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
 fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
 3x3 layers on a CPU without AVX-512 at up to 4 threads), in channels_last under the defaults'
-precision too where that is not fp32, and compiled (`model.compile: true` under the defaults' precision; its compile
-time is measured apart from its steps). After WARMUP steps each, the variants take turns in
-palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so drift in the machine's
-load falls on all alike; min and
-median seconds per step and the ratios of medians and of mins. The machine (CPU model, AVX2 /
+precision too where that is not fp32, and compiled (`model.compile: true` under the defaults'
+precision; its compile time is measured apart from its steps). After WARMUP steps each, the
+variants take turns in palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so
+drift in the machine's load falls on all alike; min and median seconds per step and the ratios of
+medians and of mins. The machine (CPU model, AVX2 /
 AVX-512 / AMX flags, cores, load) and a 2048³ fp32 matmul's GFLOP/s are recorded as context only,
 and so are single HP1 3x3 layers timed with Winograd and with oneDNN's direct convolution (where
 conv_algorithm auto uses which). On a GPU each variant's achieved TFLOP/s is also put against a
@@ -208,14 +208,15 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
     if not quick:
         cl = create_model(bench_config(name, channels_last=True)).to(device)
         cl.load_state_dict(ours.state_dict())
-        steps["ours channels_last"] = train_step(cl, x.to(memory_format=torch.channels_last), t, target)
+        x_cl = x.to(memory_format=torch.channels_last)
+        steps["ours channels_last"] = train_step(cl, x_cl, t, target)
         if auto != "fp32":
-            steps[f"ours {auto} channels_last"] = train_step(cl, x.to(memory_format=torch.channels_last), t, target,
-                                                             auto)
+            steps[f"ours {auto} channels_last"] = train_step(cl, x_cl, t, target, auto)
+    compiled_name = f"ours compiled ({auto})"
     if compile_too:
         compiled = create_model(bench_config(name, compile=True)).to(device)
         compiled.load_state_dict(ours.state_dict())
-        steps[f"ours compiled ({auto})"] = train_step(compiled, x, t, target, auto)
+        steps[compiled_name] = train_step(compiled, x, t, target, auto)
     warm, timed = time_steps(steps, repeats, warmup)
     variants = {n: summarize(timed[n]) for n in steps}
     base = variants[BASELINE]
@@ -229,8 +230,7 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
         variants[OURS]["convolution_share"] = round(share, 3)
         variants[OURS]["ratio_if_only_convolutions"] = round(share * variants[OURS]["ratio_median_to_diffusers"], 3)
     if compile_too:  # the first call compiles forward and backward
-        name_c = f"ours compiled ({auto})"
-        variants[name_c]["compile_s"] = round(warm[name_c][0] - variants[name_c]["median_s"], 1)
+        variants[compiled_name]["compile_s"] = round(warm[compiled_name][0] - variants[compiled_name]["median_s"], 1)
     return {"name": name, "device": device, "batch": batch, "auto_precision": auto,
             "auto_variant": auto_name, "auto_convolutions": convs,
             "params": {"ours": param_count(ours), "diffusers": param_count(twin),

@@ -99,7 +99,6 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 16 << 20)  # the heap is trimmed once 16 MiB lie free at its top
 
 
-
 def init_worker() -> None:
     """Pool initializer: one image per process, so no nested OpenCV threading; freed memory kept."""
     import cv2  # here, not at the top: a caller that starts the pool server early has not imported it yet
@@ -118,8 +117,8 @@ def chunked_map(func: Callable[[T], R], items: list[T], workers: int,
     """`func` over `items`, yielded in order as lists of results (one per chunk, for a progress bar).
 
     With workers <= 1 (or one item) it runs inline, one item per list (freed memory kept from then
-    on: `keep_freed_memory`). Otherwise `func` (a
-    module-level function or a `functools.partial` of one: it is pickled) runs in a pool of
+    on: `keep_freed_memory`). Otherwise `func` (a module-level function or a `functools.partial` of
+    one: it is pickled) runs in a pool of
     `workers` processes from `pool_context(preload)`; the fork server imports the caller's main
     module, so scripts calling this need the usual `if __name__ == "__main__":` guard."""
     if workers <= 1 or len(items) < 2:
