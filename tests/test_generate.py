@@ -5,10 +5,12 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 
 from guided_diffusion.samplers import strength_to_t_start
 from guided_diffusion.training.checkpoint import load_for_inference
 from guided_diffusion.training.factory import create_diffusion
+from guided_diffusion.training.step import resolve_precision
 from pipeline import generate as gen_mod
 from pipeline.cli import generate as gen_cli
 from pipeline.common.config import load_config
@@ -86,7 +88,8 @@ def test_cli_writes_reproducible_outputs(models, tmp_path):
         assert key in meta
     assert len(meta["prior"]["sha256"]) == 64 and len(meta["diffusion_checkpoint"]["sha256"]) == 64
     assert meta["seeds"]["seed"] == 7 and "SeedSequence" in meta["seeds"]["scheme"]
-    assert meta["seeds"]["purposes"] == {"start": 0, "step": 1, "vae": 2} and meta["precision"] == "fp32"
+    assert meta["seeds"]["purposes"] == {"start": 0, "step": 1, "vae": 2}
+    assert meta["precision"] == resolve_precision("auto", torch.device("cpu"))  # this CPU's choice: bf16 or fp32
     assert json.loads((tmp_path / "one" / "metadata.json").read_text())["indices"] == [2]
 
 

@@ -13,6 +13,7 @@ from pipeline.check.arrays import cyclic_shift, linear_quantile, random_indices
 
 _LTS_QUANTILE = 0.4  # the robust pupil ellipse must fit at least this share of the boundary
 _NORMAL_ABS_QUANTILE = statistics.NormalDist().inv_cdf(0.5 + _LTS_QUANTILE / 2)
+_SINGULAR = 1e-12  # |det| / Hadamard bound below which a 5x5 system counts as singular
 
 
 def polygon_stats(xy: np.ndarray) -> tuple[float, float, float, float, float]:
@@ -63,30 +64,18 @@ def ellipse_residual(xy: np.ndarray, ellipse) -> tuple[np.ndarray, float]:
 
 
 def _null_vectors(systems: np.ndarray) -> np.ndarray:
-    """A null vector of each 5×6 system, scaled to a last component of 1 (zero where there is none
-    such): the 5×5 systems solved at once (LAPACK), or by Gaussian elimination with partial pivoting
-    vectorised over the systems when one of them is singular (LAPACK then fails them all)."""
-    try:
-        with np.errstate(all="ignore"):
-            x = np.linalg.solve(systems[:, :, :5], -systems[:, :, 5:])[:, :, 0]
-        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
-    except np.linalg.LinAlgError:
-        x = _null_vectors_eliminated(systems)
-    return np.where(np.isfinite(x).all(axis=1, keepdims=True), x, 0.0)  # 0: a degenerate system
-
-
-def _null_vectors_eliminated(systems: np.ndarray) -> np.ndarray:
-    """`_null_vectors` by Gaussian elimination with partial pivoting (inf or NaN where singular)."""
-    a = systems.copy()
-    every = np.arange(len(a))
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for j in range(5):
-            p = j + np.argmax(np.abs(a[:, j:, j]), axis=1)
-            a[every, p], a[every, j] = a[every, j], a[every, p]
-            a[:, j + 1 :] -= a[:, j + 1 :, j : j + 1] / a[:, j : j + 1, j : j + 1] * a[:, j : j + 1]
-        x = np.ones((len(a), 6))
-        for j in range(4, -1, -1):  # back substitution
-            x[:, j] = -np.einsum("ij,ij->i", a[:, j, j + 1 :], x[:, j + 1 :]) / a[:, j, j]
+    """A null vector of each 5×6 system, scaled to a last component of 1, and zero where there is no
+    unique one: where the left 5×5 block is singular to rounding (|det| below 1e-12 of Hadamard's
+    bound, the product of its row norms), decided before LAPACK solves the rest at once. (LAPACK's
+    own test, an exactly zero pivot, depends on the CPU's rounding: two equal rows failed on an
+    AVX2 EPYC and came out as an arbitrary member of the pencil on an AVX-512 one.)"""
+    a = systems[:, :, :5]
+    with np.errstate(all="ignore"):
+        det = np.linalg.det(a)
+    unique = np.abs(det) > _SINGULAR * np.prod(np.linalg.norm(a, axis=2), axis=1)
+    x = np.zeros((len(systems), 6))
+    x[unique, :5] = np.linalg.solve(a[unique], -systems[unique, :, 5:])[:, :, 0]
+    x[unique, 5] = 1.0
     return x
 
 
