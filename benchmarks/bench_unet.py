@@ -10,7 +10,7 @@ express, the closest single attention_head_dim, which changes no parameter count
 one process: our U-Net in fp32 with direct convolutions (`model.conv_algorithm: direct`), in
 channels_last, with the defaults (`precision: auto`, what `resolve_precision("auto", device)` picks:
 fp32 on a CPU without bf16 support; `model.conv_algorithm: auto`: Winograd F(4x4, 3x3) for the large
-3x3 layers on a CPU without AVX-512 at up to 4 threads), in channels_last under the defaults'
+3x3 layers where a self-check timed once per machine finds it faster), in channels_last under the defaults'
 precision too where that is not fp32, and compiled (`model.compile: true` under the defaults'
 precision; its compile time is measured apart from its steps). After WARMUP steps each, the
 variants take turns in palindromic order (A B C C B A A B C …), `--repeats` timed steps each, so
@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion import winograd
-from guided_diffusion.training.factory import create_model, why_not_winograd
+from guided_diffusion.training.factory import auto_winograd, create_model
 from guided_diffusion.training.step import autocast_for, resolve_precision
 from guided_diffusion.unet import AttentionBlock
 from pipeline.common.config import Config, config_from_dict
@@ -142,15 +142,6 @@ def convolution_share(step: Callable[[], None]) -> float:
     return conv / total
 
 
-def layer_step(conv: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-               dy: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward of conv(x, w, b) against the output gradient dy, gradients cleared first."""
-    def run() -> None:
-        x.grad = w.grad = b.grad = None
-        conv(x, w, b).backward(dy)
-    return run
-
-
 def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
     """Forward + backward of single 3x3 layers (LAYERS) on the CPU, Winograd F(4x4, 3x3) against
     oneDNN's direct convolution, the two in turns (ABBA), best of `repeats` each; whether
@@ -163,13 +154,13 @@ def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
         x = torch.randn(batch, c, size, size, generator=g, requires_grad=True)
         w = (torch.randn(co, c, 3, 3, generator=g) / (3 * c**0.5)).requires_grad_()
         b, dy = torch.randn(co, generator=g, requires_grad=True), torch.randn(batch, co, size, size, generator=g)
-        steps = {"direct": layer_step(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy),
-                 "winograd": layer_step(winograd.winograd_conv3x3, x, w, b, dy)}
+        steps = {"direct": winograd.layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy),
+                 "winograd": winograd.layer_pass(winograd.winograd_conv3x3, x, w, b, dy)}
         _, timed = time_steps(steps, repeats, warmup=1)
         rows.append({"in": c, "out": co, "size": size, "direct_ms": round(min(timed["direct"]) * 1e3, 2),
                      "winograd_ms": round(min(timed["winograd"]) * 1e3, 2),
                      "ratio": round(min(timed["winograd"]) / min(timed["direct"]), 2),
-                     "used_by_auto": winograd.applies(x, w) and why_not_winograd() is None})
+                     "used_by_auto": winograd.applies(x, w) and auto_winograd()[0]})
     return rows
 
 
@@ -225,10 +216,11 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
         v["ratio_min_to_diffusers"] = round(v["min_s"] / base["min_s"], 3)
         v["ratio_median_to_ours_fp32"] = round(v["median_s"] / variants[OURS]["median_s"], 3)
         v["warmup_s"] = [round(s, 2) for s in warm[n]]
-    if device == "cpu":  # how close to the baseline ours could come with the same convolutions
-        share = convolution_share(steps[OURS])
-        variants[OURS]["convolution_share"] = round(share, 3)
-        variants[OURS]["ratio_if_only_convolutions"] = round(share * variants[OURS]["ratio_median_to_diffusers"], 3)
+    if device == "cpu":  # how close to the baseline ours could come with the same convolutions (and bf16's)
+        for n in [OURS] + ([auto_name] if auto != "fp32" else []):
+            share = convolution_share(steps[n])
+            variants[n]["convolution_share"] = round(share, 3)
+            variants[n]["ratio_if_only_convolutions"] = round(share * variants[n]["ratio_median_to_diffusers"], 3)
     if compile_too:  # the first call compiles forward and backward
         variants[compiled_name]["compile_s"] = round(warm[compiled_name][0] - variants[compiled_name]["median_s"], 1)
     return {"name": name, "device": device, "batch": batch, "auto_precision": auto,
@@ -254,13 +246,15 @@ def headlines(run: dict, extensions: list[str]) -> list[dict]:
                  f"{run['params']['ours']:,} / {run['params']['diffusers']:,} ({rel:+.2%})",
                  f"within {PARAM_TOLERANCE:.0%}", abs(rel) <= PARAM_TOLERANCE),
     ]
-    if "convolution_share" in v[OURS]:
-        rows.append(headline(
-            f"{label}: ours fp32 / diffusers if everything but our convolutions took no time (profiled share)",
-            f"{v[OURS]['ratio_if_only_convolutions']:.2f}x ({v[OURS]['convolution_share']:.0%} of our step is in "
-            "oneDNN's direct convolutions, which the baseline runs too)", "context: why the fp32 target needs another "
-            "convolution algorithm" if limit is not None and v[OURS]["ratio_if_only_convolutions"] > limit
-            else "context"))
+    for name, why in ((OURS, "another convolution algorithm"),
+                      (run["auto_variant"], "fewer convolution FLOPs or faster bf16 units (AMX)")):
+        if "convolution_share" in v[name] and (name == OURS or run["auto_precision"] != "fp32"):
+            what = "fp32" if name == OURS else run["auto_precision"]
+            rows.append(headline(
+                f"{label}: {name} / diffusers if everything but its convolutions took no time (profiled share)",
+                f"{v[name]['ratio_if_only_convolutions']:.2f}x ({v[name]['convolution_share']:.0%} of the step is in "
+                f"oneDNN's direct {what} convolutions)", f"context: why the target needs {why}"
+                if limit is not None and v[name]["ratio_if_only_convolutions"] > limit else "context"))
     if run["auto_variant"] != OURS:
         rows.append(headline(f"{label}: {run['auto_variant']} / ours fp32 with direct convolutions (same run)",
                              f"{auto['ratio_median_to_ours_fp32']:.2f}x median; {auto['median_s']:.2f} vs "
@@ -296,12 +290,13 @@ def layers_row(layers: list[dict]) -> dict:
 
 def context_row(machine: dict, runs: list[dict]) -> dict:
     """The machine the ratios were measured on (context, no target)."""
-    gemm = "; ".join(f"{k.rsplit('_', 1)[-1]} {max(v):.0f}" for k, v in machine.items() if k.startswith("matmul_2048_"))
+    gemm = "; ".join(f"{k.split('_')[2]} {k.split('_')[-1]} {max(v):.0f}" for k, v in machine.items()
+                     if k.startswith("matmul_2048_"))
     achieved = "; ".join(f"{r['name']} {r['device']} ours fp32 {r['variants'][OURS]['achieved_gflop_per_s']:.0f}"
                          for r in runs)
     return headline(f"context: {machine['cpu']} ({', '.join(machine['extensions'])}), {machine['cores']} cores, "
                     f"load {machine['load_average_1min']} → {machine['load_average_1min_after']}",
-                    f"2048³ fp32 matmul GFLOP/s: {gemm}; achieved GFLOP/s: {achieved}", "context")
+                    f"2048³ matmul GFLOP/s: {gemm}; achieved GFLOP/s: {achieved}", "context")
 
 
 def main() -> None:
@@ -335,6 +330,8 @@ def main() -> None:
                 v["achieved_gflop_per_s"] = round(gflop / v["median_s"], 1)
             runs.append(run)
         machine[f"matmul_2048_fp32_gflop_per_s_{device}"] = [round(gemm_before, 1), round(gemm_gflop_per_s(device), 1)]
+        if device == "cpu" and any(f in machine["extensions"] for f in BF16_FLAGS):
+            machine["matmul_2048_bf16_gflop_per_s_cpu"] = [round(gemm_gflop_per_s(device, torch.bfloat16), 1)]
     if "cuda" in devices[args.device]:
         machine["matmul_8192_bf16_tflop_per_s_cuda"] = round(matmul_bf16_tflop_per_s(), 1)
     machine["load_average_1min_after"] = round(os.getloadavg()[0], 2)

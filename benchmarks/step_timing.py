@@ -34,9 +34,9 @@ def summarize(times: list[float]) -> dict:
             "times_s": [round(s, 4) for s in times]}
 
 
-def gemm_gflop_per_s(device: str, n: int = 2048) -> float:
-    """Best fp32 matmul throughput of three n³ products: what the cores give right now."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def gemm_gflop_per_s(device: str, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Best matmul throughput of three n³ products in `dtype`: what the cores give right now."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()

@@ -10,8 +10,9 @@ output transform gives the 4x4 results. Its rounding differs from a direct convo
 The tile transforms are ~280 lines of C (winograd.c, AVX2 where the CPU has it) built on first use with the system's C
 compiler (`$CC`, else `cc`; `-O3 -march=native`), cached in `$IRIS_DIFFUSION_CACHE` (by default
 ~/.cache/iris-diffusion) per source, compiler and CPU. PyTorch has no such kernels on CPUs (oneDNN's
-Winograd needs AVX-512), and on an AVX2 CPU the product's HP1 U-Net trains faster with them
-(README "Benchmarks"). They only pay on large layers, so `applies` restricts them to 3x3 layers
+Winograd needs AVX-512), and on 2-core EPYCs the product's HP1 U-Net trains faster with them (README
+"Benchmarks"); on a 16-core Xeon they lost, so `model.conv_algorithm: auto` uses them where
+`measure_speedup`, timed once per machine, finds them faster. They only pay on large layers, so `applies` restricts them to 3x3 layers
 of float32 activations on the CPU, without autocast, with >= 64 channels in and out (multiples of
 8) on maps of >= 32x32; every other call is nn.Conv2d's. Backward recomputes the transformed input
 from x, so a layer saves what a direct convolution saves (x), plus its transformed weights.
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guided_diffusion.machine import cache_root, cpu_flags, cpu_model
+from guided_diffusion.speed_verdicts import time_ratio
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +262,34 @@ class Conv3x3(nn.Conv2d):
             except KernelsUnavailable:
                 self.winograd = False
         return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+def layer_pass(conv: Callable[..., Tensor], x: Tensor, w: Tensor, b: Tensor, dy: Tensor) -> Callable[[], None]:
+    """One forward + backward of conv(x, w, b) against the output gradient dy, gradients cleared first."""
+    def run() -> None:
+        x.grad = w.grad = b.grad = None
+        conv(x, w, b).backward(dy)
+    return run
+
+
+SELF_CHECK_LAYERS = ((128, 64), (256, 32))  # (channels, map size): the HP1 U-Net's commonest layers that Winograd takes
+
+
+def measure_speedup(batch: int = 2, layers: tuple[tuple[int, int], ...] = SELF_CHECK_LAYERS, repeats: int = 3) -> float:
+    """Direct time / Winograd time of the forward + backward of `layers` (3x3, channels in = out,
+    on maps of the given size) on the CPU at torch's thread count (best of `repeats` each, in turns;
+    > 1 means Winograd is faster): about 0.5–1 s. KernelsUnavailable where the kernels cannot be built."""
+    kernels()
+    g = torch.Generator().manual_seed(0)
+    direct, fast = [], []
+    for channels, size in layers:
+        x = torch.randn(batch, channels, size, size, generator=g, requires_grad=True)
+        w = (torch.randn(channels, channels, 3, 3, generator=g) / (3 * channels**0.5)).requires_grad_()
+        b = torch.randn(channels, generator=g, requires_grad=True)
+        dy = torch.randn(batch, channels, size, size, generator=g)
+        direct.append(layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy))
+        fast.append(layer_pass(winograd_conv3x3, x, w, b, dy))
+    return time_ratio(lambda: [step() for step in direct], lambda: [step() for step in fast], repeats)
 
 
 def set_winograd(model: nn.Module, on: bool) -> None:

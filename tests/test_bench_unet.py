@@ -114,11 +114,37 @@ def test_the_convolution_bound_row_says_when_the_target_needs_another_algorithm(
     run = fake_run(0.92)
     run["variants"]["ours fp32"].update(convolution_share=0.88, ratio_if_only_convolutions=0.81)
     rows = bench_unet.headlines(run, ["avx2"])
-    bound = next(r for r in rows if "if everything but our convolutions" in r["measured"])
-    assert bound["value"].startswith("0.81x (88% of our step") and "another convolution algorithm" in bound["target"]
+    bound = next(r for r in rows if "if everything but its convolutions" in r["measured"])
+    assert bound["value"] == "0.81x (88% of the step is in oneDNN's direct fp32 convolutions)"
+    assert "another convolution algorithm" in bound["target"]
     run["variants"]["ours fp32"].update(ratio_if_only_convolutions=0.6)
     bound = next(r for r in bench_unet.headlines(run, ["avx2"]) if "if everything but" in r["measured"])
     assert bound["target"] == "context"
+
+
+def test_a_bf16_default_gets_its_own_convolution_bound():
+    """On a bf16 CPU the defaults' own convolutions bound them: 0.43x here, above the 0.30 target."""
+    run = fake_run(1.0)
+    auto = dict(run["variants"]["ours fp32"], ratio_median_to_diffusers=0.52, convolution_share=0.83,
+                ratio_if_only_convolutions=0.43)
+    run["variants"]["ours auto (bf16, direct)"] = auto
+    run.update(auto_variant="ours auto (bf16, direct)", auto_precision="bf16")
+    run["variants"]["ours fp32"].update(convolution_share=0.87, ratio_if_only_convolutions=0.2)
+    rows = [r for r in bench_unet.headlines(run, ["avx512_bf16"]) if "if everything but" in r["measured"]]
+    assert [r["measured"].split(": ")[1].split(" /")[0] for r in rows] == ["ours fp32", "ours auto (bf16, direct)"]
+    assert rows[0]["target"] == "context"  # 0.2 <= 0.30
+    assert rows[1]["value"] == "0.43x (83% of the step is in oneDNN's direct bf16 convolutions)"
+    assert "fewer convolution FLOPs or faster bf16 units (AMX)" in rows[1]["target"]
+
+
+def test_the_context_row_names_each_matmuls_precision_and_device():
+    machine = {"cpu": "EPYC", "extensions": ["avx512_bf16"], "cores": 2, "load_average_1min": 0.1,
+               "load_average_1min_after": 1.9, "matmul_2048_fp32_gflop_per_s_cpu": [150.0, 163.0],
+               "matmul_2048_bf16_gflop_per_s_cpu": [343.0]}
+    run = fake_run(1.0)
+    run["variants"]["ours fp32"]["achieved_gflop_per_s"] = 161.0
+    row = bench_unet.context_row(machine, [run])
+    assert row["value"] == "2048³ matmul GFLOP/s: fp32 cpu 163; bf16 cpu 343; achieved GFLOP/s: HP1 cpu ours fp32 161"
 
 
 def test_the_defaults_row_is_also_put_against_our_direct_path():
@@ -139,10 +165,10 @@ def test_layer_ratios_are_timed_both_ways_and_say_where_auto_uses_winograd(monke
     if not winograd.available()[0]:
         pytest.skip("no C compiler for the Winograd kernels")
     monkeypatch.setattr(bench_unet, "LAYERS", ((64, 64, 32), (64, 64, 8)))
-    monkeypatch.setattr(bench_unet, "why_not_winograd", lambda: None)  # an AVX2 CPU, 2 threads
+    monkeypatch.setattr(bench_unet, "auto_winograd", lambda: (True, "faster here"))
     rows = bench_unet.layer_ratios(repeats=1, batch=1)
     assert [(r["size"], r["used_by_auto"]) for r in rows] == [(32, True), (8, False)]
-    monkeypatch.setattr(bench_unet, "why_not_winograd", lambda: "AVX-512")
+    monkeypatch.setattr(bench_unet, "auto_winograd", lambda: (False, "slower here"))
     assert not any(r["used_by_auto"] for r in bench_unet.layer_ratios(repeats=1, batch=1))
     assert all(r["ratio"] == pytest.approx(r["winograd_ms"] / r["direct_ms"], rel=0.05, abs=0.01) for r in rows)
     row = bench_unet.layers_row(rows)

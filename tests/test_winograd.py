@@ -5,8 +5,10 @@ tiles; chunking and threads change nothing; where it applies; how the config pic
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,7 +126,7 @@ def flags(model):
 def test_conv_algorithm_setting(monkeypatch, caplog):
     from guided_diffusion.training import factory
 
-    monkeypatch.setattr(factory, "why_not_winograd", lambda: None)  # an AVX2 CPU, few threads
+    monkeypatch.setattr(factory, "auto_winograd", lambda: (True, "faster here"))
     with caplog.at_level(logging.INFO):
         assert flags(create_model(tiny())) == {True}
     assert "Winograd F(4x4, 3x3)" in caplog.text
@@ -137,20 +139,45 @@ def test_conv_algorithm_setting(monkeypatch, caplog):
         create_model(tiny(conv_algorithm="winograd", compile=True))
 
 
-def test_auto_stays_direct_where_onednn_was_faster_or_would_be(monkeypatch, caplog):
+def fake_layer_timing(monkeypatch, speedup: float) -> list[int]:
+    """Replace the Winograd self-check by one that reports `speedup`; returns a list counting its calls."""
     from guided_diffusion.training import factory
 
-    avx2, avx512 = {"avx2", "fma"}, {"avx2", "fma", "avx512f", "amx_bf16"}
-    assert factory.why_not_winograd(avx2, 1) is None and factory.why_not_winograd(avx2, 4) is None
-    assert "AVX-512" in factory.why_not_winograd(avx512, 2)
-    assert factory.why_not_winograd(avx2, 8).startswith("8 threads, above the 4")
-    monkeypatch.setattr(factory, "cpu_flags", lambda: avx512)
+    calls = []
+    monkeypatch.setattr(factory, "measure_speedup", lambda: calls.append(1) or speedup)
+    return calls
+
+
+def test_auto_follows_the_self_check_timed_once_per_machine(monkeypatch, tmp_path, caplog):
+    from guided_diffusion.training import factory
+
+    if not winograd.available()[0]:
+        pytest.skip("no C compiler for the Winograd kernels")
+    monkeypatch.setenv("IRIS_DIFFUSION_CACHE", str(tmp_path))
+    calls = fake_layer_timing(monkeypatch, 0.6)  # oneDNN's direct convolutions faster, as on a 16-core Xeon
     with caplog.at_level(logging.INFO):
         assert flags(create_model(tiny())) == {False}
-    assert "direct (model.conv_algorithm auto on a CPU with AVX-512" in caplog.text
+    assert "direct (model.conv_algorithm auto: the self-check ran Winograd at 0.60x" in caplog.text
     assert flags(create_model(tiny(conv_algorithm="winograd"))) == {True}  # asked for: still used
-    monkeypatch.setattr(factory, "cpu_flags", lambda: avx2)
-    assert flags(create_model(tiny())) == {torch.get_num_threads() <= factory.WINOGRAD_MAX_THREADS}
+    assert flags(create_model(tiny())) == {False} and calls == [1]  # the second model reads the cache
+    entries = json.loads((tmp_path / factory.WINOGRAD_CACHE).read_text())
+    assert [e["speedup"] for e in entries.values()] == [0.6]
+    (tmp_path / factory.WINOGRAD_CACHE).unlink()
+    calls = fake_layer_timing(monkeypatch, 1.3)  # as on a 2-core EPYC
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert flags(create_model(tiny())) == {True}
+    assert "(model.conv_algorithm auto: self-check 1.30x faster than direct, measured, cached in" in caplog.text
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # another thread count: timed again
+    fake_layer_timing(monkeypatch, 0.5)
+    assert factory.auto_winograd()[0] is False
+
+
+def test_the_real_layer_self_check_returns_a_time_ratio():
+    if not winograd.available()[0]:
+        pytest.skip("no C compiler for the Winograd kernels")
+    speedup = winograd.measure_speedup(batch=1, layers=((64, 32),), repeats=1)
+    assert np.isfinite(speedup) and speedup > 0
 
 
 def test_without_a_compiler_winograd_fails_clearly_and_auto_stays_direct(monkeypatch, tmp_path, caplog):
@@ -160,12 +187,12 @@ def test_without_a_compiler_winograd_fails_clearly_and_auto_stays_direct(monkeyp
     monkeypatch.setattr(winograd, "_lib_error", None)
     with pytest.raises(UserError, match="no C compiler"):
         create_model(tiny(conv_algorithm="winograd"))
-    model = create_model(tiny())
+    with caplog.at_level(logging.WARNING):
+        model = create_model(tiny())
     direct = create_model(tiny(conv_algorithm="direct"))
     direct.load_state_dict(model.state_dict())
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 700])
-    with caplog.at_level(logging.WARNING):
-        assert torch.equal(model(x, t), direct(x, t))
+    assert torch.equal(model(x, t), direct(x, t))
     assert "no C compiler" in caplog.text and list(tmp_path.iterdir()) == []
 
 

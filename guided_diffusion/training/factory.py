@@ -3,39 +3,46 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from guided_diffusion.diffusion import GaussianDiffusion
-from guided_diffusion.machine import cpu_flags
+from guided_diffusion.machine import cache_root, cpu_model
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 from guided_diffusion.schedules import get_betas
+from guided_diffusion.speed_verdicts import MIN_SPEEDUP, cached_verdict, machine_key
 from guided_diffusion.unet import UNetModel
-from guided_diffusion.winograd import MIN_CHANNELS, MIN_SIZE, available, set_winograd
+from guided_diffusion.winograd import (
+    MIN_CHANNELS,
+    MIN_SIZE,
+    available,
+    measure_speedup,
+    set_winograd,
+)
 from pipeline.common.config import Config, ModelConfig
 from pipeline.common.errors import UserError
 
 log = logging.getLogger(__name__)
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
-# Where conv_algorithm auto uses the Winograd kernels: measured faster than oneDNN's direct
-# convolutions on an AVX2 CPU at 1 and 2 threads (single HP1 layers 0.46-0.76x), but their lead
-# shrinks with threads (1 → 2 threads: direct 1.5-2.3x faster, Winograd 1.3-1.9x), and on an AVX-512
-# Xeon at 16 threads they lost (1.6-3.1x slower; docs/bench/device-2026-11-27/bench_unet_cpu.json).
-DIRECT_IS_FASTER_FLAGS = ("avx512f",)
-WINOGRAD_MAX_THREADS = 4
+WINOGRAD_CACHE = "cpu_winograd.json"  # conv_algorithm auto's verdicts (guided_diffusion/speed_verdicts.py)
 
 
-def why_not_winograd(flags: set[str] | None = None, threads: int | None = None) -> str | None:
-    """None where conv_algorithm auto uses Winograd on this CPU (`flags`, `threads`: default this
-    machine's and torch's), else why not: AVX-512, or more than WINOGRAD_MAX_THREADS threads."""
-    flags = cpu_flags() if flags is None else flags
-    threads = torch.get_num_threads() if threads is None else threads
-    if any(f in flags for f in DIRECT_IS_FASTER_FLAGS):
-        return "a CPU with AVX-512, where oneDNN's direct kernels were measured faster"
-    if threads > WINOGRAD_MAX_THREADS:
-        return (f"{threads} threads, above the {WINOGRAD_MAX_THREADS} where the Winograd kernels were measured "
-                "to pay")
-    return None
+def auto_winograd(measure: Callable[[], float] | None = None) -> tuple[bool, str]:
+    """Whether conv_algorithm auto uses the Winograd kernels on this machine, and why, for the log.
+    Decided by timing one 3x3 layer both ways at torch's thread count (`winograd.measure_speedup`,
+    or `measure`), once per machine: the kernels won on 2-core EPYCs with AVX2 and with AVX-512 (the
+    HP1 step 0.79x on the latter) and lost on a 16-core AVX-512 Xeon
+    (docs/bench/device-2026-11-27/bench_unet_cpu.json), so neither flags nor thread counts tell."""
+    ok, why = available()
+    if not ok:
+        return False, f"no Winograd kernels here: {why}"
+    key = machine_key(cpu_model(), "winograd F(4x4, 3x3) vs direct")
+    verdict = cached_verdict(cache_root() / WINOGRAD_CACHE, key, measure or measure_speedup)
+    if verdict.faster:
+        return True, f"self-check {verdict.speedup:.2f}x faster than direct, {verdict.where()}"
+    return False, (f"the self-check ran Winograd at {verdict.speedup:.2f}x the speed of oneDNN's direct "
+                   f"convolutions, below {MIN_SPEEDUP}x; {verdict.where()}")
 
 
 def create_model(cfg: Config) -> UNetModel:
@@ -79,10 +86,9 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
     convolutions run Winograd F(4x4, 3x3) C kernels where they pay (float32 on the CPU, no autocast,
     >= 64 channels in and out, maps >= 32 px; guided_diffusion/winograd.py), direct convolutions
     elsewhere, e.g. on a GPU. auto is winograd unless model.compile or model.channels_last asks for
-    the direct path's compiler or layout, or the CPU has AVX-512 or torch more than 4 threads
-    (`why_not_winograd`); its kernels are built on the first CPU step that uses them,
-    and where they cannot be (no C compiler) it logs why and stays direct. winograd builds them now
-    and fails clearly if it cannot."""
+    the direct path's compiler or layout, or a self-check timed once per machine finds them no faster
+    (`auto_winograd`; it builds the kernels, and where they cannot be, e.g. with no C compiler, it
+    logs why and stays direct). winograd builds them now and fails clearly if it cannot."""
     if m.conv_algorithm not in CONV_ALGORITHMS:
         raise UserError(f"unknown model.conv_algorithm '{m.conv_algorithm}'; valid: {', '.join(CONV_ALGORITHMS)}")
     rule = f"3x3 layers with >= {MIN_CHANNELS} channels on maps >= {MIN_SIZE} px, float32 on the CPU"
@@ -102,11 +108,12 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
         log.info("convolutions: direct (model.conv_algorithm auto with model.%s)",
                  "compile" if m.compile else "channels_last")
         return "direct"
-    why_not = why_not_winograd()
-    if why_not is not None:
-        log.info("convolutions: direct (model.conv_algorithm auto on %s)", why_not)
+    use, why = auto_winograd()
+    if not use:
+        log.info("convolutions: direct (model.conv_algorithm auto: %s)", why)
         return "direct"
-    log.info("convolutions: Winograd F(4x4, 3x3) for %s, direct elsewhere (model.conv_algorithm auto)", rule)
+    log.info("convolutions: Winograd F(4x4, 3x3) for %s, direct elsewhere (model.conv_algorithm auto: %s)",
+             rule, why)
     return "winograd"
 
 
