@@ -287,11 +287,11 @@ def measure_speedup(batch: int = 4, layers: tuple[tuple[int, int], ...] = SELF_C
     kernels()
     g = torch.Generator().manual_seed(0)
     direct, fast = [], []
-    for channels, size in layers:
-        x = torch.randn(batch, channels, size, size, generator=g, requires_grad=True)
-        w = (torch.randn(channels, channels, 3, 3, generator=g) / (3 * channels**0.5)).requires_grad_()
-        b = torch.randn(channels, generator=g, requires_grad=True)
-        dy = torch.randn(batch, channels, size, size, generator=g)
+    for channels, size in layers:  # on the CPU even inside `with torch.device("meta")`: the C kernels read memory
+        x = torch.randn(batch, channels, size, size, generator=g, device="cpu", requires_grad=True)
+        w = (torch.randn(channels, channels, 3, 3, generator=g, device="cpu") / (3 * channels**0.5)).requires_grad_()
+        b = torch.randn(channels, generator=g, device="cpu", requires_grad=True)
+        dy = torch.randn(batch, channels, size, size, generator=g, device="cpu")
         direct.append(layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy))
         fast.append(layer_pass(winograd_conv3x3, x, w, b, dy))
     return time_ratio(lambda: [step() for step in direct], lambda: [step() for step in fast], repeats)

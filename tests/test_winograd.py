@@ -173,6 +173,31 @@ def test_auto_follows_the_self_check_timed_once_per_machine(monkeypatch, tmp_pat
     assert factory.auto_winograd()[0] is False
 
 
+def test_auto_times_nothing_for_networks_built_on_meta_or_fake_tensors(monkeypatch, tmp_path):
+    """The memory plan and the benchmarks build U-Nets on the meta device and count activations on
+    fake tensors: the self-check must not run there (its C kernels would read no memory: a crash)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from guided_diffusion.training import factory
+
+    monkeypatch.setenv("IRIS_DIFFUSION_CACHE", str(tmp_path))
+    calls = fake_layer_timing(monkeypatch, 2.0)
+    with torch.device("meta"):
+        assert flags(create_model(tiny())) == {False}
+    with FakeTensorMode():
+        assert flags(create_model(tiny())) == {False}
+    assert calls == [] and not (tmp_path / factory.WINOGRAD_CACHE).exists()
+
+
+def test_the_real_self_checks_run_on_the_cpu_inside_a_meta_device_context():
+    from guided_diffusion.training import cpu_bf16
+
+    with torch.device("meta"):
+        assert cpu_bf16.measure_speedup(batch=1, channels=8, size=8, layers=1, repeats=1) > 0
+        if winograd.available()[0]:
+            assert np.isfinite(winograd.measure_speedup(batch=1, layers=((64, 32),), repeats=1))
+
+
 def test_the_real_layer_self_check_returns_a_time_ratio():
     if not winograd.available()[0]:
         pytest.skip("no C compiler for the Winograd kernels")

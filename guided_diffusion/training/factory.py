@@ -108,6 +108,9 @@ def resolve_conv_algorithm(m: ModelConfig) -> str:
         log.info("convolutions: direct (model.conv_algorithm auto with model.%s)",
                  "compile" if m.compile else "channels_last")
         return "direct"
+    probe = torch.empty(0)
+    if type(probe) is not torch.Tensor or probe.device.type != "cpu":  # on the meta device or fake tensors
+        return "direct"  # a network built to be counted, never run: nothing to time (the C kernels would read no memory)
     use, why = auto_winograd()
     if not use:
         log.info("convolutions: direct (model.conv_algorithm auto: %s)", why)
