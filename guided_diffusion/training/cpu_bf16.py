@@ -53,7 +53,7 @@ def _conv_step(weights: list[torch.Tensor], x: torch.Tensor) -> None:
 
 def measure_speedup(batch: int = 8, channels: int = 64, size: int = 32, layers: int = 2, repeats: int = 3) -> float:
     """fp32 time / bf16-autocast time of a small conv net's forward+backward on the CPU (best of
-    `repeats`; > 1 means bf16 is faster). About 0.1–0.3 s on a CPU with native bf16."""
+    `repeats` each, in turns; > 1 means bf16 is faster). About 0.1–0.3 s on a CPU with native bf16."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, channels, size, size, generator=generator, device="cpu")
     weights = [(torch.randn(channels, channels, 3, 3, generator=generator, device="cpu") * 0.05).requires_grad_()
