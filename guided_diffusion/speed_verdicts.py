@@ -39,8 +39,11 @@ class Verdict(NamedTuple):
     cache: Path | None
 
     def where(self) -> str:
-        """Where the verdict came from, for log lines: measured or cached, and in which file."""
-        return f"{self.source}, cached in {self.cache}" if self.cache is not None else f"{self.source}, not cached"
+        """Where the verdict came from, for log lines: "cached in FILE", "measured, cached in FILE"
+        or "measured, not cached"."""
+        if self.source == "cached":
+            return f"cached in {self.cache}"
+        return f"measured, cached in {self.cache}" if self.cache is not None else "measured, not cached"
 
 
 def machine_key(model: str, detail: str) -> str:

@@ -36,5 +36,6 @@ def test_a_verdict_is_measured_once_per_machine_key(tmp_path):
 
     first = speed_verdicts.cached_verdict(path, "cpu A", measure)
     assert first == speed_verdicts.Verdict(False, 1.05, "measured", path) and first.where() == f"measured, cached in {path}"
-    assert speed_verdicts.cached_verdict(path, "cpu A", measure).source == "cached" and calls == [1]
+    second = speed_verdicts.cached_verdict(path, "cpu A", measure)
+    assert second.source == "cached" and second.where() == f"cached in {path}" and calls == [1]
     assert speed_verdicts.cached_verdict(path, "cpu B", lambda: 1.5).faster
