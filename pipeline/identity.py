@@ -58,6 +58,7 @@ from pipeline.common.config import CircularityConfig, IdentityConfig
 from pipeline.common.errors import UserError
 from pipeline.common.pool import chunked_map, resolve_workers
 from pipeline.data.prepared import cache_file, read_cache
+from pipeline.identity_report import Scores
 
 log = logging.getLogger(__name__)
 
@@ -115,22 +116,6 @@ class CodedSet:
     def tile(self, k: int) -> tuple[np.ndarray, str]:
         """Code k's image and a caption naming its set and file."""
         return self.images.image(self.index[k]), f"{self.images.label}: {self.files[k]}"
-
-
-@dataclass
-class Scores:
-    """Compared pairs (a[k], b[k]) of code indices: raw HD (NaN when no bit is in common), bits
-    compared, and the reported HD (rescaled or raw: `report_hd`)."""
-
-    a: np.ndarray
-    b: np.ndarray
-    raw: np.ndarray
-    bits: np.ndarray
-    hd: np.ndarray | None = None
-
-    def order(self) -> np.ndarray:
-        """Indices of the pairs by reported HD, least first, those with no bit in common last."""
-        return np.argsort(np.where(np.isnan(self.hd), np.inf, self.hd), kind="stable")
 
 
 def check_settings(cfg: IdentityConfig) -> None:

@@ -1,5 +1,6 @@
-"""What `identity-check` writes and prints: codes.csv, pairs.csv, nearest.csv, summary.json, the
-Hamming-distance histograms, the sheet of the closest pairs and the console table."""
+"""What `identity-check` writes and prints from its compared pairs (`Scores`): codes.csv,
+pairs.csv, nearest.csv, summary.json, the Hamming-distance histograms, the sheet of the closest
+pairs and the console table."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import csv
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,11 +17,24 @@ from pipeline.check.analyze import to_grey_uint8
 from pipeline.check.summary import fmt_value, text_table
 from pipeline.common.files import numpy_json_default
 
-if TYPE_CHECKING:
-    from pipeline.identity import Scores
-
 CLOSEST_COUNT = 12  # pairs on closest.png
 CODE_COLUMNS = ("set", "file", "width", "height", "usable", "reason", "usable_bits")
+
+
+@dataclass
+class Scores:
+    """Compared pairs (a[k], b[k]) of code indices: raw HD (NaN when no bit is in common), bits
+    compared, and the reported HD (rescaled or raw: `report_hd`)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    raw: np.ndarray
+    bits: np.ndarray
+    hd: np.ndarray | None = None
+
+    def order(self) -> np.ndarray:
+        """Indices of the pairs by reported HD, least first, those with no bit in common last."""
+        return np.argsort(np.where(np.isnan(self.hd), np.inf, self.hd), kind="stable")
 
 
 def _hd(value: float) -> str:
