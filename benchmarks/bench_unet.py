@@ -148,19 +148,14 @@ def layer_ratios(repeats: int = 3, batch: int = 4) -> list[dict]:
     conv_algorithm auto uses Winograd for that layer. Empty where the kernels cannot be built."""
     if not winograd.available()[0]:
         return []
-    rows = []
+    rows, auto_uses_it = [], auto_winograd()[0]
     for c, co, size in LAYERS:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, c, size, size, generator=g, requires_grad=True)
-        w = (torch.randn(co, c, 3, 3, generator=g) / (3 * c**0.5)).requires_grad_()
-        b, dy = torch.randn(co, generator=g, requires_grad=True), torch.randn(batch, co, size, size, generator=g)
-        steps = {"direct": winograd.layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy),
-                 "winograd": winograd.layer_pass(winograd.winograd_conv3x3, x, w, b, dy)}
+        x, w, steps = winograd.layer_passes(batch, c, co, size, torch.Generator().manual_seed(0))
         _, timed = time_steps(steps, repeats, warmup=1)
         rows.append({"in": c, "out": co, "size": size, "direct_ms": round(min(timed["direct"]) * 1e3, 2),
                      "winograd_ms": round(min(timed["winograd"]) * 1e3, 2),
                      "ratio": round(min(timed["winograd"]) / min(timed["direct"]), 2),
-                     "used_by_auto": winograd.applies(x, w) and auto_winograd()[0]})
+                     "used_by_auto": winograd.applies(x, w) and auto_uses_it})
     return rows
 
 

@@ -34,29 +34,30 @@ def summarize(times: list[float]) -> dict:
             "times_s": [round(s, 4) for s in times]}
 
 
-def gemm_gflop_per_s(device: str, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
-    """Best matmul throughput of three n³ products in `dtype`: what the cores give right now."""
+def _best_matmul_seconds(device: str, dtype: torch.dtype, n: int, repeats: int, warmup: bool) -> float:
+    """The fastest of `repeats` n³ matrix products in `dtype` on `device` (synchronised on a GPU),
+    after one untimed product if `warmup`."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    if warmup:
+        a @ b
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         a @ b
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def gemm_gflop_per_s(device: str, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """Best matmul throughput of three n³ products in `dtype`: what the cores give right now."""
+    return 2 * n**3 / _best_matmul_seconds(device, dtype, n, repeats=3, warmup=False) / 1e9
 
 
 def matmul_bf16_tflop_per_s(n: int = 8192) -> float:
     """Best bf16 matmul throughput of five n³ products on the GPU (after one warm-up): the attainable
     peak this run's shares of peak are taken of."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+    return 2 * n**3 / _best_matmul_seconds("cuda", torch.bfloat16, n, repeats=5, warmup=True) / 1e12

@@ -272,29 +272,35 @@ def layer_pass(conv: Callable[..., Tensor], x: Tensor, w: Tensor, b: Tensor, dy:
     return run
 
 
-# (channels, map size) timed by the self-check: an HP1 layer that Winograd takes. Measured per layer
-# (batch 4), it ran at about the ratio of 128 channels on 64 px on each CPU tried (0.57-0.71x of
-# direct on 2-core EPYCs, 1.6x on a 16-core Xeon); at batch 2, or summed with the larger 64 px layer,
-# the verdict varied more from run to run (0.98-1.29x and 1.3-2.0x on a 2-core EPYC).
-SELF_CHECK_LAYERS = ((256, 32),)
+def layer_passes(batch: int, c: int, co: int, size: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor, dict[str, Callable[[], None]]]:
+    """Random input x and weights w of one 3x3 layer (c → co channels on size x size maps; on the CPU
+    even inside `with torch.device("meta")`: the C kernels read memory), and its forward + backward
+    by oneDNN's direct convolution and by Winograd, under "direct" and "winograd"."""
+    x = torch.randn(batch, c, size, size, generator=generator, device="cpu", requires_grad=True)
+    w = (torch.randn(co, c, 3, 3, generator=generator, device="cpu") / (3 * c**0.5)).requires_grad_()
+    b = torch.randn(co, generator=generator, device="cpu", requires_grad=True)
+    dy = torch.randn(batch, co, size, size, generator=generator, device="cpu")
+    return x, w, {"direct": layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy),
+                  "winograd": layer_pass(winograd_conv3x3, x, w, b, dy)}
 
 
-def measure_speedup(batch: int = 4, layers: tuple[tuple[int, int], ...] = SELF_CHECK_LAYERS, repeats: int = 3) -> float:
-    """Direct time / Winograd time of the forward + backward of `layers` (3x3, channels in = out,
-    on maps of the given size) on the CPU at torch's thread count (best of `repeats` each, in turns;
-    > 1 means Winograd is faster): under a second on 2 cores. KernelsUnavailable where the kernels
+# The layer timed by the self-check: an HP1 layer that Winograd takes (256 channels on 32 px maps).
+# Measured per layer (batch 4), it ran at about the ratio of 128 channels on 64 px on each CPU tried
+# (0.57-0.71x of direct on 2-core EPYCs, 1.6x on a 16-core Xeon); at batch 2, or summed with the
+# larger 64 px layer, the verdict varied more from run to run (0.98-1.29x and 1.3-2.0x on a 2-core EPYC).
+SELF_CHECK_CHANNELS, SELF_CHECK_SIZE = 256, 32
+
+
+def measure_speedup(batch: int = 4, channels: int = SELF_CHECK_CHANNELS, size: int = SELF_CHECK_SIZE,
+                    repeats: int = 3) -> float:
+    """Direct time / Winograd time of one 3x3 layer's forward + backward (`channels` in and out, on
+    `size` x `size` maps) on the CPU at torch's thread count (best of `repeats` each, in turns; > 1
+    means Winograd is faster): under a second on 2 cores. KernelsUnavailable where the kernels
     cannot be built."""
     kernels()
-    g = torch.Generator().manual_seed(0)
-    direct, fast = [], []
-    for channels, size in layers:  # on the CPU even inside `with torch.device("meta")`: the C kernels read memory
-        x = torch.randn(batch, channels, size, size, generator=g, device="cpu", requires_grad=True)
-        w = (torch.randn(channels, channels, 3, 3, generator=g, device="cpu") / (3 * channels**0.5)).requires_grad_()
-        b = torch.randn(channels, generator=g, device="cpu", requires_grad=True)
-        dy = torch.randn(batch, channels, size, size, generator=g, device="cpu")
-        direct.append(layer_pass(lambda x, w, b: F.conv2d(x, w, b, padding=1), x, w, b, dy))
-        fast.append(layer_pass(winograd_conv3x3, x, w, b, dy))
-    return time_ratio(lambda: [step() for step in direct], lambda: [step() for step in fast], repeats)
+    _, _, passes = layer_passes(batch, channels, channels, size, torch.Generator().manual_seed(0))
+    return time_ratio(passes["direct"], passes["winograd"], repeats)
 
 
 def set_winograd(model: nn.Module, on: bool) -> None:

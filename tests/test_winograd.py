@@ -195,13 +195,13 @@ def test_the_real_self_checks_run_on_the_cpu_inside_a_meta_device_context():
     with torch.device("meta"):
         assert cpu_bf16.measure_speedup(batch=1, channels=8, size=8, layers=1, repeats=1) > 0
         if winograd.available()[0]:
-            assert np.isfinite(winograd.measure_speedup(batch=1, layers=((64, 32),), repeats=1))
+            assert np.isfinite(winograd.measure_speedup(batch=1, channels=64, size=32, repeats=1))
 
 
 def test_the_real_layer_self_check_returns_a_time_ratio():
     if not winograd.available()[0]:
         pytest.skip("no C compiler for the Winograd kernels")
-    speedup = winograd.measure_speedup(batch=1, layers=((64, 32),), repeats=1)
+    speedup = winograd.measure_speedup(batch=1, channels=64, size=32, repeats=1)
     assert np.isfinite(speedup) and speedup > 0
 
 
