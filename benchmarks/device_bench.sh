@@ -47,6 +47,7 @@ grep -o -w -E "amx_bf16|avx512_bf16|avx512f|avx2" "$OUT/machine.txt" | sort -u |
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, note its exit status
   local name=$1 limit=$2; shift 2
+  [ "$limit" = 0 ] && return  # NAME_S=0 leaves a step out
   local t0=$SECONDS
   timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
@@ -55,6 +56,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 step unet_cpu "${CPU_S:-180}" "$PY" benchmarks/bench_unet.py --device cpu --no-compile "${UNET_CPU[@]}" \
     --out "$OUT/bench_unet_cpu.json"
+if [ "$CUDA" = 1 ]; then  # where the step's GPU time goes, by variant and kernel kind
+  step gpu_profile "${PROFILE_S:-300}" "$PY" benchmarks/gpu_step_profile.py --config HP2 --batch "${GPU_BATCH:-16}" \
+      --out "$OUT/gpu_step_profile.json"
+fi
 if [ "$CUDA" = 1 ]; then  # eager first, so a compile that runs long loses only the compiled variant
   step unet_cuda "${GPU_S:-120}" "$PY" benchmarks/bench_unet.py --device cuda --no-compile "${UNET_GPU[@]}" \
       --out "$OUT/bench_unet_cuda.json"

@@ -39,7 +39,7 @@ def test_compiled_model_keeps_its_class_parameters_and_keys():
 
 def test_memory_plan_counts_the_eager_network(monkeypatch):
     compiled_calls = []
-    monkeypatch.setattr(UNetModel, "compile", lambda self, *a, **k: compiled_calls.append(1))
+    monkeypatch.setattr(UNetModel, "compile_blocks", lambda self, *a, **k: compiled_calls.append(1))
     cfg = tiny_cfg(True)
     memory_plan.plan_memory(cfg, 2, "fp32", None, device_type="cpu")
     assert compiled_calls == []  # counting never compiles (nor runs a compiled forward on fake tensors)

@@ -48,9 +48,9 @@ def auto_winograd(measure: Callable[[], float] | None = None) -> tuple[bool, str
 def create_model(cfg: Config) -> UNetModel:
     """The U-Net of cfg.model for cfg.data's image size and channels (channels_last if asked).
 
-    model.compile: the module's forward is compiled in place (`nn.Module.compile`, inductor, on the
-    first call), so the model stays a UNetModel: the same parameters (EMA, optimizer, DDP see the
-    plain tensors) and state_dict keys without torch.compile's `_orig_mod.` prefix. Inductor fuses
+    model.compile: every residual and attention block is compiled in place (`UNetModel.compile_blocks`,
+    inductor, on the first call), so the model stays a UNetModel: the same parameters (EMA, optimizer,
+    DDP see the plain tensors) and state_dict keys without torch.compile's `_orig_mod.` prefix. Inductor fuses
     GroupNorm + SiLU and GroupNorm·(1 + scale) + shift + SiLU into one kernel each by itself
     (checked in tests/test_unet_compile.py), so the network has no hand-fused variant.
     `torch.compiler.set_stance("force_eager")` runs a compiled model eagerly where needed.
@@ -77,7 +77,7 @@ def create_model(cfg: Config) -> UNetModel:
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if m.compile:
-        model.compile()
+        model.compile_blocks()
     return model
 
 

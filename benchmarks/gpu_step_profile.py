@@ -1,0 +1,179 @@
+"""Where a U-Net training step's GPU time goes: step times of layout / cuDNN-autotuning / compile
+variants in one process, and each variant's kernels grouped by kind (context for issue 20's goal of
+≥ 45 % of the GPU's bf16 peak; the headline figures are bench_unet's).
+
+    python benchmarks/gpu_step_profile.py [--config HP2] [--batch 16] [--repeats 5] [--no-compile] [--out FILE]
+    python benchmarks/gpu_step_profile.py --device cpu --config HP1 --batch 1 --repeats 1 --no-compile  # plumbing
+
+Variants, all bf16 autocast (precision auto on a GPU): the default NCHW layout and channels_last,
+each with cuDNN's heuristic algorithm choice (torch.backends.cudnn.benchmark off, the default) and
+with its autotuning on, then `model.compile` in both layouts. Within a phase (autotuning off, on)
+the variants take turns in palindromic order after two warm-up steps each; times are CUDA-event
+milliseconds per forward + backward. One profiled step per variant gives the summed kernel time by
+kind (cuDNN convolutions, layout transposes, GEMMs, attention, norms, fused Triton, elementwise,
+reductions) and the share of the step the GPU was busy. JSON to stdout and --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_unet import CONFIGS, bench_config, flops_per_step, train_step
+from results_io import machine_facts, write_result
+from step_timing import abba_order, gemm_gflop_per_s, matmul_bf16_tflop_per_s
+from torch.profiler import ProfilerActivity, profile
+
+from guided_diffusion.training.factory import create_model
+
+RESULTS = Path(__file__).parent / "results" / "gpu_step_profile.json"
+# kernel kind by name, first match wins (cuDNN / CUTLASS / PyTorch / Triton kernel names)
+KINDS = (("layout transpose", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
+         ("attention", r"flash|fmha|attention|sdpa"),
+         ("convolution", r"conv|xmma|implicit_gemm|dgrad|wgrad|fprop|cudnn|winograd"),
+         ("gemm", r"gemm|cutlass|cublas|sm90_|sm80_|ampere|matmul"),
+         ("group norm", r"group_norm|groupnorm|GroupNorm|welford|RowwiseMoments|ComputeFused|ComputeInternalGradients"),
+         ("fused (triton)", r"^triton_"),
+         ("reduction", r"reduce|Reduce|sum_|mean"),
+         ("elementwise", r"elementwise|vectorized|unrolled|Elementwise|copy|cat|fill|silu|mul|add"))
+
+
+def kind_of(kernel: str) -> str:
+    return next((k for k, pattern in KINDS if re.search(pattern, kernel)), "other")
+
+
+def timed_step(step: Callable[[], None]) -> float:
+    """Milliseconds of one step between CUDA events (the step synchronises at its end; on a CPU, the
+    host clock's)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        step()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def kernel_breakdown(step: Callable[[], None]) -> dict:
+    """One profiled step: summed kernel milliseconds by kind, the top kernels, and GPU-busy share."""
+    device = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        ms = (event.device_time if device == torch.autograd.DeviceType.CUDA else event.self_cpu_time_total) / 1e3
+        if event.device_type == device and ms > 0:
+            by_kind[kind_of(event.name)] += ms
+            by_name[event.name[:120]] += ms
+    busy = sum(by_kind.values())
+    return {"kernel_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "busy_ms": round(busy, 1), "wall_ms": round(wall_ms, 1), "busy_share": round(busy / wall_ms, 3),
+            "top_kernels_ms": {k: round(v, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]}}
+
+
+def variants(name: str, batch: int, compile_too: bool, device: str) -> dict[str, Callable[[], None]]:
+    """Training steps of network `name` on `device` (same weights and data) by variant name."""
+    torch.manual_seed(0)
+    cfg = bench_config(name)
+    size = cfg.data.image_size
+    g = torch.Generator().manual_seed(0)
+    x, target = (torch.randn(batch, 1, size, size, generator=g).to(device) for _ in range(2))
+    t = torch.randint(0, cfg.diffusion.steps, (batch,), generator=g).to(device)
+    x_cl = x.to(memory_format=torch.channels_last)
+    base = create_model(bench_config(name, conv_algorithm="direct")).to(device)
+    steps = {}
+    layouts = [("", False, x), (" channels_last", True, x_cl)]
+    kinds = [("eager", False)] + ([("compiled", True)] if compile_too else [])
+    for (kind, compiled), (layout, cl, inputs) in ((k, lay) for k in kinds for lay in layouts):
+        model = base if not (compiled or cl) else create_model(
+            bench_config(name, conv_algorithm="direct", channels_last=cl, compile=compiled)).to(device)
+        if model is not base:
+            model.load_state_dict(base.state_dict())
+        steps[f"{kind} bf16{layout}"] = train_step(model, inputs, t, target, "bf16")
+    return steps
+
+
+def run_phase(steps: dict[str, Callable[[], None]], repeats: int, profile_too: bool) -> dict:
+    """Warm-up (compile times included) and timed steps of every variant in turns, then one profiled step each."""
+    out: dict[str, dict] = {n: {"warmup_ms": [], "times_ms": []} for n in steps}
+    for n, step in steps.items():
+        for _ in range(2):
+            t0 = time.perf_counter()
+            step()
+            out[n]["warmup_ms"].append(round((time.perf_counter() - t0) * 1e3, 1))
+        print(f"  {n}: warm-up {out[n]['warmup_ms']} ms", file=sys.stderr, flush=True)
+    for n in abba_order(list(steps), repeats):
+        out[n]["times_ms"].append(round(timed_step(steps[n]), 2))
+    for n, step in steps.items():
+        out[n]["median_ms"] = round(statistics.median(out[n]["times_ms"]), 2)
+        out[n]["min_ms"] = min(out[n]["times_ms"])
+        if profile_too and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            out[n].update(kernel_breakdown(step))
+            out[n]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        elif profile_too:
+            out[n].update(kernel_breakdown(step))
+    return out
+
+
+def write(args: argparse.Namespace, gflop: float, phases: dict[str, dict]) -> None:
+    """The JSON of the phases measured so far, each variant's share of a bf16 matmul timed now."""
+    peak = matmul_bf16_tflop_per_s() if args.device == "cuda" else gemm_gflop_per_s("cpu", torch.bfloat16) / 1e3
+    for phase in phases.values():
+        for v in phase.values():
+            v["achieved_tflop_per_s"] = round(gflop / v["median_ms"], 1)
+            v["share_of_bf16_matmul"] = round(gflop / v["median_ms"] / peak, 3)
+    machine = machine_facts()
+    machine.update(torch=torch.__version__, cuda=torch.cuda.get_device_name() if args.device == "cuda" else None,
+                   bf16_matmul_tflop_per_s=round(peak, 3),
+                   cudnn=torch.backends.cudnn.version())
+    write_result(args.out, {"benchmark": "GPU time of one U-Net training step by variant and kernel kind",
+                            "date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config, "batch": args.batch,
+                            "gflop_per_step": round(gflop, 1), "repeats": args.repeats, "machine": machine,
+                            "phases": phases})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=list(CONFIGS), default="HP2")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and phase (default 5)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a plumbing check only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: this benchmark needs a CUDA GPU (--device cpu checks its plumbing)")
+    gflop = flops_per_step(args.config, args.batch) / 1e9
+    steps = variants(args.config, args.batch, False, args.device)
+    phases: dict[str, dict] = {}
+    for autotune in (False, True):
+        torch.backends.cudnn.benchmark = autotune
+        print(f"cudnn.benchmark {autotune} …", file=sys.stderr, flush=True)
+        if autotune and not args.no_compile:
+            steps.update({n: s for n, s in variants(args.config, args.batch, True, args.device).items()
+                          if "compiled" in n})
+        phases[f"cudnn_benchmark_{str(autotune).lower()}"] = run_phase(steps, args.repeats, profile_too=True)
+        write(args, gflop, phases)  # after each phase: a phase that runs out of time leaves the ones before
+    for phase, v in phases.items():  # a short table last: the device reply carries the end of the output
+        for n, r in v.items():
+            kinds = ", ".join(f"{k} {ms:.0f}" for k, ms in list(r.get("kernel_ms_by_kind", {}).items())[:5])
+            print(f"{phase:24s} {n:28s} {r['median_ms']:7.1f} ms  {r['share_of_bf16_matmul']:.0%} of peak  "
+                  f"busy {r.get('busy_share', 0):.0%}  peak {r.get('peak_gib', 0)} GiB | {kinds}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
