@@ -84,25 +84,25 @@ def kernel_breakdown(step: Callable[[], None]) -> dict:
             "top_kernels_ms": {k: round(v, 2) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]}}
 
 
-def variants(name: str, batch: int, compile_too: bool, device: str) -> dict[str, Callable[[], None]]:
-    """Training steps of network `name` on `device` (same weights and data) by variant name."""
+VARIANTS = ("eager bf16", "eager bf16 channels_last", "compiled bf16", "compiled bf16 channels_last")
+
+
+def variants(name: str, batch: int, wanted: list[str], device: str) -> dict[str, Callable[[], None]]:
+    """Training steps of network `name` on `device` (same weights and data) for the `wanted` VARIANTS."""
     torch.manual_seed(0)
     cfg = bench_config(name)
     size = cfg.data.image_size
     g = torch.Generator().manual_seed(0)
     x, target = (torch.randn(batch, 1, size, size, generator=g).to(device) for _ in range(2))
     t = torch.randint(0, cfg.diffusion.steps, (batch,), generator=g).to(device)
-    x_cl = x.to(memory_format=torch.channels_last)
-    base = create_model(bench_config(name, conv_algorithm="direct")).to(device)
+    weights = create_model(bench_config(name, conv_algorithm="direct")).state_dict()
     steps = {}
-    layouts = [("", False, x), (" channels_last", True, x_cl)]
-    kinds = [("eager", False)] + ([("compiled", True)] if compile_too else [])
-    for (kind, compiled), (layout, cl, inputs) in ((k, lay) for k in kinds for lay in layouts):
-        model = base if not (compiled or cl) else create_model(
-            bench_config(name, conv_algorithm="direct", channels_last=cl, compile=compiled)).to(device)
-        if model is not base:
-            model.load_state_dict(base.state_dict())
-        steps[f"{kind} bf16{layout}"] = train_step(model, inputs, t, target, "bf16")
+    for variant in wanted:
+        cl, compiled = variant.endswith("channels_last"), variant.startswith("compiled")
+        model = create_model(bench_config(name, conv_algorithm="direct", channels_last=cl, compile=compiled))
+        model.load_state_dict(weights)
+        inputs = x.to(memory_format=torch.channels_last) if cl else x
+        steps[variant] = train_step(model.to(device), inputs, t, target, "bf16")
     return steps
 
 
@@ -129,11 +129,12 @@ def run_phase(steps: dict[str, Callable[[], None]], repeats: int, profile_too: b
     return out
 
 
-def write(args: argparse.Namespace, gflop: float, phases: dict[str, dict]) -> None:
+def write(args: argparse.Namespace, phases: dict[str, dict]) -> None:
     """The JSON of the phases measured so far, each variant's share of a bf16 matmul timed now."""
     peak = matmul_bf16_tflop_per_s() if args.device == "cuda" else gemm_gflop_per_s("cpu", torch.bfloat16) / 1e3
     for phase in phases.values():
-        for v in phase.values():
+        gflop = phase["gflop_per_step"]
+        for v in (v for v in phase.values() if isinstance(v, dict)):
             v["achieved_tflop_per_s"] = round(gflop / v["median_ms"], 1)
             v["share_of_bf16_matmul"] = round(gflop / v["median_ms"] / peak, 3)
     machine = machine_facts()
@@ -141,35 +142,38 @@ def write(args: argparse.Namespace, gflop: float, phases: dict[str, dict]) -> No
                    bf16_matmul_tflop_per_s=round(peak, 3),
                    cudnn=torch.backends.cudnn.version())
     write_result(args.out, {"benchmark": "GPU time of one U-Net training step by variant and kernel kind",
-                            "date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config, "batch": args.batch,
-                            "gflop_per_step": round(gflop, 1), "repeats": args.repeats, "machine": machine,
+                            "date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config,
+                            "cudnn_benchmark": args.cudnn_benchmark, "repeats": args.repeats, "machine": machine,
                             "phases": phases})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=list(CONFIGS), default="HP2")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--phase", nargs="+", default=["16:" + ",".join(VARIANTS)], metavar="BATCH:VARIANT,…",
+                        help=f"phases in order, each a batch size and variants of {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant and phase (default 5)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled variants")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms (autotuning)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a plumbing check only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: this benchmark needs a CUDA GPU (--device cpu checks its plumbing)")
-    gflop = flops_per_step(args.config, args.batch) / 1e9
-    steps = variants(args.config, args.batch, False, args.device)
+    plan = [(int(p.split(":")[0]), p.split(":")[1].split(",")) for p in args.phase]
+    unknown = {v for _, wanted in plan for v in wanted} - set(VARIANTS)
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {', '.join(sorted(unknown))}; valid: {', '.join(VARIANTS)}")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     phases: dict[str, dict] = {}
-    for autotune in (False, True):
-        torch.backends.cudnn.benchmark = autotune
-        print(f"cudnn.benchmark {autotune} …", file=sys.stderr, flush=True)
-        if autotune and not args.no_compile:
-            steps.update({n: s for n, s in variants(args.config, args.batch, True, args.device).items()
-                          if "compiled" in n})
-        phases[f"cudnn_benchmark_{str(autotune).lower()}"] = run_phase(steps, args.repeats, profile_too=True)
-        write(args, gflop, phases)  # after each phase: a phase that runs out of time leaves the ones before
+    for batch, wanted in plan:
+        print(f"batch {batch}: {', '.join(wanted)} …", file=sys.stderr, flush=True)
+        phases[f"batch {batch}"] = run_phase(variants(args.config, batch, wanted, args.device), args.repeats, True)
+        phases[f"batch {batch}"]["gflop_per_step"] = round(flops_per_step(args.config, batch) / 1e9, 1)
+        write(args, phases)  # after each phase: a phase that runs out of time leaves the ones before
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     for phase, v in phases.items():  # a short table last: the device reply carries the end of the output
-        for n, r in v.items():
+        for n, r in ((n, r) for n, r in v.items() if isinstance(r, dict)):
             kinds = ", ".join(f"{k} {ms:.0f}" for k, ms in list(r.get("kernel_ms_by_kind", {}).items())[:5])
             print(f"{phase:24s} {n:28s} {r['median_ms']:7.1f} ms  {r['share_of_bf16_matmul']:.0%} of peak  "
                   f"busy {r.get('busy_share', 0):.0%}  peak {r.get('peak_gib', 0)} GiB | {kinds}", file=sys.stderr)
