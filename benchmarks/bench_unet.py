@@ -308,7 +308,7 @@ def main() -> None:
     args = parser.parse_args()
     devices = {"cpu": ["cpu"], "cuda": ["cuda"], "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but CUDA is not available")
+        parser.exit(2, "error: --device cuda but CUDA is not available\n")
     repeats = 3 if args.quick else args.repeats
     machine = machine_facts()
     machine.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),

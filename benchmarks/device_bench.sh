@@ -7,9 +7,12 @@
 #   2. bench_unet.py on the GPU (HP2, batch $GPU_BATCH): fp32, bf16 autocast and channels_last, then
 #      again with torch.compile (bf16) beside them, each as a share of a bf16 8192³ matmul timed in
 #      the same run (goal ≥ 45 %);
+#   2b. gpu_step_profile.py on the GPU (HP2, batch $GPU_BATCH): eager bf16 in both layouts and compiled,
+#      each step's kernels by kind (where the time goes that keeps the share of peak low);
 #   3. bench_circularity.py --quick pinned to two of the machine's cores (taskset), as context for
 #      the ≥ 300 images/s target on another CPU than the VM's.
-# Each step has its own time limit, so one that runs long leaves the others their time. Into $OUT:
+# Each step has its own time limit (CPU_S, PROFILE_S, GPU_S, GPU_COMPILE_S, CIRC_S; 0 leaves the step
+# out), so one that runs long leaves the others their time. Into $OUT:
 # machine.txt (lscpu, nvidia-smi, versions, each step's exit status), the JSON results and
 # logs.tar.gz (each step's output).
 # diffusers (with importlib_metadata) comes from the environment or from wheels in $WHEELS
@@ -57,7 +60,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 step unet_cpu "${CPU_S:-180}" "$PY" benchmarks/bench_unet.py --device cpu --no-compile "${UNET_CPU[@]}" \
     --out "$OUT/bench_unet_cpu.json"
 if [ "$CUDA" = 1 ]; then  # where the step's GPU time goes, by variant and kernel kind
-  step gpu_profile "${PROFILE_S:-300}" "$PY" benchmarks/gpu_step_profile.py --config HP2 --batch "${GPU_BATCH:-16}" \
+  step gpu_profile "${PROFILE_S:-300}" "$PY" benchmarks/gpu_step_profile.py --config HP2 \
+      --phase "${GPU_BATCH:-16}:eager bf16,eager bf16 channels_last,compiled bf16" \
       --out "$OUT/gpu_step_profile.json"
 fi
 if [ "$CUDA" = 1 ]; then  # eager first, so a compile that runs long loses only the compiled variant

@@ -1,17 +1,19 @@
-"""Where a U-Net training step's GPU time goes: step times of layout / cuDNN-autotuning / compile
-variants in one process, and each variant's kernels grouped by kind (context for issue 20's goal of
-≥ 45 % of the GPU's bf16 peak; the headline figures are bench_unet's).
+"""Where a U-Net training step's GPU time goes: step times of layout and compile variants at chosen
+batch sizes in one process, and each variant's kernels grouped by kind (context for issue 20's goal
+of ≥ 45 % of the GPU's bf16 peak; the headline figures are bench_unet's).
 
-    python benchmarks/gpu_step_profile.py [--config HP2] [--batch 16] [--repeats 5] [--no-compile] [--out FILE]
-    python benchmarks/gpu_step_profile.py --device cpu --config HP1 --batch 1 --repeats 1 --no-compile  # plumbing
+    python benchmarks/gpu_step_profile.py [--config HP2] [--phase BATCH:VARIANT,… …] [--repeats 5]
+                                          [--cudnn-benchmark] [--out FILE]
+    python benchmarks/gpu_step_profile.py --phase "32:eager bf16" "16:eager bf16,compiled bf16 channels_last"
+    python benchmarks/gpu_step_profile.py --device cpu --config HP1 --phase "1:eager bf16" --repeats 1  # plumbing
 
-Variants, all bf16 autocast (precision auto on a GPU): the default NCHW layout and channels_last,
-each with cuDNN's heuristic algorithm choice (torch.backends.cudnn.benchmark off, the default) and
-with its autotuning on, then `model.compile` in both layouts. Within a phase (autotuning off, on)
-the variants take turns in palindromic order after two warm-up steps each; times are CUDA-event
-milliseconds per forward + backward. One profiled step per variant gives the summed kernel time by
-kind (cuDNN convolutions, layout transposes, GEMMs, attention, norms, fused Triton, elementwise,
-reductions) and the share of the step the GPU was busy. JSON to stdout and --out.
+Variants, all bf16 autocast (precision auto on a GPU): eager or `model.compile`, NCHW or
+channels_last. Each phase is a batch size and its variants; within a phase the variants take turns
+in palindromic order after two warm-up steps each (the first holds a compiled variant's compile
+time); times are CUDA-event milliseconds per forward + backward. One profiled step per variant gives
+the summed kernel time by kind (cuDNN convolutions, layout transposes, GEMMs, attention, norms,
+fused Triton, elementwise, reductions), the share of the step the GPU was busy and the peak memory.
+The JSON is written after every phase, so a phase cut short by a time limit keeps those before it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,12 @@ from guided_diffusion.training.factory import create_model
 
 RESULTS = Path(__file__).parent / "results" / "gpu_step_profile.json"
 # kernel kind by name, first match wins (cuDNN / CUTLASS / PyTorch / Triton kernel names)
-KINDS = (("layout transpose", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
+KINDS = (("fused (triton)", r"^triton_"),
+         ("layout transpose", r"nchwToNhwc|nhwcToNchw|transpose|permute"),
          ("attention", r"flash|fmha|attention|sdpa"),
-         ("convolution", r"conv|xmma|implicit_gemm|dgrad|wgrad|fprop|cudnn|winograd"),
-         ("gemm", r"gemm|cutlass|cublas|sm90_|sm80_|ampere|matmul"),
+         ("convolution", r"conv|implicit_gemm|dgrad|wgrad|fprop|cudnn|winograd"),
+         ("gemm", r"gemm|xmma|cutlass|cublas|sm90_|sm80_|ampere|matmul"),
          ("group norm", r"group_norm|groupnorm|GroupNorm|welford|RowwiseMoments|ComputeFused|ComputeInternalGradients"),
-         ("fused (triton)", r"^triton_"),
          ("reduction", r"reduce|Reduce|sum_|mean"),
          ("elementwise", r"elementwise|vectorized|unrolled|Elementwise|copy|cat|fill|silu|mul|add"))
 
@@ -106,6 +108,21 @@ def variants(name: str, batch: int, wanted: list[str], device: str) -> dict[str,
     return steps
 
 
+def parse_phases(texts: list[str]) -> list[tuple[int, list[str]]]:
+    """[(batch, variants)] from "BATCH:VARIANT,VARIANT" texts; ValueError names what is wrong."""
+    plan = []
+    for text in texts:
+        batch, _, names = text.partition(":")
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        if not batch.strip().isdigit() or int(batch) < 1 or not wanted:
+            raise ValueError(f"--phase '{text}' is not BATCH:VARIANT[,VARIANT…], e.g. '16:eager bf16'")
+        unknown = [n for n in wanted if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+        plan.append((int(batch), wanted))
+    return plan
+
+
 def run_phase(steps: dict[str, Callable[[], None]], repeats: int, profile_too: bool) -> dict:
     """Warm-up (compile times included) and timed steps of every variant in turns, then one profiled step each."""
     out: dict[str, dict] = {n: {"warmup_ms": [], "times_ms": []} for n in steps}
@@ -135,7 +152,7 @@ def write(args: argparse.Namespace, phases: dict[str, dict]) -> None:
     for phase in phases.values():
         gflop = phase["gflop_per_step"]
         for v in (v for v in phase.values() if isinstance(v, dict)):
-            v["achieved_tflop_per_s"] = round(gflop / v["median_ms"], 1)
+            v["achieved_tflop_per_s"] = round(gflop / v["median_ms"], 3)
             v["share_of_bf16_matmul"] = round(gflop / v["median_ms"] / peak, 3)
     machine = machine_facts()
     machine.update(torch=torch.__version__, cuda=torch.cuda.get_device_name() if args.device == "cuda" else None,
@@ -158,11 +175,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: this benchmark needs a CUDA GPU (--device cpu checks its plumbing)")
-    plan = [(int(p.split(":")[0]), p.split(":")[1].split(",")) for p in args.phase]
-    unknown = {v for _, wanted in plan for v in wanted} - set(VARIANTS)
-    if unknown:
-        sys.exit(f"error: unknown variant(s) {', '.join(sorted(unknown))}; valid: {', '.join(VARIANTS)}")
+        parser.exit(2, "error: this benchmark needs a CUDA GPU (--device cpu checks its plumbing)\n")
+    try:
+        plan = parse_phases(args.phase)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     phases: dict[str, dict] = {}
     for batch, wanted in plan:
