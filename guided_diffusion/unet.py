@@ -225,8 +225,8 @@ class UNetModel(nn.Module):
         block (its shapes and branches), reused by the blocks that share them; the skip concatenations
         between blocks stay eager. Compiling block by block rather than the whole network keeps each
         graph small, so compile time grows with the number of distinct blocks, not the network's depth.
-        Dynamo keeps every block's graphs on one code object (Module._call_impl), so its recompile limit
-        is raised to cover them all (beyond it a block would silently run eagerly)."""
+        Dynamo keeps all the graphs of a block class on its forward's code object, so its recompile limit
+        is raised to cover them (beyond it a block would silently run eagerly)."""
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttentionBlock))]
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 2 * len(blocks))
