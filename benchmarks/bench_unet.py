@@ -186,8 +186,7 @@ def measure(name: str, device: str, repeats: int, warmup: int, compile_too: bool
     auto = resolve_precision("auto", torch.device(device))
     defaults = create_model(cfg).to(device)  # precision auto, conv_algorithm auto
     defaults.load_state_dict(ours.state_dict())
-    convs = "winograd" if auto == "fp32" and device == "cpu" and any(  # Winograd is fp32 only, never under autocast
-        getattr(m, "winograd", False) for m in defaults.modules()) else "direct"
+    convs = winograd.conv_algorithm(defaults, device, auto)  # Winograd is CPU fp32 only, never under autocast
     auto_name = f"ours auto ({auto}, {convs})"
     steps = {BASELINE: train_step(twin, x, t, target), OURS: train_step(ours, x, t, target),
              auto_name: train_step(defaults, x, t, target, auto)}

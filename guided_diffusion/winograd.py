@@ -308,3 +308,10 @@ def set_winograd(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, Conv3x3):
             m.winograd = on
+
+
+def conv_algorithm(model: nn.Module, device_type: str = "cpu", precision: str = "fp32") -> str:
+    """The 3x3 convolutions `model` runs on `device_type` under `precision`: "winograd" where
+    set_winograd turned them on and they run on a CPU in fp32 (where `applies` lets them), else "direct"."""
+    on = any(isinstance(m, Conv3x3) and m.winograd for m in model.modules())
+    return "winograd" if on and device_type == "cpu" and precision == "fp32" else "direct"

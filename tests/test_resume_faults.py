@@ -109,7 +109,31 @@ def test_an_intact_run_resumes_without_a_fallback(runs, tmp_path, caplog):
     shutil.copytree(runs["six"], out)
     assert run("--resume", str(out), "--set", "train.max_steps=9") == 0
     assert not [r for r in caplog.records if r.getMessage().startswith("resuming from")]
+    assert not [r for r in caplog.records if "other kernels" in r.getMessage()]
     assert_same_checkpoint(ckpt(out, 9), ckpt(runs["straight"], 9))
+
+
+def test_a_resume_whose_auto_settings_choose_other_kernels_says_so(runs, tmp_path, caplog):
+    """precision / conv_algorithm `auto` are speed verdicts timed per machine: deleting their cache or
+    another thread count can flip them between sessions, and the names in the config stay `auto`."""
+    out = tmp_path / "run"
+    shutil.copytree(runs["six"], out)
+    path = ckpt(out, 6)
+    state = torch.load(path / "state.pt", weights_only=True)
+    now = state["resolved"]  # what this machine chose for the run's steps
+    assert now["precision"] in ("fp32", "bf16") and now["conv_algorithm"] in ("direct", "winograd")
+    other = {"precision": "bf16" if now["precision"] == "fp32" else "fp32",
+             "conv_algorithm": "winograd" if now["conv_algorithm"] == "direct" else "direct"}
+    torch.save({**state, "resolved": other}, path / "state.pt")  # as another session's verdicts would have saved
+    hashes = json.loads((path / "hashes.json").read_text())
+    (path / "hashes.json").write_text(json.dumps({**hashes, "state.pt": sha256_file(path / "state.pt")}))
+    assert run("--resume", str(out), "--set", "train.max_steps=7") == 0
+    said = [r.getMessage() for r in caplog.records if "other kernels" in r.getMessage()]
+    assert said == [f"resuming: the checkpoint's steps ran with other kernels than these will (precision "
+                    f"{other['precision']} → {now['precision']}; conv_algorithm {other['conv_algorithm']} → "
+                    f"{now['conv_algorithm']}), so the run is not bit-exact from here; set train.precision / "
+                    "model.conv_algorithm to the checkpoint's to keep it"]
+    assert torch.load(ckpt(out, 7) / "state.pt", weights_only=True)["resolved"] == now
 
 
 def test_every_checkpoint_damaged_is_a_one_line_error(runs, tmp_path, capsys):

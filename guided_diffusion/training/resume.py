@@ -106,9 +106,19 @@ def load_resumable(run_dir: str | Path) -> TrainingCheckpoint:
 # ------------------------------------------------------------------------------ resume rules
 
 
-def warn_lossy_resume(ckpt: TrainingCheckpoint) -> None:
-    """Log what a resume from `ckpt` cannot restore exactly: weights saved in half precision, or
-    no optimizer state (a final checkpoint of train.final_optimizer false)."""
+def warn_lossy_resume(ckpt: TrainingCheckpoint, resolved: dict[str, str] | None = None) -> None:
+    """Log what a resume from `ckpt` cannot restore exactly: weights saved in half precision, no
+    optimizer state (a final checkpoint of train.final_optimizer false), or kernels other than the
+    checkpoint's steps ran: `resolved` ({"precision": …, "conv_algorithm": …}, what this session's
+    `auto` settings chose) against the checkpoint's (a speed verdict re-timed after its cache was
+    deleted, another thread count or machine, or a setting changed)."""
+    before = ckpt.train_state.get("resolved") or {}  # older checkpoints did not record it
+    changed = [f"{key} {before[key]} → {now}" for key, now in (resolved or {}).items()
+               if key in before and before[key] != now]
+    if changed:
+        log.warning("resuming: the checkpoint's steps ran with other kernels than these will (%s), so the run "
+                    "is not bit-exact from here; set train.precision / model.conv_algorithm to the checkpoint's "
+                    "to keep it", "; ".join(changed))
     names = {dtype: name for name, dtype in SAVE_DTYPES.items()}
 
     def half(state: dict[str, torch.Tensor]) -> str | None:

@@ -35,6 +35,7 @@ from guided_diffusion.training.memory_plan import Plan, Settings
 from guided_diffusion.training.resume import warn_lossy_resume
 from guided_diffusion.training.save_policy import SaveTimer
 from guided_diffusion.training.step import autocast_for, grad_scaler_for
+from guided_diffusion.winograd import conv_algorithm
 from pipeline.common.config import Config
 
 
@@ -110,6 +111,12 @@ class Session:
     window_steps: int = 0
 
 
+def resolved(s: Setup) -> dict[str, str]:
+    """What the `auto` settings chose for this session's steps (saved with each checkpoint; a resume
+    that chooses otherwise says so)."""
+    return {"precision": s.precision, "conv_algorithm": conv_algorithm(s.model, s.device.type, s.precision)}
+
+
 def open_session(s: Setup, run_dir: Path, dist: Dist, resume: TrainingCheckpoint | None) -> Session:
     """AdamW, EMAs and grad scaler for `s.model` (restored from `resume`), DDP, rank 0's outputs."""
     tc = s.cfg.train
@@ -133,7 +140,7 @@ def restore(r: Session, resume: TrainingCheckpoint) -> None:
     """Continue from a checkpoint: weights, optimizer, EMAs, scaler, timestep sampler, RNGs, progress."""
     tc, state = r.s.cfg.train, resume.train_state
     if r.dist.main:
-        warn_lossy_resume(resume)
+        warn_lossy_resume(resume, resolved(r.s))
     r.s.model.load_state_dict(resume.model_state)
     if state["optimizer"] is not None:  # None: a final checkpoint of train.final_optimizer false
         r.optimizer.load_state_dict(state["optimizer"])
@@ -168,6 +175,7 @@ def save(r: Session, done: int) -> Path:
         "timestep_sampler": s.timestep_sampler.state_dict(), "ema_num_updates": r.ema.num_updates,
         "rng": capture_rng_state(), "progress": dict(r.progress), "num_images": len(s.images),
         "dataset": s.dataset, "world_size": r.dist.world_size, "torch_version": str(torch.__version__),
+        "resolved": resolved(s),
     }
     path = r.last_ckpt = save_checkpoint(r.run_dir, done, s.cfg, s.model.state_dict(), r.ema.shadows, train_state,
                                          tc.keep_last, model_dtype=tc.save_dtype if slim else "fp32",
