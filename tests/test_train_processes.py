@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from guided_diffusion.training.checkpoint import load_for_inference
+from guided_diffusion.training.distributed import Dist
 from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.loop import params_sha256
 from guided_diffusion.training.step import forward_backward
@@ -189,3 +190,31 @@ def test_ddp_micro_batched_gradient_equals_the_global_batch_gradient(tmp_path):
         grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         got = torch.cat([g.flatten() for g in grads])
         assert float((got - reference).norm() / reference.norm()) <= 1e-5
+
+
+def _from_main_worker(rank: int, port: int, result_dir: str) -> None:
+    """One rank: each decides something of its own; from_main gives every rank rank 0's decision,
+    and only rank 0 decides."""
+    torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    decided = []
+
+    def decide() -> dict:
+        decided.append(rank)
+        return {"precision": "bf16" if rank == 0 else "fp32", "rank": rank}
+
+    got = Dist(rank, 2, rank).from_main(decide)
+    torch.save({"got": got, "decided": decided}, Path(result_dir) / f"rank{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_ranks_take_rank_0s_speed_verdicts(tmp_path):
+    """precision / conv_algorithm auto time a self-check per machine: two ranks that timed their own
+    could pick different kernels near the margin; with from_main they take rank 0's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_from_main_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert [r["got"] for r in results] == [{"precision": "bf16", "rank": 0}] * 2
+    assert [r["decided"] for r in results] == [[0], []]
+    assert Dist().from_main(lambda: "alone") == "alone"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from pipeline.common.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -44,6 +48,15 @@ class Dist:
         x = torch.tensor([value], dtype=torch.int64, device=device)
         torch_dist.all_reduce(x, op=torch_dist.ReduceOp.MAX)
         return int(x.item())
+
+    def from_main(self, decide: Callable[[], T]) -> T:
+        """Rank 0's `decide()` on every rank (the others wait for it rather than deciding themselves):
+        for choices that must agree, such as speed verdicts timed on each machine."""
+        if self.world_size == 1:
+            return decide()
+        box = [decide() if self.main else None]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         """Leave the process group (nothing to do when alone or never joined)."""

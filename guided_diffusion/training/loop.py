@@ -38,7 +38,7 @@ from guided_diffusion import samplers
 from guided_diffusion.timestep_sampler import create_timestep_sampler
 from guided_diffusion.training.checkpoint import CHECKPOINTS, TrainingCheckpoint, step_dir_name
 from guided_diffusion.training.distributed import Dist
-from guided_diffusion.training.factory import create_diffusion, create_model
+from guided_diffusion.training.factory import create_diffusion, create_model, resolve_conv_algorithm
 from guided_diffusion.training.faults import is_overflow, save_or_report, stop_if_interrupted
 from guided_diffusion.training.lr_schedule import check_schedule, lr_at
 from guided_diffusion.training.memory_plan import gpu_budget, resolve_settings, suggestion
@@ -152,7 +152,11 @@ def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.de
     check_schedule(tc)
     check_save_settings(tc)
     check_batching(tc.batch_size, tc.microbatch, dist.world_size)
-    precision = resolve_precision(tc.precision, device)
+    # auto settings are verdicts timed on each machine: every rank takes rank 0's, so all compute alike
+    precision = dist.from_main(lambda: resolve_precision(tc.precision, device))
+    conv = cfg.model.conv_algorithm
+    if conv == "auto" and dist.world_size > 1:
+        conv = dist.from_main(lambda: resolve_conv_algorithm(cfg.model))
     settings, plan = resolve_settings(cfg, device, tc.batch_size // dist.world_size, precision)
     if tc.seed < 0:
         raise UserError(f"train.seed must be >= 0, got {tc.seed}")
@@ -170,7 +174,7 @@ def prepare(cfg: Config, load_images: Callable[[], np.ndarray], device: torch.de
     total = total_steps(tc, steps_per_epoch)
     torch.manual_seed(tc.seed)  # the initial weights
     model = create_model(dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, use_checkpoint=settings.use_checkpoint))).to(device)
+        cfg.model, use_checkpoint=settings.use_checkpoint, conv_algorithm=conv))).to(device)
     diffusion = create_diffusion(cfg)
     timestep_sampler = create_timestep_sampler(cfg.diffusion.timestep_sampler, diffusion)
     return Setup(cfg, device, precision, torch.tensor(images), model, diffusion, timestep_sampler,
