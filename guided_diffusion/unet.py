@@ -14,7 +14,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from guided_diffusion.errors import DiffusionSettingError
-from guided_diffusion.nn import NearestUpsample, group_norm, timestep_embedding, zero_module
+from guided_diffusion.nn import (
+    NearestUpsample,
+    group_norm,
+    modulated_group_norm,
+    timestep_embedding,
+    zero_module,
+)
 from guided_diffusion.winograd import Conv3x3
 
 # Channel multiplier per resolution level, by image size. 320 px uses six levels
@@ -75,7 +81,7 @@ class ResBlock(nn.Module):
         e = self.emb_proj(emb)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_norm(h) * (1 + scale) + shift
+            h = modulated_group_norm(self.out_norm, h, scale, shift)  # out_norm(h)·(1 + scale) + shift
         else:
             h = self.out_norm(h + e)
         h = self.out_conv(self.dropout(F.silu(h)))

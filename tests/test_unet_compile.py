@@ -76,8 +76,8 @@ def test_compiled_outputs_and_gradients_equal_eager(monkeypatch):
 
 @pytest.mark.slow
 def test_inductor_fuses_norm_scale_shift_and_silu():
-    """Why ResBlock has no hand-fused GroupNorm + scale-shift + SiLU: inductor makes one CPU kernel of
-    GN → SiLU (in-norm) and of GN·(1 + scale) + shift → SiLU (out-norm)."""
+    """Compiled, the norms and their SiLU are one CPU kernel each: GN → SiLU (in-norm) and the folded
+    GN·(1 + scale) + shift → SiLU (out-norm, whose per-sample weight is computed inside it)."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)

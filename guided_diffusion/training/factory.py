@@ -50,9 +50,9 @@ def create_model(cfg: Config) -> UNetModel:
 
     model.compile: every residual and attention block is compiled in place (`UNetModel.compile_blocks`,
     inductor, on the first call), so the model stays a UNetModel: the same parameters (EMA, optimizer,
-    DDP see the plain tensors) and state_dict keys without torch.compile's `_orig_mod.` prefix. Inductor fuses
-    GroupNorm + SiLU and GroupNorm·(1 + scale) + shift + SiLU into one kernel each by itself
-    (checked in tests/test_unet_compile.py), so the network has no hand-fused variant.
+    DDP see the plain tensors) and state_dict keys without torch.compile's `_orig_mod.` prefix. Eagerly,
+    GroupNorm·(1 + scale) + shift is already one GroupNorm kernel (`modulated_group_norm`); inductor
+    also fuses each norm with the SiLU after it (checked in tests/test_unet_compile.py).
     `torch.compiler.set_stance("force_eager")` runs a compiled model eagerly where needed.
     model.conv_algorithm: see `resolve_conv_algorithm`.
     """
