@@ -30,13 +30,13 @@ def pair():
     return eager, compiled
 
 
-def test_every_block_is_compiled_in_place_and_the_recompile_limit_covers_them(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    _, compiled = pair()
-    blocks = [m for m in compiled.modules() if isinstance(m, (ResBlock, AttentionBlock))]
-    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
-    assert compiled._compiled_call_impl is None  # the network between blocks (skips, concatenations) stays eager
-    assert torch._dynamo.config.recompile_limit >= 2 * len(blocks) > 8
+def test_every_block_is_compiled_in_place_and_the_recompile_limit_covers_them():
+    with torch._dynamo.config.patch(recompile_limit=8):  # (pytest's monkeypatch breaks torch's config module)
+        _, compiled = pair()
+        blocks = [m for m in compiled.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+        assert compiled._compiled_call_impl is None  # the network between blocks (skips, concatenations) stays eager
+        assert torch._dynamo.config.recompile_limit >= 2 * len(blocks) > 8
 
 
 def test_compiled_model_keeps_its_class_parameters_and_keys():
@@ -57,11 +57,10 @@ def test_memory_plan_counts_the_eager_network(monkeypatch):
 
 
 @pytest.mark.slow  # compiling forward and backward takes about a minute on 2 cores
-def test_compiled_outputs_and_gradients_equal_eager(monkeypatch):
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=8)
+def test_compiled_outputs_and_gradients_equal_eager():
     """Every block runs compiled: a block past dynamo's recompile limit (8 graphs on the code object
     of ResBlock.forward; this network has more distinct residual blocks) would fail here, not run eagerly."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     torch._dynamo.reset()
     eager, compiled = pair()
     x, t = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 900])
