@@ -232,10 +232,12 @@ class UNetModel(nn.Module):
         between blocks stay eager. Compiling block by block rather than the whole network keeps each
         graph small, so compile time grows with the number of distinct blocks, not the network's depth.
         Dynamo keeps all the graphs of a block class on its forward's code object, so its recompile limit
-        is raised to cover them (beyond it a block would silently run eagerly)."""
+        is raised to cover them (beyond it a block would silently run eagerly; older torch
+        names it `cache_size_limit`)."""
         blocks = [m for m in self.modules() if isinstance(m, (ResBlock, AttentionBlock))]
         config = torch._dynamo.config
-        config.recompile_limit = max(config.recompile_limit, 2 * len(blocks))
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 2 * len(blocks)))
         for block in blocks:
             block.compile()
 
