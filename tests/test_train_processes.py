@@ -28,6 +28,7 @@ from guided_diffusion.training.factory import create_diffusion, create_model
 from guided_diffusion.training.loop import params_sha256
 from guided_diffusion.training.step import forward_backward
 from pipeline.common.config import load_config
+from pipeline.common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -193,8 +194,8 @@ def test_ddp_micro_batched_gradient_equals_the_global_batch_gradient(tmp_path):
 
 
 def _from_main_worker(rank: int, port: int, result_dir: str) -> None:
-    """One rank: each decides something of its own; from_main gives every rank rank 0's decision,
-    and only rank 0 decides."""
+    """One rank: each decides something of its own; from_main gives every rank rank 0's decision
+    (only rank 0 decides), and rank 0's error."""
     torch_dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     decided = []
 
@@ -203,7 +204,16 @@ def _from_main_worker(rank: int, port: int, result_dir: str) -> None:
         return {"precision": "bf16" if rank == 0 else "fp32", "rank": rank}
 
     got = Dist(rank, 2, rank).from_main(decide)
-    torch.save({"got": got, "decided": decided}, Path(result_dir) / f"rank{rank}.pt")
+
+    def refuse() -> None:
+        raise UserError(f"rank {rank} refuses")
+
+    try:
+        Dist(rank, 2, rank).from_main(refuse)
+        refused = None
+    except UserError as exc:
+        refused = str(exc)
+    torch.save({"got": got, "decided": decided, "refused": refused}, Path(result_dir) / f"rank{rank}.pt")
     torch_dist.destroy_process_group()
 
 
@@ -217,4 +227,5 @@ def test_ranks_take_rank_0s_speed_verdicts(tmp_path):
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert [r["got"] for r in results] == [{"precision": "bf16", "rank": 0}] * 2
     assert [r["decided"] for r in results] == [[0], []]
+    assert [r["refused"] for r in results] == ["rank 0 refuses"] * 2  # rank 0's error on both, neither left waiting
     assert Dist().from_main(lambda: "alone") == "alone"

@@ -51,12 +51,21 @@ class Dist:
 
     def from_main(self, decide: Callable[[], T]) -> T:
         """Rank 0's `decide()` on every rank (the others wait for it rather than deciding themselves):
-        for choices that must agree, such as speed verdicts timed on each machine."""
+        for choices that must agree, such as speed verdicts timed on each machine. What rank 0's
+        `decide()` raises (a UserError for a bad setting) is raised on every rank, none left waiting."""
         if self.world_size == 1:
             return decide()
-        box = [decide() if self.main else None]
+        box: list = [None]
+        if self.main:
+            try:
+                box[0] = (True, decide())
+            except Exception as exc:  # handed to every rank below, raised there and here
+                box[0] = (False, exc)
         torch_dist.broadcast_object_list(box, src=0)
-        return box[0]
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def close(self) -> None:
         """Leave the process group (nothing to do when alone or never joined)."""
