@@ -7,8 +7,9 @@
 #   2. bench_unet.py on the GPU (HP2, batch $GPU_BATCH): fp32, bf16 autocast and channels_last, then
 #      again with torch.compile (bf16) beside them, each as a share of a bf16 8192³ matmul timed in
 #      the same run (goal ≥ 45 %);
-#   2b. gpu_step_profile.py on the GPU (HP2, batch $GPU_BATCH): eager bf16 in both layouts and compiled,
-#      each step's kernels by kind (where the time goes that keeps the share of peak low);
+#   2b. gpu_step_profile.py on the GPU (HP2): eager bf16 in both layouts at batch $GPU_BATCH and at
+#      twice it, each step's kernels by kind (where the time goes that keeps the share of peak low;
+#      compiled variants take minutes to compile: `--phase "16:compiled bf16"` by hand);
 #   3. bench_circularity.py --quick pinned to two of the machine's cores (taskset), as context for
 #      the ≥ 300 images/s target on another CPU than the VM's.
 # Each step has its own time limit (CPU_S, PROFILE_S, GPU_S, GPU_COMPILE_S, CIRC_S; 0 leaves the step
@@ -60,8 +61,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 step unet_cpu "${CPU_S:-180}" "$PY" benchmarks/bench_unet.py --device cpu --no-compile "${UNET_CPU[@]}" \
     --out "$OUT/bench_unet_cpu.json"
 if [ "$CUDA" = 1 ]; then  # where the step's GPU time goes, by variant and kernel kind
-  step gpu_profile "${PROFILE_S:-300}" "$PY" benchmarks/gpu_step_profile.py --config HP2 \
-      --phase "${GPU_BATCH:-16}:eager bf16,eager bf16 channels_last,compiled bf16" \
+  step gpu_profile "${PROFILE_S:-150}" "$PY" benchmarks/gpu_step_profile.py --config HP2 \
+      --phase "${GPU_BATCH:-16}:eager bf16,eager bf16 channels_last" "$((2 * ${GPU_BATCH:-16})):eager bf16" \
       --out "$OUT/gpu_step_profile.json"
 fi
 if [ "$CUDA" = 1 ]; then  # eager first, so a compile that runs long loses only the compiled variant
