@@ -10,7 +10,8 @@ of ≥ 45 % of the GPU's bf16 peak; the headline figures are bench_unet's).
 Variants, all bf16 autocast (precision auto on a GPU): eager or `model.compile`, NCHW or
 channels_last. Each phase is a batch size and its variants; within a phase the variants take turns
 in palindromic order after two warm-up steps each (the first holds a compiled variant's compile
-time); times are CUDA-event milliseconds per forward + backward. One profiled step per variant gives
+time); times are host-clock milliseconds per forward + backward, each step ending with the GPU
+synchronised, as in bench_unet (`step_timing.time_steps`). One profiled step per variant gives
 the summed kernel time by kind (cuDNN convolutions, layout transposes, GEMMs, attention, norms,
 fused Triton, elementwise, reductions), the share of the step the GPU was busy and the peak memory.
 The JSON is written after every phase, so a phase cut short by a time limit keeps those before it.
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from bench_unet import CONFIGS, bench_config, flops_per_step, train_step
 from results_io import machine_facts, write_result
-from step_timing import abba_order, gemm_gflop_per_s, matmul_bf16_tflop_per_s
+from step_timing import gemm_gflop_per_s, matmul_bf16_tflop_per_s, time_steps
 from torch.profiler import ProfilerActivity, profile
 
 from guided_diffusion.training.factory import create_model
@@ -49,21 +50,6 @@ KINDS = (("fused (triton)", r"^triton_"),
 
 def kind_of(kernel: str) -> str:
     return next((k for k, pattern in KINDS if re.search(pattern, kernel)), "other")
-
-
-def timed_step(step: Callable[[], None]) -> float:
-    """Milliseconds of one step between CUDA events (the step synchronises at its end; on a CPU, the
-    host clock's)."""
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        step()
-        return (time.perf_counter() - t0) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def kernel_breakdown(step: Callable[[], None]) -> dict:
@@ -123,32 +109,33 @@ def parse_phases(texts: list[str]) -> list[tuple[int, list[str]]]:
     return plan
 
 
-def run_phase(steps: dict[str, Callable[[], None]], repeats: int, profile_too: bool) -> dict:
-    """Warm-up (compile times included) and timed steps of every variant in turns, then one profiled step each."""
-    out: dict[str, dict] = {n: {"warmup_ms": [], "times_ms": []} for n in steps}
+def run_phase(steps: dict[str, Callable[[], None]], repeats: int) -> dict:
+    """Two warm-up steps of every variant (compile times included, each printed as it ends), timed
+    steps in turns (`step_timing.time_steps`), then one profiled step each."""
+    out: dict[str, dict] = {}
     for n, step in steps.items():
+        warm = []
         for _ in range(2):
             t0 = time.perf_counter()
             step()
-            out[n]["warmup_ms"].append(round((time.perf_counter() - t0) * 1e3, 1))
-        print(f"  {n}: warm-up {out[n]['warmup_ms']} ms", file=sys.stderr, flush=True)
-    for n in abba_order(list(steps), repeats):
-        out[n]["times_ms"].append(round(timed_step(steps[n]), 2))
+            warm.append(round((time.perf_counter() - t0) * 1e3, 1))
+        out[n] = {"warmup_ms": warm}
+        print(f"  {n}: warm-up {warm} ms", file=sys.stderr, flush=True)
+    _, timed = time_steps(steps, repeats, warmup=0)
     for n, step in steps.items():
-        out[n]["median_ms"] = round(statistics.median(out[n]["times_ms"]), 2)
-        out[n]["min_ms"] = min(out[n]["times_ms"])
-        if profile_too and torch.cuda.is_available():
+        times = [round(t * 1e3, 2) for t in timed[n]]
+        out[n].update(times_ms=times, median_ms=round(statistics.median(times), 2), min_ms=min(times))
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-            out[n].update(kernel_breakdown(step))
+        out[n].update(kernel_breakdown(step))
+        if torch.cuda.is_available():
             out[n]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        elif profile_too:
-            out[n].update(kernel_breakdown(step))
     return out
 
 
-def write(args: argparse.Namespace, phases: dict[str, dict]) -> None:
-    """The JSON of the phases measured so far, each variant's share of a bf16 matmul timed now."""
-    peak = matmul_bf16_tflop_per_s() if args.device == "cuda" else gemm_gflop_per_s("cpu", torch.bfloat16) / 1e3
+def write(args: argparse.Namespace, phases: dict[str, dict], peak: float) -> None:
+    """The JSON of the phases measured so far, each variant's share of `peak` (the bf16 matmul's
+    TFLOP/s, timed in this run)."""
     for phase in phases.values():
         gflop = phase["gflop_per_step"]
         for v in (v for v in phase.values() if isinstance(v, dict)):
@@ -181,12 +168,13 @@ def main() -> None:
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    peak = matmul_bf16_tflop_per_s() if args.device == "cuda" else gemm_gflop_per_s("cpu", torch.bfloat16) / 1e3
     phases: dict[str, dict] = {}
     for batch, wanted in plan:
         print(f"batch {batch}: {', '.join(wanted)} …", file=sys.stderr, flush=True)
-        phases[f"batch {batch}"] = run_phase(variants(args.config, batch, wanted, args.device), args.repeats, True)
+        phases[f"batch {batch}"] = run_phase(variants(args.config, batch, wanted, args.device), args.repeats)
         phases[f"batch {batch}"]["gflop_per_step"] = round(flops_per_step(args.config, batch) / 1e9, 1)
-        write(args, phases)  # after each phase: a phase that runs out of time leaves the ones before
+        write(args, phases, peak)  # after each phase: a phase that runs out of time leaves the ones before
         if args.device == "cuda":
             torch.cuda.empty_cache()
     for phase, v in phases.items():  # a short table last: the device reply carries the end of the output
