@@ -17,7 +17,11 @@ transforms of the weights alone cost more than the layer):
   accuracy  the forward's relative RMS error against the exact (float64) convolution of the same
             bf16-rounded inputs: oneDNN's direct bf16; Winograd with its transformed tiles and
             weights rounded to bf16 (and the output, as under autocast), for several choices of
-            interpolation points (`toom_cook`); the float32 Winograd kernels for reference.
+            interpolation points (`toom_cook`); the float32 Winograd kernels for reference;
+  the step  the share of the HP1 bf16 training step (forward + backward, batch 4, profiled) spent in
+            the 3x3 convolutions such a layer would take (>= 64 channels in and out, maps >= 32 px),
+            and that step's time were they all to run at the best layer's estimate (arithmetic on
+            the two measurements: the other shapes, e.g. 256 channels on 64 px, are not timed).
 
 JSON to stdout and to benchmarks/results/bench_winograd_bf16.json (context rows for `make bench`).
 """
@@ -31,11 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_unet import bench_config, train_step
 from results_io import headline, machine_facts, write_result
 from step_timing import time_steps
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from guided_diffusion import winograd
+from guided_diffusion.training.factory import create_model
 
 RESULTS = Path(__file__).parent / "results" / "bench_winograd_bf16.json"
 LAYERS = ((128, 64), (256, 32))  # HP1's 3x3 layers on maps >= winograd.MIN_SIZE: channels in = out, map size
@@ -124,6 +131,30 @@ def layer_speed(c: int, size: int, repeats: int) -> dict:
     return ms
 
 
+def takes_winograd(shapes: list) -> bool:
+    """Whether a profiled convolution with these input shapes is a 3x3 layer Winograd would take."""
+    tensors = [s for s in shapes if isinstance(s, list) and len(s) == 4]
+    weights = [s for s in tensors if s[2:] == [3, 3]]
+    maps = [s for s in tensors if s[2:] != [3, 3]]
+    return bool(weights and maps) and min(weights[0][:2]) >= winograd.MIN_CHANNELS \
+        and min(maps[0][2:]) >= winograd.MIN_SIZE
+
+
+def step_share(seed: int = 0) -> float:
+    """The share of one HP1 bf16 forward + backward's operator time (batch BATCH, profiler self
+    times) in the convolutions `takes_winograd` accepts."""
+    torch.manual_seed(seed)
+    model = create_model(bench_config("HP1", conv_algorithm="direct"))
+    x, target = torch.randn(2, BATCH, 1, 64, 64)
+    step = train_step(model, x, torch.randint(0, 4000, (BATCH,)), target, "bf16")
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    events = prof.key_averages(group_by_input_shape=True)
+    taken = sum(e.self_cpu_time_total for e in events if "convolution" in e.key and takes_winograd(e.input_shapes))
+    return taken / sum(e.self_cpu_time_total for e in events)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed passes per variant instead of 7")
@@ -142,9 +173,12 @@ def main() -> None:
         best = min((k for k in err if k.startswith("winograd bf16")), key=err.get)
         accuracy.append(f"{r['in']} ch {r['size']} px {err['direct bf16']:.2%} / {err[best]:.2%} "
                         f"({err[best] / err['direct bf16']:.1f}x, points {best.removeprefix('winograd bf16 ')})")
+    share = step_share()
+    best = min(r["ms"]["winograd bf16 (estimate)"] / r["ms"]["direct bf16"] for r in layers)
     machine["load_average_1min_after"] = machine_facts()["load_average_1min"]
     write_result(args.out, {
         "benchmark": "bench_winograd_bf16", "machine": machine, "batch": BATCH, "layers": layers,
+        "hp1_bf16_step_share_in_such_layers": round(share, 3), "best_layer_estimate": round(best, 3),
         "headline": [
             headline(f"HP1 3x3 layers fwd+bwd, batch {BATCH}, cpu: Winograd F(4x4, 3x3) with bf16 products "
                      "(estimate) / oneDNN direct bf16 (same run, ABBA, medians)", speed, "context"),
@@ -152,6 +186,9 @@ def main() -> None:
                      "inputs: oneDNN direct bf16 / Winograd with bf16 products (best of "
                      f"{len(POINTS)} point sets)", "; ".join(accuracy),
                      "context: why precision auto keeps direct bf16 convolutions"),
+            headline(f"HP1 bf16 fwd+bwd, batch {BATCH}, cpu: share of the step in the 3x3 convolutions Winograd would "
+                     "take (profiled); the step were all of them at the best layer's estimate (arithmetic)",
+                     f"{share:.0%}; {1 - share * (1 - best):.2f}x today's bf16 step", "context"),
         ]})
 
 

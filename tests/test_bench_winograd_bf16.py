@@ -59,3 +59,14 @@ def test_layer_speed_reports_every_variant_and_the_estimate():
     assert set(ms) == {"direct bf16", "winograd float32", "products float32", "products bf16", "winograd bf16 (estimate)"}
     assert ms["winograd bf16 (estimate)"] == pytest.approx(
         ms["winograd float32"] - ms["products float32"] + ms["products bf16"], abs=0.02)
+
+
+@pytest.mark.parametrize("shapes, taken", [
+    ([[4, 128, 64, 64], [128, 128, 3, 3], [128]], True),  # a forward: input, weight, bias
+    ([[4, 256, 32, 32], [4, 512, 32, 32], [256, 512, 3, 3], []], True),  # a backward: grad out, input, weight
+    ([[4, 384, 16, 16], [384, 384, 3, 3], [384]], False),  # maps under winograd.MIN_SIZE
+    ([[4, 1, 64, 64], [128, 1, 3, 3], [128]], False),  # the first layer: one channel in
+    ([[4, 256, 64, 64], [128, 256, 1, 1], [128]], False),  # a 1x1 skip connection
+])
+def test_which_profiled_convolutions_winograd_would_take(shapes, taken):
+    assert study.takes_winograd(shapes) is taken
