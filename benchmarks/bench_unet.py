@@ -128,17 +128,19 @@ def flops_per_step(name: str, batch: int) -> int:
     return counter.get_total_flops()
 
 
-def convolution_share(step: Callable[[], None]) -> float:
+def convolution_share(step: Callable[[], None], shapes: Callable[[list], bool] | None = None) -> float:
     """The share of one CPU step's operator time spent inside convolutions (forward and backward,
     oneDNN's kernels), from the profiler's self times: what neither fusion nor compilation of the
-    rest can remove."""
+    rest can remove. With `shapes`, only the convolutions whose input shapes it accepts."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    by_shape = shapes is not None
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=by_shape) as prof:
         step()
-    events = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=by_shape)
     total = sum(e.self_cpu_time_total for e in events)
-    conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key)
+    conv = sum(e.self_cpu_time_total for e in events
+               if "convolution" in e.key and (not by_shape or shapes(e.input_shapes)))
     return conv / total
 
 

@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bench_unet import bench_config, train_step
+from bench_unet import bench_config, convolution_share, train_step
 from results_io import headline, machine_facts, write_result
 from step_timing import time_steps
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
 
 from guided_diffusion import winograd
 from guided_diffusion.training.factory import create_model
@@ -148,11 +147,7 @@ def step_share(seed: int = 0) -> float:
     x, target = torch.randn(2, BATCH, 1, 64, 64)
     step = train_step(model, x, torch.randint(0, 4000, (BATCH,)), target, "bf16")
     step()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        step()
-    events = prof.key_averages(group_by_input_shape=True)
-    taken = sum(e.self_cpu_time_total for e in events if "convolution" in e.key and takes_winograd(e.input_shapes))
-    return taken / sum(e.self_cpu_time_total for e in events)
+    return convolution_share(step, takes_winograd)
 
 
 def main() -> None:

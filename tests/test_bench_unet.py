@@ -108,6 +108,10 @@ def test_convolution_share_tells_convolutions_from_the_rest():
 
     assert bench_unet.convolution_share(conv_step) > 0.7
     assert bench_unet.convolution_share(linear_step) == 0.0
+    # with a filter on the input shapes only the convolutions it accepts count (recording shapes slows
+    # the profiled step's other operators, hence the lower bound)
+    assert bench_unet.convolution_share(conv_step, lambda shapes: [16, 16, 3, 3] in shapes) > 0.3
+    assert bench_unet.convolution_share(conv_step, lambda shapes: [32, 16, 3, 3] in shapes) == 0.0
 
 
 def test_the_convolution_bound_row_says_when_the_target_needs_another_algorithm():
