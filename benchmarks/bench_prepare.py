@@ -208,7 +208,7 @@ def _headlines(result: dict) -> list[dict]:
                  good["pupil_centre_px"] < 1 and good["iris_centre_px"] < 2 and max(good["pupil_radius_pct"], good["iris_radius_pct"]) < 3),
         headline("usable iris area error where the limbus was found right (good / occluded / cut frames)",
                  " / ".join(f"{v['mean_abs_error_iris_right']:.3f}" + (f" ± {v['standard_error_iris_right']:.3f}"
-                                                                         if v["standard_error_iris_right"] else "")
+                                                                         if v["standard_error_iris_right"] is not None else "")
                             for v in usable.values()) + " (mean ± standard error)", "< 0.05",
                  all(v["mean_abs_error_iris_right"] < 0.05 for v in usable.values())),
         headline("… limbus found right / found; usable area error over all found",

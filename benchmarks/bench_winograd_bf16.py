@@ -117,7 +117,7 @@ def layer_speed(c: int, size: int, repeats: int) -> dict:
         xb.grad = wb.grad = None
         F.conv2d(xb, wb, padding=1).backward(dy)
 
-    tiles = BATCH * (-(-size // 4)) ** 2
+    tiles = BATCH * winograd.tiling(size, size)[1]
     steps = {"direct bf16": direct_bf16, "winograd float32": passes["winograd"]}
     for dtype, name in ((torch.float32, "products float32"), (torch.bfloat16, "products bf16")):
         v, u = torch.randn(36, tiles, c, generator=gen).to(dtype), torch.randn(36, c, c, generator=gen).to(dtype)
@@ -155,8 +155,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 timed passes per variant instead of 7")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
     args = parser.parse_args()
-    if not winograd.available()[0]:
-        parser.exit(2, f"error: the Winograd kernels cannot be built here: {winograd.available()[1]}\n")
+    built, why = winograd.available()
+    if not built:
+        parser.exit(2, f"error: the Winograd kernels cannot be built here: {why}\n")
     machine = machine_facts()
     layers = [{"in": c, "size": size, "ms": layer_speed(c, size, 3 if args.quick else 7),
                "relative_rms_error": layer_accuracy(c, size)} for c, size in LAYERS]
@@ -165,15 +166,15 @@ def main() -> None:
     accuracy = []
     for r in layers:
         err = r["relative_rms_error"]
-        best = min((k for k in err if k.startswith("winograd bf16")), key=err.get)
-        accuracy.append(f"{r['in']} ch {r['size']} px {err['direct bf16']:.2%} / {err[best]:.2%} "
-                        f"({err[best] / err['direct bf16']:.1f}x, points {best.removeprefix('winograd bf16 ')})")
+        best_points = min((k for k in err if k.startswith("winograd bf16")), key=err.get)
+        accuracy.append(f"{r['in']} ch {r['size']} px {err['direct bf16']:.2%} / {err[best_points]:.2%} "
+                        f"({err[best_points] / err['direct bf16']:.1f}x, points {best_points.removeprefix('winograd bf16 ')})")
     share = step_share()
-    best = min(r["ms"]["winograd bf16 (estimate)"] / r["ms"]["direct bf16"] for r in layers)
+    best_ratio = min(r["ms"]["winograd bf16 (estimate)"] / r["ms"]["direct bf16"] for r in layers)
     machine["load_average_1min_after"] = machine_facts()["load_average_1min"]
     write_result(args.out, {
         "benchmark": "bench_winograd_bf16", "machine": machine, "batch": BATCH, "layers": layers,
-        "hp1_bf16_step_share_in_such_layers": round(share, 3), "best_layer_estimate": round(best, 3),
+        "hp1_bf16_step_share_in_such_layers": round(share, 3), "best_layer_estimate": round(best_ratio, 3),
         "headline": [
             headline(f"HP1 3x3 layers fwd+bwd, batch {BATCH}, cpu: Winograd F(4x4, 3x3) with bf16 products "
                      "(estimate) / oneDNN direct bf16 (same run, ABBA, medians)", speed, "context"),
@@ -183,7 +184,7 @@ def main() -> None:
                      "context: why precision auto keeps direct bf16 convolutions"),
             headline(f"HP1 bf16 fwd+bwd, batch {BATCH}, cpu: share of the step in the 3x3 convolutions Winograd would "
                      "take (profiled); the step were all of them at the best layer's estimate (arithmetic)",
-                     f"{share:.0%}; {1 - share * (1 - best):.2f}x today's bf16 step", "context"),
+                     f"{share:.0%}; {1 - share * (1 - best_ratio):.2f}x today's bf16 step", "context"),
         ]})
 
 

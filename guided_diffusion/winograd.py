@@ -184,7 +184,7 @@ def _chunks(n: int, tiles_per_image: int, channels: int) -> list[tuple[int, int]
 WEIGHT_MATRIX = torch.kron(torch.tensor(G, dtype=torch.float64), torch.tensor(G, dtype=torch.float64)).float()
 
 
-def _tiling(h: int, w: int) -> tuple[int, int]:
+def tiling(h: int, w: int) -> tuple[int, int]:
     """(tile rows, tiles) of one h x w image: 4x4 output tiles, the last row and column partial."""
     rows = -(-h // 4)
     return rows, rows * -(-w // 4)
@@ -197,7 +197,7 @@ class _Winograd3x3(torch.autograd.Function):
         x = x.contiguous()
         n, c, h, w = x.shape
         co = weight.shape[0]
-        rows, tiles = _tiling(h, w)
+        rows, tiles = tiling(h, w)
         u = (WEIGHT_MATRIX @ weight.reshape(co * c, 9).t()).view(36, co, c).transpose(1, 2).contiguous()  # [36, c, co]
         y = x.new_empty(n, co, h, w)
         for i, j in _chunks(n, tiles, max(c, co)):
@@ -216,7 +216,7 @@ class _Winograd3x3(torch.autograd.Function):
         dy = dy.contiguous()
         n, c, h, w = x.shape
         co = dy.shape[1]
-        rows, tiles = _tiling(h, w)
+        rows, tiles = tiling(h, w)
         du = torch.zeros_like(u) if ctx.needs_input_grad[1] else None
         dx = dy.new_zeros(n, c, h, w) if ctx.needs_input_grad[0] else None
         for i, j in _chunks(n, tiles, max(c, co)):
